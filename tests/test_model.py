@@ -1,0 +1,162 @@
+"""The backbone: shapes, resizing, gradients, initialisation, validation and parameter counts."""
+
+import logging
+
+import pytest
+import torch
+
+from timesformer import TimeSformer, TimeSformerConfig
+from timesformer.model import ATTENTION_TYPES
+
+
+def tiny_config(**overrides) -> TimeSformerConfig:
+    values = dict(image_size=32, patch_size=8, num_frames=4, hidden_size=32, num_hidden_layers=2,
+                  num_attention_heads=4, intermediate_size=64, num_classes=5)
+    values.update(overrides)
+    return TimeSformerConfig(**values)
+
+
+@pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
+def test_output_shapes(attention_type):
+    model = TimeSformer(tiny_config(attention_type=attention_type)).eval()
+    video = torch.randn(3, 4, 3, 32, 32)
+    assert model(video).shape == (3, 5)
+    assert model.forward_features(video).shape == (3, 32)
+
+
+@pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
+def test_other_frame_counts_and_resolutions_run_and_log_once(attention_type, caplog):
+    torch.manual_seed(0)
+    model = TimeSformer(tiny_config(attention_type=attention_type)).eval()
+    with caplog.at_level(logging.INFO, logger="timesformer.model.timesformer"):
+        for _ in range(2):
+            assert model(torch.randn(2, 8, 3, 32, 32)).shape == (2, 5)
+            assert model(torch.randn(2, 4, 3, 64, 48)).shape == (2, 5)
+    messages = [r.getMessage() for r in caplog.records if "interpolating" in r.getMessage()]
+    assert len(messages) == 2, messages  # once per new size, not once per call
+    assert "8 frames at 32x32" in messages[0]
+
+
+def test_position_embedding_is_resized_in_2d():
+    """Interpolating to the same grid is the identity; a 2x grid keeps each row's embeddings in that row."""
+    model = TimeSformer(tiny_config())
+    _, same = model._position_embedding(4, 4)
+    torch.testing.assert_close(same, model.pos_embed[:, 1:])
+    with torch.no_grad():  # make every position's embedding encode its (row, column)
+        rows = torch.arange(4).repeat_interleave(4).float()
+        cols = torch.arange(4).repeat(4).float()
+        model.pos_embed[0, 1:, 0] = rows
+        model.pos_embed[0, 1:, 1] = cols
+    _, doubled = model._position_embedding(8, 8)
+    grid = doubled[0].reshape(8, 8, -1)
+    # Row coordinate must grow down the rows and be constant along each row (1-D interpolation breaks this).
+    assert torch.all(grid[1:, :, 0].mean(1) > grid[:-1, :, 0].mean(1))
+    assert torch.allclose(grid[:, :, 0], grid[:, :1, 0].expand(8, 8), atol=1e-5)
+    assert torch.allclose(grid[:, :, 1], grid[:1, :, 1].expand(8, 8), atol=1e-5)
+
+
+def test_frame_count_is_read_from_the_input_not_the_config():
+    """A 4-frame model on 8 frames differs from the same model on the first 4 frames (time is really used)."""
+    torch.manual_seed(0)
+    model = TimeSformer(tiny_config()).eval()
+    with torch.no_grad():
+        model.time_embed.normal_()
+        for block in model.blocks:
+            block.temporal_fc.weight.normal_(std=0.2)
+    video = torch.randn(1, 8, 3, 32, 32)
+    assert not torch.allclose(model(video), model(video[:, :4]), atol=1e-4)
+
+
+@pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
+def test_gradients_reach_every_parameter(attention_type):
+    torch.manual_seed(0)
+    model = TimeSformer(tiny_config(attention_type=attention_type))
+    with torch.no_grad():  # zero-initialised temporal_fc blocks gradient to the temporal attention
+        for block in model.blocks:
+            if hasattr(block, "temporal_fc"):
+                block.temporal_fc.weight.normal_(std=0.02)
+        if hasattr(model, "time_embed"):
+            model.time_embed.normal_(std=0.02)
+    model(torch.randn(2, 4, 3, 32, 32)).logsumexp(-1).sum().backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert no_grad == []
+
+
+def test_temporal_fc_starts_at_zero_and_time_embed_at_zero():
+    model = TimeSformer(tiny_config())
+    for block in model.blocks:
+        assert torch.count_nonzero(block.temporal_fc.weight) == 0
+        assert torch.count_nonzero(block.temporal_fc.bias) == 0
+    assert torch.count_nonzero(model.time_embed) == 0
+    assert model.pos_embed.std() > 0.01 and model.blocks[0].attn.qkv.weight.std() > 0.01
+
+
+def test_drop_path_rises_linearly_and_is_per_video():
+    model = TimeSformer(tiny_config(num_hidden_layers=5, drop_path_rate=0.4))
+    rates = [block.drop_path.drop_prob for block in model.blocks]
+    assert rates == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4])
+    drop = model.blocks[-1].drop_path.train()
+    torch.manual_seed(0)
+    out = drop(torch.ones(64, 4, 16, 8))
+    per_video = out.flatten(1)
+    # every video is either entirely dropped or entirely kept (scaled by 1/keep)
+    assert torch.all((per_video == 0).all(1) | torch.isclose(per_video, torch.tensor(1 / 0.6)).all(1))
+    assert 0 < (per_video == 0).all(1).sum() < 64
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (dict(attention_type="spacetime"), "divided_space_time, space_only, joint_space_time"),
+        (dict(image_size=30), "image_size=30 is not divisible by patch_size=8"),
+        (dict(hidden_size=30), "hidden_size=30 is not divisible by num_attention_heads=4"),
+        (dict(drop_path_rate=1.5), "drop_path_rate"),
+    ],
+)
+def test_invalid_configs_fail_at_construction(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**overrides)
+
+
+def test_wrong_input_shape_is_a_clear_error():
+    model = TimeSformer(tiny_config())
+    with pytest.raises(ValueError, match=r"\(B, T, C, H, W\)"):
+        model(torch.randn(4, 3, 32, 32))
+    with pytest.raises(ValueError, match="divisible by patch_size=8"):
+        model(torch.randn(1, 4, 3, 30, 32))
+
+
+@pytest.mark.parametrize(
+    ("attention_type", "expected"),
+    [("divided_space_time", 121_566_352), ("joint_space_time", 86_112_400), ("space_only", 86_106_256)],
+)
+def test_base_parameter_counts_match_the_reference(attention_type, expected):
+    with torch.device("meta"):
+        model = TimeSformer(TimeSformerConfig(attention_type=attention_type, num_classes=400))
+    assert model.num_parameters() == expected
+
+
+def test_gradient_checkpointing_leaves_gradients_unchanged():
+    torch.manual_seed(0)
+    model = TimeSformer(tiny_config(drop_path_rate=0.0))
+    with torch.no_grad():
+        for block in model.blocks:
+            block.temporal_fc.weight.normal_(std=0.02)
+    video = torch.randn(2, 4, 3, 32, 32)
+    model(video).square().sum().backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.config.gradient_checkpointing = True
+    model(video).square().sum().backward()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, plain[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_space_only_averages_frames_before_the_head():
+    """On T identical frames space_only must give what it gives on one frame (per-frame cls averaged)."""
+    torch.manual_seed(0)
+    model = TimeSformer(tiny_config(attention_type="space_only")).eval()
+    frame = torch.randn(2, 1, 3, 32, 32)
+    torch.testing.assert_close(model(frame.expand(2, 4, 3, 32, 32)), model(frame), atol=1e-5, rtol=1e-5)
+    video = torch.randn(2, 4, 3, 32, 32)
+    assert model(video).shape == (2, 5)  # (B, classes), not (B·T, classes) as in Hugging Face

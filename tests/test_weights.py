@@ -1,0 +1,110 @@
+"""Numerical parity with Hugging Face transformers and the original checkpoint layout (random weights)."""
+
+import pytest
+import torch
+
+from timesformer import TimeSformer, TimeSformerConfig
+
+transformers = pytest.importorskip("transformers")
+
+TINY = dict(image_size=32, patch_size=8, num_frames=4, hidden_size=48, num_hidden_layers=3,
+            num_attention_heads=4, intermediate_size=96)
+
+
+def random_hf_model(attention_type: str, num_labels: int = 7):
+    torch.manual_seed(0)
+    config = transformers.TimesformerConfig(**TINY, attention_type=attention_type, num_labels=num_labels,
+                                            id2label={i: f"class {i}" for i in range(num_labels)})
+    model = transformers.TimesformerForVideoClassification(config).eval()
+    with torch.no_grad():  # HF leaves temporal_dense random already; make every tensor non-trivial
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.02)
+    return model
+
+
+@pytest.mark.parametrize("attention_type", ["divided_space_time", "joint_space_time"])
+def test_hf_folder_loads_to_the_same_logits(attention_type, tmp_path):
+    hf_model = random_hf_model(attention_type)
+    hf_model.save_pretrained(tmp_path / "hf")
+    ours = TimeSformer.from_pretrained(tmp_path / "hf").eval()
+    assert ours.config.class_names == [f"class {i}" for i in range(7)]
+    video = torch.randn(2, 4, 3, 32, 32)
+    with torch.no_grad():
+        expected = hf_model(pixel_values=video).logits
+        actual = ours(video)
+    assert (actual - expected).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("attention_type", ["divided_space_time", "joint_space_time"])
+def test_save_pretrained_is_loaded_by_transformers_with_the_same_logits(attention_type, tmp_path):
+    torch.manual_seed(1)
+    ours = TimeSformer(TimeSformerConfig(**TINY, attention_type=attention_type, num_classes=3,
+                                         class_names=["a", "b", "c"])).eval()
+    with torch.no_grad():
+        for param in ours.parameters():
+            param.add_(torch.randn_like(param) * 0.02)
+    ours.save_pretrained(tmp_path / "export")
+    hf_model = transformers.TimesformerForVideoClassification.from_pretrained(tmp_path / "export").eval()
+    assert hf_model.config.id2label == {0: "a", 1: "b", 2: "c"}
+    video = torch.randn(2, 4, 3, 32, 32)
+    with torch.no_grad():
+        assert (hf_model(pixel_values=video).logits - ours(video)).abs().max() < 1e-4
+
+
+def test_original_checkpoint_layout_loads_to_the_same_logits(tmp_path):
+    """A *.pyth as the original repository writes it: model_state with 'model.' keys, cfg as YAML text."""
+    hf_model = random_hf_model("divided_space_time")
+    hf_model.save_pretrained(tmp_path / "hf")
+    reference = TimeSformer.from_pretrained(tmp_path / "hf").eval()
+    original = {"model." + k: v for k, v in reference.state_dict().items()}
+    torch.save({"epoch": 15, "model_state": original, "optimizer_state": {}, "cfg": "TRAIN:\n  ENABLE: True\n"},
+               tmp_path / "TimeSformer_divST_8x32_224_K400.pyth")
+    loaded = TimeSformer.from_pretrained(tmp_path / "TimeSformer_divST_8x32_224_K400.pyth",
+                                         num_attention_heads=4).eval()
+    assert loaded.config.attention_type == "divided_space_time" and loaded.config.num_frames == 4
+    video = torch.randn(1, 4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(video), hf_model(pixel_values=video).logits, atol=1e-4, rtol=0)
+
+
+def test_new_head_for_another_class_count_keeps_the_backbone(tmp_path):
+    hf_model = random_hf_model("divided_space_time")
+    hf_model.save_pretrained(tmp_path / "hf")
+    source = TimeSformer.from_pretrained(tmp_path / "hf").eval()
+    finetune = TimeSformer.from_pretrained(tmp_path / "hf", num_classes=11).eval()
+    assert finetune.head.out_features == 11 and finetune.config.num_classes == 11
+    video = torch.randn(1, 4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(finetune.forward_features(video), source.forward_features(video))
+
+
+def test_mismatched_weights_are_reported_by_name(tmp_path):
+    state = TimeSformer(TimeSformerConfig(**TINY, num_classes=3)).state_dict()
+    state["blocks.0.extra.weight"] = torch.zeros(1)
+    del state["blocks.1.norm2.bias"]
+    torch.save({"model_state": {"model." + k: v for k, v in state.items()}}, tmp_path / "broken.pyth")
+    with pytest.raises(RuntimeError, match=r"blocks\.1\.norm2\.bias.*blocks\.0\.extra\.weight"):
+        TimeSformer.from_pretrained(tmp_path / "broken.pyth", num_attention_heads=4)
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pyth"):
+        TimeSformer.from_pretrained(tmp_path / "nope.pyth")
+
+
+def test_space_only_differs_from_hf_by_averaging_frames(tmp_path):
+    """HF's space_only returns per-frame logits (B·T, classes); ours averages the frames' cls tokens.
+
+    On T identical frames every HF per-frame row equals our single row.
+    """
+    hf_model = random_hf_model("space_only")
+    state = hf_model.state_dict()
+    hf_model.save_pretrained(tmp_path / "hf", state_dict={k: v for k, v in state.items() if "time_embed" not in k})
+    ours = TimeSformer.from_pretrained(tmp_path / "hf").eval()
+    frame = torch.randn(2, 1, 3, 32, 32)
+    video = frame.expand(2, 4, 3, 32, 32).contiguous()
+    with torch.no_grad():
+        hf_logits = hf_model(pixel_values=video).logits
+        ours_logits = ours(video)
+    assert hf_logits.shape == (8, 7) and ours_logits.shape == (2, 7)
+    torch.testing.assert_close(hf_logits.reshape(2, 4, 7), ours_logits[:, None].expand(2, 4, 7), atol=1e-4, rtol=0)

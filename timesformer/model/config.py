@@ -1,0 +1,98 @@
+"""TimeSformer configuration.
+
+Field names mirror Hugging Face's ``TimesformerConfig`` so that a ``config.json`` from the hub maps onto
+this class field for field; ``num_classes`` replaces HF's ``id2label``-derived label count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+ATTENTION_TYPES = ("divided_space_time", "space_only", "joint_space_time")
+HIDDEN_ACTS = ("gelu", "gelu_tanh", "relu", "silu")
+
+
+@dataclass
+class TimeSformerConfig:
+    """Hyper-parameters of a TimeSformer. Defaults are TimeSformer-base (ViT-B/16, 8 frames × 224 px).
+
+    ``num_frames`` and ``image_size`` are the sizes the embeddings are stored at; the model accepts other
+    frame counts and resolutions at run time by interpolating the embeddings (see ``TimeSformer``).
+    """
+
+    image_size: int = 224
+    patch_size: int = 16
+    num_channels: int = 3
+    num_frames: int = 8
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.0
+    attention_probs_dropout_prob: float = 0.0
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-6
+    qkv_bias: bool = True
+    attention_type: str = "divided_space_time"
+    drop_path_rate: float = 0.0
+    num_classes: int = 400
+    # Recompute each block's activations in the backward pass: less memory for long clips, ~30% slower.
+    gradient_checkpointing: bool = False
+    # Optional class names (index -> name); travel with checkpoints and exported HF folders.
+    class_names: list[str] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.attention_type not in ATTENTION_TYPES:
+            raise ValueError(
+                f"attention_type={self.attention_type!r} is not supported; valid values: {', '.join(ATTENTION_TYPES)}"
+            )
+        if self.hidden_act not in HIDDEN_ACTS:
+            raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; valid values: {', '.join(HIDDEN_ACTS)}")
+        for name in ("image_size", "patch_size", "num_channels", "num_frames", "hidden_size", "num_hidden_layers",
+                     "num_attention_heads", "intermediate_size", "num_classes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.image_size % self.patch_size != 0:
+            raise ValueError(
+                f"image_size={self.image_size} is not divisible by patch_size={self.patch_size}; "
+                f"choose an image_size that is a multiple of {self.patch_size}"
+            )
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}"
+            )
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"):
+            value = getattr(self, name)
+            if not 0.0 <= float(value) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+        if self.class_names is not None and len(self.class_names) != self.num_classes:
+            raise ValueError(
+                f"class_names has {len(self.class_names)} entries but num_classes={self.num_classes}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TimeSformerConfig:
+        """Build from a dict, rejecting unknown keys with the list of known ones."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown TimeSformerConfig field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**values)

@@ -1,0 +1,228 @@
+"""Reading and writing the weight formats users already have (all from local disk, never a download).
+
+Our parameter names are the original repository's (facebookresearch/TimeSformer) without its ``model.``
+prefix, so an original ``*.pyth`` checkpoint needs only the prefix stripped. Hugging Face folders are
+mapped name for name (no transposes; DESIGN.md §2).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from timesformer.model.config import TimeSformerConfig
+
+log = logging.getLogger(__name__)
+
+# ours (= original without "model.") -> Hugging Face, for the parameters outside the blocks
+_HF_TOP_LEVEL = {
+    "cls_token": "timesformer.embeddings.cls_token",
+    "pos_embed": "timesformer.embeddings.position_embeddings",
+    "time_embed": "timesformer.embeddings.time_embeddings",
+    "patch_embed.proj": "timesformer.embeddings.patch_embeddings.projection",
+    "norm": "timesformer.layernorm",
+    "head": "classifier",
+}
+# ours -> Hugging Face, inside block i (prefix "blocks.i." -> "timesformer.encoder.layer.i.")
+_HF_BLOCK = {
+    "norm1": "layernorm_before",
+    "attn.qkv": "attention.attention.qkv",
+    "attn.proj": "attention.output.dense",
+    "temporal_norm1": "temporal_layernorm",
+    "temporal_attn.qkv": "temporal_attention.attention.qkv",
+    "temporal_attn.proj": "temporal_attention.output.dense",
+    "temporal_fc": "temporal_dense",
+    "norm2": "layernorm_after",
+    "mlp.fc1": "intermediate.dense",
+    "mlp.fc2": "output.dense",
+}
+_HF_ACT = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu", "silu": "silu"}
+_HF_CONFIG_FIELDS = (
+    "image_size", "patch_size", "num_channels", "num_frames", "hidden_size", "num_hidden_layers",
+    "num_attention_heads", "intermediate_size", "hidden_act", "hidden_dropout_prob",
+    "attention_probs_dropout_prob", "initializer_range", "layer_norm_eps", "qkv_bias", "attention_type",
+    "drop_path_rate",
+)
+
+
+def _rename(name: str, table: dict[str, str]) -> str | None:
+    """Rename ``<module>.<weight|bias|...>`` (or a bare parameter) by its longest matching module prefix."""
+    for source in sorted(table, key=len, reverse=True):
+        if name == source or name.startswith(source + "."):
+            return table[source] + name[len(source):]
+    return None
+
+
+def to_hf_key(name: str) -> str | None:
+    """Our parameter name -> Hugging Face's, or None when HF has no such parameter."""
+    match = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
+    if match:
+        inner = _rename(match.group(2), _HF_BLOCK)
+        return None if inner is None else f"timesformer.encoder.layer.{match.group(1)}.{inner}"
+    return _rename(name, _HF_TOP_LEVEL)
+
+
+def from_hf_key(name: str) -> str | None:
+    """Hugging Face parameter name -> ours, or None when we have no such parameter."""
+    match = re.fullmatch(r"timesformer\.encoder\.layer\.(\d+)\.(.+)", name)
+    if match:
+        inner = _rename(match.group(2), {v: k for k, v in _HF_BLOCK.items()})
+        return None if inner is None else f"blocks.{match.group(1)}.{inner}"
+    return _rename(name, {v: k for k, v in _HF_TOP_LEVEL.items()})
+
+
+def hf_config_to_ours(hf: dict[str, Any]) -> TimeSformerConfig:
+    """A Hugging Face ``config.json`` dict -> TimeSformerConfig (labels from ``id2label``)."""
+    values = {name: hf[name] for name in _HF_CONFIG_FIELDS if name in hf}
+    if "hidden_act" in values:
+        reverse = {v: k for k, v in _HF_ACT.items()}
+        if values["hidden_act"] not in reverse:
+            raise ValueError(f"config.json hidden_act={values['hidden_act']!r} is not supported; "
+                             f"supported: {sorted(reverse)}")
+        values["hidden_act"] = reverse[values["hidden_act"]]
+    id2label = hf.get("id2label")
+    if id2label:
+        ordered = [id2label[str(i)] if str(i) in id2label else id2label[i] for i in range(len(id2label))]
+        values["num_classes"] = len(ordered)
+        values["class_names"] = ordered
+    elif "num_labels" in hf:
+        values["num_classes"] = int(hf["num_labels"])
+    return TimeSformerConfig(**values)
+
+
+def ours_config_to_hf(config: TimeSformerConfig) -> dict[str, Any]:
+    # drop_path_rate is left out: it only matters in training, and recent transformers releases reject a
+    # float there ("expected int"), which would make every exported folder with 0.1 unloadable.
+    values: dict[str, Any] = {name: getattr(config, name) for name in _HF_CONFIG_FIELDS if name != "drop_path_rate"}
+    values["hidden_act"] = _HF_ACT[config.hidden_act]
+    names = config.class_names or [f"LABEL_{i}" for i in range(config.num_classes)]
+    values.update(
+        model_type="timesformer",
+        architectures=["TimesformerForVideoClassification"],
+        id2label={str(i): name for i, name in enumerate(names)},
+        label2id={name: i for i, name in enumerate(names)},
+    )
+    return values
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_hf_folder(folder: Path) -> tuple[TimeSformerConfig, dict[str, torch.Tensor]]:
+    """A Hugging Face model folder -> (config, state dict in our names)."""
+    config = hf_config_to_ours(json.loads((folder / "config.json").read_text()))
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / filename).is_file():
+            hf_state = _read_tensors(folder / filename)
+            break
+    else:
+        raise FileNotFoundError(f"{folder} has a config.json but neither model.safetensors nor pytorch_model.bin")
+    state, unplaced = {}, []
+    for name, tensor in hf_state.items():
+        ours = from_hf_key(name)
+        if ours is None:
+            unplaced.append(name)
+        else:
+            state[ours] = tensor
+    if unplaced:
+        log.warning("%s: %d tensor(s) could not be placed by name and were ignored: %s", folder, len(unplaced),
+                    ", ".join(unplaced[:10]) + (" ..." if len(unplaced) > 10 else ""))
+    return config, state
+
+
+def write_hf_folder(folder: Path, config: TimeSformerConfig, state: dict[str, torch.Tensor]) -> None:
+    """Write ``config.json`` + ``model.safetensors`` that transformers' TimesformerForVideoClassification loads."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    hf_state = {}
+    for name, tensor in state.items():
+        hf_name = to_hf_key(name)
+        if hf_name is None:
+            raise ValueError(f"parameter {name!r} has no Hugging Face equivalent "
+                             f"(attention_type={config.attention_type!r} cannot be exported)")
+        hf_state[hf_name] = tensor.detach().contiguous().cpu()
+    save_file(hf_state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(ours_config_to_hf(config), indent=2) + "\n")
+
+
+def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Drop ``prefix`` from every key that has it; keys without it are dropped (they are not the model's)."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def infer_config_from_state(state: dict[str, torch.Tensor], **overrides: Any) -> TimeSformerConfig:
+    """Read the architecture off an original-layout state dict (the ``.pyth`` files carry no usable config).
+
+    Head count is not visible in the shapes: it defaults to hidden_size / 64 (true of every released model)
+    and can be overridden.
+    """
+    dim = state["cls_token"].shape[-1]
+    patch = state["patch_embed.proj.weight"].shape[-1]
+    grid = int(round((state["pos_embed"].shape[1] - 1) ** 0.5))
+    if "blocks.0.temporal_attn.qkv.weight" in state:
+        attention_type = "divided_space_time"
+    elif "time_embed" in state:
+        attention_type = "joint_space_time"
+    else:
+        attention_type = "space_only"
+    values: dict[str, Any] = dict(
+        hidden_size=dim,
+        patch_size=patch,
+        num_channels=state["patch_embed.proj.weight"].shape[1],
+        image_size=grid * patch,
+        num_hidden_layers=len({k.split(".")[1] for k in state if k.startswith("blocks.")}),
+        num_attention_heads=max(dim // 64, 1),
+        intermediate_size=state["blocks.0.mlp.fc1.weight"].shape[0],
+        qkv_bias="blocks.0.attn.qkv.bias" in state,
+        attention_type=attention_type,
+        num_classes=state["head.weight"].shape[0],
+    )
+    if "time_embed" in state:
+        values["num_frames"] = state["time_embed"].shape[1]
+    values.update(overrides)
+    return TimeSformerConfig(**values)
+
+
+def read_checkpoint(path: Path, **overrides: Any) -> tuple[TimeSformerConfig, dict[str, torch.Tensor]]:
+    """Detect the format at ``path`` and return (config, state dict in our names).
+
+    Formats: a Hugging Face folder (config.json + weights), an original checkpoint (``model_state`` with
+    ``model.`` keys), a Lightning checkpoint written by our trainer (``state_dict`` + ``timesformer_config``),
+    or a bare state dict in our names.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is a folder without config.json: not a Hugging Face model folder")
+        config, state = read_hf_folder(path)
+        return (TimeSformerConfig(**{**config.to_dict(), **overrides}) if overrides else config), state
+    # weights_only=False: original and Lightning checkpoints hold plain Python objects besides tensors.
+    # Only load checkpoints you trust (as with any pickle).
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(blob, dict) and "timesformer_config" in blob and "state_dict" in blob:
+        config = TimeSformerConfig.from_dict({**blob["timesformer_config"], **overrides})
+        return config, strip_prefix(blob["state_dict"], "model.")
+    if isinstance(blob, dict) and "model_state" in blob:
+        state = blob["model_state"]
+        if any(k.startswith("model.") for k in state):
+            state = strip_prefix(state, "model.")
+        return infer_config_from_state(state, **overrides), state
+    if isinstance(blob, dict) and all(isinstance(v, torch.Tensor) for v in blob.values()) and "cls_token" in blob:
+        return infer_config_from_state(blob, **overrides), blob
+    raise ValueError(
+        f"{path}: unrecognised checkpoint format (expected a Hugging Face folder, an original TimeSformer "
+        f"*.pyth with 'model_state', a Lightning checkpoint from train.py, or a state dict)"
+    )
