@@ -1,0 +1,157 @@
+"""The LightningModule: trains a TimeSformer classifier.
+
+Lightning owns devices, precision, DDP and checkpointing; this file only says what a step is, which metrics
+are kept and how the optimizer and learning-rate schedule are built.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from timesformer.model import TimeSformer
+
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULERS = ("cosine", "multistep", "constant")
+
+
+def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float = 0.9,
+                    nesterov: bool = True, betas: tuple[float, float] = (0.9, 0.999),
+                    decay_norm_bias_embed: bool = False) -> torch.optim.Optimizer:
+    """AdamW or SGD; by default biases, norms and the cls/position/time embeddings get no weight decay."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer.name={name!r} is not supported; valid values: {', '.join(OPTIMIZERS)}")
+    decay, no_decay = [], []
+    for param_name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        is_embedding = param_name.split(".")[-1] in ("cls_token", "pos_embed", "time_embed")
+        if not decay_norm_bias_embed and (param.ndim <= 1 or is_embedding):
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
+
+
+def lr_multiplier(step: int, name: str, total_steps: int, warmup_steps: int = 0, min_lr_ratio: float = 0.0,
+                  milestones: tuple[float, ...] = (), gamma: float = 0.1) -> float:
+    """Learning-rate factor at optimizer step ``step``: linear warmup, then cosine / step decay / constant.
+
+    ``milestones`` are fractions of training (the paper's steps at epochs 11 and 14 of 15 are 11/15, 14/15),
+    so they hold whatever the epoch length.
+    """
+    if name not in SCHEDULERS:
+        raise ValueError(f"scheduler.name={name!r} is not supported; valid values: {', '.join(SCHEDULERS)}")
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if name == "cosine":
+        progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    if name == "multistep":
+        return gamma ** sum(step >= m * total_steps for m in milestones)
+    return 1.0
+
+
+class VideoClassifier(L.LightningModule):
+    """Cross-entropy training of a TimeSformer with top-1/top-5 accuracy.
+
+    Args:
+        model: the backbone + head (plain PyTorch).
+        optimizer: ``build_optimizer`` keyword arguments (``name``, ``lr``, ``weight_decay``, ...).
+        scheduler: ``lr_multiplier`` settings: ``name``, ``warmup_epochs`` (may be fractional), ``min_lr_ratio``,
+            ``milestones``, ``gamma``. Stepped every optimizer step.
+        label_smoothing: cross-entropy label smoothing.
+        run_config: the resolved run configuration, saved in checkpoints (``evaluate.py`` rebuilds the data
+            from it) and sent to the loggers as hyper-parameters.
+    """
+
+    def __init__(self, model: TimeSformer, optimizer: dict[str, Any], scheduler: dict[str, Any],
+                 label_smoothing: float = 0.0, run_config: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        # The architecture is saved by on_save_checkpoint (timesformer_config); the weights by Lightning.
+        self.save_hyperparameters(ignore=["model"])
+        self.model = model
+        # Fail now, not after the first epoch, on a misspelt optimizer or scheduler name.
+        if optimizer.get("name") not in OPTIMIZERS:
+            raise ValueError(f"optimizer.name={optimizer.get('name')!r} is not supported; "
+                             f"valid values: {', '.join(OPTIMIZERS)}")
+        if scheduler.get("name") not in SCHEDULERS:
+            raise ValueError(f"scheduler.name={scheduler.get('name')!r} is not supported; "
+                             f"valid values: {', '.join(SCHEDULERS)}")
+        num_classes = model.config.num_classes
+        top_k = min(5, num_classes)
+
+        def accuracy_metrics(prefix: str) -> MetricCollection:
+            return MetricCollection(
+                {"acc": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
+                 "acc_top5": MulticlassAccuracy(num_classes, top_k=top_k, average="micro")},
+                prefix=prefix,
+            )
+
+        self.train_metrics = accuracy_metrics("train/")
+        self.val_metrics = accuracy_metrics("val/")
+        self.test_metrics = accuracy_metrics("test/")
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return self.model.config.class_names
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        """(B, T, C, H, W) -> logits (B, num_classes)."""
+        return self.model(video)
+
+    # -- steps ---------------------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        logits = self(batch["video"])
+        loss = F.cross_entropy(logits, batch["label"], label_smoothing=self.hparams.label_smoothing)
+        self.train_metrics.update(logits.detach(), batch["label"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(logits))
+        self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=len(logits))
+        return loss
+
+    def _eval_step(self, batch: dict[str, torch.Tensor], metrics: MetricCollection, loss_metric: MeanMetric,
+                   prefix: str) -> None:
+        logits = self(batch["video"])
+        loss_metric.update(F.cross_entropy(logits, batch["label"]), weight=len(logits))
+        metrics.update(logits, batch["label"])
+        self.log(f"{prefix}/loss", loss_metric, on_step=False, on_epoch=True, batch_size=len(logits))
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=prefix == "val", batch_size=len(logits))
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.val_metrics, self.val_loss, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.test_metrics, self.test_loss, "test")
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        return {"probabilities": self(batch["video"]).softmax(-1), "index": batch["index"]}
+
+    # -- optimisation --------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = build_optimizer(self.model, **self.hparams.optimizer)
+        settings = dict(self.hparams.scheduler)
+        total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
+        steps_per_epoch = total_steps / max(self.trainer.max_epochs or 1, 1)
+        warmup_steps = int(round(settings.pop("warmup_epochs", 0.0) * steps_per_epoch))
+        settings["milestones"] = tuple(settings.get("milestones", ()))
+
+        def factor(step: int) -> float:
+            return lr_multiplier(step, total_steps=total_steps, warmup_steps=warmup_steps, **settings)
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- checkpoints carry the architecture so that from_pretrained/evaluate.py need nothing else ------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["timesformer_config"] = self.model.config.to_dict()

@@ -1,0 +1,169 @@
+"""What ``train.py`` and ``evaluate.py`` do, given a composed Hydra config.
+
+Kept out of the entry points so that tests and notebooks can call ``train(cfg)`` / ``evaluate(cfg)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from timesformer.model import TimeSformer, TimeSformerConfig
+from timesformer.module import VideoClassifier
+
+log = logging.getLogger(__name__)
+
+# ${scale:${model.image_size},1.25} -> int: data configs size their resize ranges from the crop size.
+OmegaConf.register_new_resolver("scale", lambda value, factor: int(round(float(value) * float(factor))), replace=True)
+
+# Model config keys that are not TimeSformerConfig fields.
+_WEIGHT_SOURCES = ("pretrained", "init_from")
+# Fields a pretrained checkpoint may have changed for fine-tuning; its architecture fields are kept.
+_FINETUNE_FIELDS = ("drop_path_rate", "hidden_dropout_prob", "attention_probs_dropout_prob", "gradient_checkpointing")
+
+
+def build_model(model_cfg: DictConfig, class_names: list[str]) -> TimeSformer:
+    """A TimeSformer for ``class_names``: new, from a pretrained video checkpoint, or from an image ViT."""
+    fields: dict[str, Any] = OmegaConf.to_container(model_cfg, resolve=True)
+    sources = {key: fields.pop(key, None) for key in _WEIGHT_SOURCES}
+    num_classes = fields.pop("num_classes", None) or len(class_names)
+    if num_classes != len(class_names):
+        raise ValueError(f"model.num_classes={num_classes} but the dataset has {len(class_names)} classes; "
+                         f"leave model.num_classes=null to take it from the data")
+    if sources["pretrained"] and sources["init_from"]:
+        raise ValueError("set at most one of model.pretrained (a video checkpoint) and model.init_from (an image ViT)")
+    if sources["pretrained"]:
+        finetune = {key: fields[key] for key in _FINETUNE_FIELDS if key in fields}
+        return TimeSformer.from_pretrained(sources["pretrained"], num_classes=num_classes, class_names=class_names,
+                                           **finetune)
+    if sources["init_from"]:
+        return TimeSformer.from_image_vit(sources["init_from"], **fields, num_classes=num_classes,
+                                          class_names=class_names)
+    return TimeSformer(TimeSformerConfig(**fields, num_classes=num_classes, class_names=list(class_names)))
+
+
+def _instantiate_all(group: DictConfig | None) -> list[Any]:
+    """Instantiate every ``_target_`` entry of a config group (callbacks, loggers); None entries are skipped."""
+    if not group:
+        return []
+    return [hydra.utils.instantiate(entry, _convert_="all") for entry in group.values() if entry and "_target_" in entry]
+
+
+def _use_wandb_offline_without_credentials(cfg: DictConfig) -> None:
+    """Never block a user without a W&B account: log offline (``wandb sync`` later) when no key is set."""
+    uses_wandb = any("WandbLogger" in str(entry.get("_target_", "")) for entry in (cfg.get("logger") or {}).values()
+                     if entry)
+    if not uses_wandb or os.environ.get("WANDB_MODE"):
+        return
+    netrc = Path.home() / ".netrc"
+    has_key = bool(os.environ.get("WANDB_API_KEY")) or (
+        netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"))
+    if not has_key:
+        log.warning("No W&B credentials found: logging offline. Upload later with `wandb sync <run dir>/wandb`.")
+        os.environ["WANDB_MODE"] = "offline"
+
+
+def _print_summary(title: str, metrics: dict[str, float]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in sorted(metrics.items()):
+        table.add_row(name, f"{value:.4f}" if isinstance(value, float) else str(value))
+    Console().print(table)
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float, torch.Tensor))}
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit, test the best checkpoint, write ``metrics.json`` in the run dir; return the final metrics."""
+    L.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    datamodule.prepare_data()  # generated data is written here, before the model needs the class list
+    model = build_model(cfg.model, datamodule.class_names)
+    module = VideoClassifier(
+        model,
+        optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
+        scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
+        label_smoothing=cfg.get("label_smoothing", 0.0),
+        run_config=OmegaConf.to_container(cfg, resolve=True),
+    )
+    log.info("TimeSformer (%s): %.2fM parameters, %d classes", model.config.attention_type,
+             model.num_parameters() / 1e6, model.config.num_classes)
+
+    _use_wandb_offline_without_credentials(cfg)
+    loggers = _instantiate_all(cfg.get("logger"))
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=_instantiate_all(cfg.get("callbacks")),
+                                                 logger=loggers or False)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = _scalars(trainer.callback_metrics)
+
+    if cfg.get("test") and not trainer.fast_dev_run:
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if not best:
+            log.warning("No best checkpoint was saved: testing the weights at the end of training")
+        test_metrics = trainer.test(module, datamodule=datamodule, ckpt_path=best or None)[0]
+        metrics.update(_scalars(test_metrics))
+        metrics["best_checkpoint"] = best  # type: ignore[assignment]
+
+    if trainer.is_global_zero:
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        _print_summary(f"Run summary ({output_dir})", metrics)
+    return metrics
+
+
+def _saved_run_config(ckpt_path: str) -> DictConfig:
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    run_config = checkpoint.get("hyper_parameters", {}).get("run_config")
+    if run_config is None:
+        raise ValueError(f"{ckpt_path} carries no run config: it was not written by train.py "
+                         f"(evaluate a Hugging Face or original checkpoint with model.pretrained=... instead)")
+    return OmegaConf.create(run_config)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Rebuild model and data from the checkpoint's saved config, test, write eval.json in the run dir.
+
+    ``cfg.data``, when set, is merged over the saved data config; a full data config (a ``data=<name>``
+    group choice, with ``_target_``) replaces it.
+    """
+    if not Path(cfg.ckpt).is_file():
+        raise FileNotFoundError(f"ckpt={cfg.ckpt}: no such checkpoint file")
+    saved = _saved_run_config(cfg.ckpt)
+    data_cfg = cfg.get("data")
+    if data_cfg and "_target_" in data_cfg:
+        saved.data = data_cfg  # a data=<name> group choice replaces the saved dataset
+    elif data_cfg:
+        saved.data = OmegaConf.merge(saved.data, data_cfg)  # data.<key>=<value> overrides
+    L.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    datamodule: L.LightningDataModule = hydra.utils.instantiate(saved.data, _convert_="all")
+    datamodule.prepare_data()
+    model = TimeSformer.from_pretrained(cfg.ckpt)
+    module = VideoClassifier(model, optimizer=OmegaConf.to_container(saved.optimizer),
+                             scheduler=OmegaConf.to_container(saved.scheduler))
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=False)
+    results = _scalars(trainer.test(module, datamodule=datamodule)[0])
+    report = {"checkpoint": str(Path(cfg.ckpt).resolve()), "metrics": results,
+              "num_videos": len(datamodule.test_dataloader().dataset),
+              "class_names": model.config.class_names}
+    (output_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    _print_summary(f"Evaluation of {cfg.ckpt}", results)
+    return results
