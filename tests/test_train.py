@@ -20,9 +20,9 @@ def tiny_overrides(synthetic_root) -> list[str]:
 
 @pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
 def test_fast_dev_run_per_attention_type(attention_type, synthetic_root, tmp_path):
-    cfg = compose_config(
-        "train", [*tiny_overrides(synthetic_root), f"model.attention_type={attention_type}", "+trainer.fast_dev_run=true"],
-        tmp_path)
+    overrides = [*tiny_overrides(synthetic_root), f"model.attention_type={attention_type}",
+                 "+trainer.fast_dev_run=true"]
+    cfg = compose_config("train", overrides, tmp_path)
     metrics = train(cfg)
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
     assert (tmp_path / "metrics.json").is_file()

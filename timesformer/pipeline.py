@@ -54,7 +54,8 @@ def _instantiate_all(group: DictConfig | None) -> list[Any]:
     """Instantiate every ``_target_`` entry of a config group (callbacks, loggers); None entries are skipped."""
     if not group:
         return []
-    return [hydra.utils.instantiate(entry, _convert_="all") for entry in group.values() if entry and "_target_" in entry]
+    entries = [entry for entry in group.values() if entry and "_target_" in entry]
+    return [hydra.utils.instantiate(entry, _convert_="all") for entry in entries]
 
 
 def _use_wandb_offline_without_credentials(cfg: DictConfig) -> None:
