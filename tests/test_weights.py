@@ -108,3 +108,18 @@ def test_space_only_differs_from_hf_by_averaging_frames(tmp_path):
         ours_logits = ours(video)
     assert hf_logits.shape == (8, 7) and ours_logits.shape == (2, 7)
     torch.testing.assert_close(hf_logits.reshape(2, 4, 7), ours_logits[:, None].expand(2, 4, 7), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("attention_type", ["sparse_local_global", "axial"])
+def test_new_attention_types_round_trip_through_a_state_dict(attention_type, tmp_path):
+    """A bare state dict of ours is recognised by its keys (axial: width_attn, L+G: local_attn)."""
+    torch.manual_seed(0)
+    model = TimeSformer(TimeSformerConfig(**TINY, attention_type=attention_type, num_classes=3)).eval()
+    torch.save(model.state_dict(), tmp_path / "model.pth")
+    loaded = TimeSformer.from_pretrained(tmp_path / "model.pth", num_attention_heads=4).eval()
+    assert loaded.config.attention_type == attention_type
+    video = torch.randn(1, 4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(video), model(video), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="cannot be exported"):
+        model.save_pretrained(tmp_path / "hf")

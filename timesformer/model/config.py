@@ -10,7 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-ATTENTION_TYPES = ("divided_space_time", "space_only", "joint_space_time")
+# The paper's five attention schemes (§3, Fig. 1); the first three are the original code's and Hugging Face's.
+ATTENTION_TYPES = ("divided_space_time", "space_only", "joint_space_time", "sparse_local_global", "axial")
 HIDDEN_ACTS = ("gelu", "gelu_tanh", "relu", "silu")
 
 
@@ -36,7 +37,7 @@ class TimeSformerConfig:
     initializer_range: float = 0.02
     layer_norm_eps: float = 1e-6
     qkv_bias: bool = True
-    attention_type: str = "divided_space_time"
+    attention_type: str = "divided_space_time"  # one of ATTENTION_TYPES, described in model.timesformer.Block
     drop_path_rate: float = 0.0
     num_classes: int = 400
     # Recompute each block's activations in the backward pass: less memory for long clips, ~30% slower.

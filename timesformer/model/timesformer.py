@@ -5,12 +5,14 @@ Shape legend: B batch, T frames, N patches per frame (h·w), D hidden size, H he
 Internally the patch tokens live as a (B, T, N, D) tensor and the class token as (B, 1, D). The original
 code and Hugging Face keep one flat (B, 1 + N·T, D) sequence; attention is permutation-equivariant and
 the embeddings are added with explicit shapes, so the outputs are the same (the parity tests check it),
-while each attention type picks its sequences with one reshape.
+while each attention type picks its sequences with a reshape (sparse local-global: ``group_tokens``).
+The five attention schemes of the paper are described in ``Block``.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,21 @@ _ACTIVATIONS = {
     "relu": lambda: nn.ReLU(),
     "silu": lambda: nn.SiLU(),
 }
+
+
+def resize_patch_position_embedding(patch_pos: torch.Tensor, old_grid: tuple[int, int],
+                                    new_grid: tuple[int, int]) -> torch.Tensor:
+    """(1, h0·w0, D) patch position embeddings of an h0 × w0 grid -> (1, h·w, D) for an h × w grid.
+
+    Bicubic in 2-D, so a row of patches stays a row (the original code interpolates the flattened sequence in
+    1-D, which scrambles rows). Used at run time for other resolutions and when initialising from an image ViT.
+    """
+    if old_grid == new_grid:
+        return patch_pos
+    D = patch_pos.shape[-1]
+    grid = patch_pos.reshape(1, *old_grid, D).permute(0, 3, 1, 2)  # (1, D, h0, w0)
+    grid = F.interpolate(grid.float(), size=new_grid, mode="bicubic", align_corners=False)  # (1, D, h, w)
+    return grid.to(patch_pos.dtype).permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], D)
 
 
 class DropPath(nn.Module):
@@ -66,13 +83,17 @@ class Attention(nn.Module):
         self.attn_drop = config.attention_probs_dropout_prob
         self.proj_drop = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``key_mask`` (bool, broadcastable to (..., L)) is False at keys no query may attend to (padding)."""
         *batch, length, dim = x.shape
         x = x.reshape(-1, length, dim)  # (S, L, D), S = all sequences
         qkv = self.qkv(x).reshape(x.shape[0], length, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (S, H, L, head_dim)
+        if key_mask is not None:
+            key_mask = key_mask.expand(*batch, length).reshape(-1, 1, 1, length)  # (S, 1, 1, L): every head, query
         # Scale is head_dim ** -0.5, SDPA's default.
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask,
+                                           dropout_p=self.attn_drop if self.training else 0.0)
         x = x.transpose(1, 2).reshape(*batch, length, dim)  # (..., L, D)
         return self.proj_drop(self.proj(x))
 
@@ -102,24 +123,114 @@ class PatchEmbed(nn.Module):
         return self.proj(frames)
 
 
+def group_tokens(grid: torch.Tensor, splits: tuple[int, int, int],
+                 strided: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Cut a (B, T, h, w, D) token grid into G = s_t·s_h·s_w groups: returns (B, G, L, D) and a key mask.
+
+    ``splits`` (s_t, s_h, s_w) is the number of groups along each axis. strided=False: contiguous blocks (the
+    first group of an axis of n tokens holds indices 0 .. n/s - 1); strided=True: every s-th token (group g
+    holds indices g, g + s, g + 2s, ...). An axis that s does not divide is padded at its end; the key mask
+    (1, G, L) is then False at the padding (None when there is none).
+    """
+    T, h, w = grid.shape[1:4]
+    padded = _padded_sizes((T, h, w), splits)
+    if padded == (T, h, w):
+        return _partition(grid, splits, strided), None
+    padding = (0, 0, 0, padded[2] - w, 0, padded[1] - h, 0, padded[0] - T)
+    is_token = F.pad(grid.new_ones(1, T, h, w, 1), padding)
+    key_mask = _partition(is_token, splits, strided)[..., 0] > 0  # (1, G, L)
+    return _partition(F.pad(grid, padding), splits, strided), key_mask
+
+
+def ungroup_tokens(groups: torch.Tensor, sizes: tuple[int, int, int], splits: tuple[int, int, int],
+                   strided: bool) -> torch.Tensor:
+    """Inverse of ``group_tokens``: (B, G, L, D) -> the (B, T, h, w, D) grid of ``sizes`` (T, h, w)."""
+    B, _, _, D = groups.shape
+    (T, h, w), (st, sh, sw) = sizes, splits
+    pt, ph, pw = _padded_sizes(sizes, splits)
+    grid = groups.reshape(B, st, sh, sw, pt // st, ph // sh, pw // sw, D)
+    if strided:  # index = i·s + g
+        grid = grid.permute(0, 4, 1, 5, 2, 6, 3, 7)  # (B, pt/st, st, ph/sh, sh, pw/sw, sw, D)
+    else:  # index = g·(n/s) + i
+        grid = grid.permute(0, 1, 4, 2, 5, 3, 6, 7)  # (B, st, pt/st, sh, ph/sh, sw, pw/sw, D)
+    return grid.reshape(B, pt, ph, pw, D)[:, :T, :h, :w]
+
+
+def _padded_sizes(sizes: tuple[int, int, int], splits: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Each size rounded up to a multiple of its split."""
+    return tuple(-(-n // s) * s for n, s in zip(sizes, splits, strict=True))
+
+
+def _partition(grid: torch.Tensor, splits: tuple[int, int, int], strided: bool) -> torch.Tensor:
+    """(B, T, h, w, D) with sizes divisible by ``splits`` -> (B, G, L, D); see ``group_tokens``."""
+    B, T, h, w, D = grid.shape
+    st, sh, sw = splits
+    if strided:
+        grid = grid.reshape(B, T // st, st, h // sh, sh, w // sw, sw, D).permute(0, 2, 4, 6, 1, 3, 5, 7)
+    else:
+        grid = grid.reshape(B, st, T // st, sh, h // sh, sw, w // sw, D).permute(0, 1, 3, 5, 2, 4, 6, 7)
+    return grid.reshape(B, st * sh * sw, -1, D)  # from (B, st, sh, sw, T/st, h/sh, w/sw, D)
+
+
+# The attentions a block has besides the image ViT's (norm1 -> attn), by attention type, in the order they run.
+# Each is <name>_norm1 -> <name>_attn -> <name>_fc, the last a D -> D projection initialised to zero (the
+# original's temporal_fc) so that a new block starts as the image ViT block.
+EXTRA_ATTENTIONS: dict[str, tuple[str, ...]] = {
+    "divided_space_time": ("temporal",),
+    "space_only": (),
+    "joint_space_time": (),
+    "sparse_local_global": ("local",),
+    "axial": ("temporal", "width"),
+}
+
+
 class Block(nn.Module):
-    """One TimeSformer block. Takes and returns cls (B, 1, D) and patches (B, T, N, D)."""
+    """One TimeSformer block: attention, then MLP, each pre-norm with a residual (paper §3, Fig. 1).
+
+    Takes and returns cls (B, 1, D) and patches (B, T, N, D), the N = h·w patches of each frame on an h × w
+    ``grid``. The attention, by ``attention_type``:
+
+    - divided_space_time (T+S): time (each position's T tokens), then space (each frame's N tokens).
+    - joint_space_time (ST): one attention over all 1 + T·N tokens.
+    - space_only (S): every frame on its own with its own cls token (cls is (B, T, 1, D)); no time until the
+      model averages the frames after the last block.
+    - sparse_local_global (L+G): local attention within windows of T × h/2 × w/2 patches (the paper's
+      "F × H/2 × W/2 neighbouring patches", taken as 2 × 2 non-overlapping spatial windows spanning all frames),
+      then sparse global attention over the whole clip with stride 2 along time, height and width (the strided
+      pattern of Child et al., 2019): the tokens whose (t, y, x) have the same parities form one of 8 groups of
+      T·N/8 tokens. Every window holds tokens of every parity (on a grid of 4 × 4 patches or more), so the two
+      steps connect every pair of tokens, as joint attention does in one. An axis of odd size is padded to
+      even (the padding is masked out as keys); an axis of one token is not split.
+    - axial (T+W+H): time (each position's T tokens, as in divided), then width (each row of each frame:
+      sequences of w tokens), then height (each column of each frame: sequences of h tokens).
+
+    The cls token takes part only in the block's last attention, the one that has the image ViT's norm1/attn
+    (space, global or height): a copy joins every sequence and the copies' outputs are averaged back to one
+    cls, the original code's rule for divided attention. The other attentions (``EXTRA_ATTENTIONS``) each have
+    their own norm, attention and zero-initialised output projection ``<name>_fc``.
+
+    Parameters of base with a 400-class head: divided and L+G 121,566,352 (paper Table 1: 121.4M), axial
+    157,020,304 (156.8M: one more attention with its projection, 2.95M a block, than divided). Every count of
+    Table 1 (S/ST 85.9M, T+S and L+G 121.4M, T+W+H 156.8M) is ours without the cls/pos/time embeddings
+    (0.158M) truncated to 0.1M, so the paper most likely left the embeddings out.
+    """
 
     def __init__(self, config: TimeSformerConfig, drop_path: float) -> None:
         super().__init__()
         self.attention_type = config.attention_type
         dim, eps = config.hidden_size, config.layer_norm_eps
-        if self.attention_type == "divided_space_time":
-            self.temporal_norm1 = nn.LayerNorm(dim, eps=eps)
-            self.temporal_attn = Attention(config)
-            self.temporal_fc = nn.Linear(dim, dim)  # zero-initialised: the block starts as an image ViT block
+        for name in EXTRA_ATTENTIONS[self.attention_type]:  # temporal_norm1, temporal_attn, temporal_fc, ...
+            self.add_module(f"{name}_norm1", nn.LayerNorm(dim, eps=eps))
+            self.add_module(f"{name}_attn", Attention(config))
+            self.add_module(f"{name}_fc", nn.Linear(dim, dim))  # zero-initialised (see EXTRA_ATTENTIONS)
         self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(config)
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(config)
 
-    def forward(self, cls: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, cls: torch.Tensor, patches: torch.Tensor,
+                grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         B, T, N, D = patches.shape
         if self.attention_type == "divided_space_time":
             cls, patches = self._divided_attention(cls, patches)
@@ -127,29 +238,80 @@ class Block(nn.Module):
             tokens = torch.cat([cls, patches.reshape(B, T * N, D)], dim=1)  # (B, 1 + T·N, D)
             tokens = tokens + self.drop_path(self.attn(self.norm1(tokens)))
             cls, patches = tokens[:, :1], tokens[:, 1:].reshape(B, T, N, D)
-        else:  # space_only: every frame is its own sequence with its own cls token, cls is (B, T, 1, D)
+        elif self.attention_type == "space_only":  # every frame is its own sequence with its own cls token
             tokens = torch.cat([cls, patches], dim=2)  # (B, T, 1 + N, D)
             tokens = tokens + self.drop_path(self.attn(self.norm1(tokens)))
             cls, patches = tokens[:, :, :1], tokens[:, :, 1:]
+        elif self.attention_type == "sparse_local_global":
+            cls, patches = self._sparse_local_global_attention(cls, patches, grid)
+        else:
+            cls, patches = self._axial_attention(cls, patches, grid)
         # MLP, on cls and patches together (token-wise, so no concatenation is needed)
         cls = cls + self.drop_path(self.mlp(self.norm2(cls)))
         patches = patches + self.drop_path(self.mlp(self.norm2(patches)))
         return cls, patches
 
-    def _divided_attention(self, cls: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        B, T, N, D = patches.shape
-        # 1. Temporal attention: one sequence of T tokens per spatial position, cls excluded.
+    def _temporal_attention(self, patches: torch.Tensor) -> torch.Tensor:
+        """One sequence of T tokens per spatial position, cls excluded: (B, T, N, D) -> (B, T, N, D)."""
         per_position = patches.transpose(1, 2)  # (B, N, T, D)
         temporal = self.temporal_attn(self.temporal_norm1(per_position))  # (B, N, T, D)
         # As in the original, drop_path comes before temporal_fc.
         temporal = self.temporal_fc(self.drop_path(temporal)).transpose(1, 2)  # (B, T, N, D)
-        patches = patches + temporal
+        return patches + temporal
 
-        # 2. Spatial attention: one sequence per frame, the cls token prepended to each frame.
-        tokens = torch.cat([cls.unsqueeze(1).expand(B, T, 1, D), patches], dim=2)  # (B, T, 1 + N, D)
-        spatial = self.drop_path(self.attn(self.norm1(tokens)))  # (B, T, 1 + N, D)
-        cls = cls + spatial[:, :, 0].mean(dim=1, keepdim=True)  # the T cls outputs averaged: (B, 1, D)
-        patches = patches + spatial[:, :, 1:]
+    def _attention_with_cls(self, cls: torch.Tensor, sequences: torch.Tensor,
+                            key_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """norm1 -> attn over sequences (B, *groups, L, D), a copy of cls (B, 1, D) prepended to each.
+
+        Returns the new cls (B, 1, D), its copies' outputs averaged, and the sequences' residual branch
+        (B, *groups, L, D). ``key_mask`` (1, *groups, L), if given, marks the real (not padding) tokens.
+        """
+        B, D = cls.shape[0], cls.shape[-1]
+        num_group_dims = sequences.ndim - 3
+        cls_copies = cls.reshape(B, *(1,) * num_group_dims, 1, D).expand(*sequences.shape[:-2], 1, D)
+        tokens = torch.cat([cls_copies, sequences], dim=-2)  # (B, *groups, 1 + L, D)
+        if key_mask is not None:
+            key_mask = torch.cat([key_mask.new_ones(*key_mask.shape[:-1], 1), key_mask], dim=-1)
+        out = self.drop_path(self.attn(self.norm1(tokens), key_mask))  # (B, *groups, 1 + L, D)
+        cls = cls + out[..., 0, :].reshape(B, -1, D).mean(dim=1, keepdim=True)  # the copies averaged: (B, 1, D)
+        return cls, out[..., 1:, :]
+
+    def _divided_attention(self, cls: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        patches = self._temporal_attention(patches)
+        # Spatial attention: one sequence per frame, the cls token prepended to each frame.
+        cls, spatial = self._attention_with_cls(cls, patches)  # spatial: (B, T, N, D)
+        return cls, patches + spatial
+
+    def _sparse_local_global_attention(self, cls: torch.Tensor, patches: torch.Tensor,
+                                       grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T, N, D = patches.shape
+        h, w = grid
+        # 1. Local: 2 × 2 windows of T × h/2 × w/2 patches, cls excluded.
+        windows = (1, min(h, 2), min(w, 2))
+        local, key_mask = group_tokens(self.local_norm1(patches).reshape(B, T, h, w, D), windows, strided=False)
+        local = self.local_attn(local, key_mask)  # (B, 4, T·N/4, D)
+        local = ungroup_tokens(local, (T, h, w), windows, strided=False).reshape(B, T, N, D)
+        patches = patches + self.local_fc(self.drop_path(local))
+        # 2. Global, stride 2 along t, y and x: 8 groups of T·N/8 tokens, cls joins each.
+        strides = (min(T, 2), min(h, 2), min(w, 2))
+        sparse, key_mask = group_tokens(patches.reshape(B, T, h, w, D), strides, strided=True)  # (B, 8, T·N/8, D)
+        cls, sparse = self._attention_with_cls(cls, sparse, key_mask)
+        patches = patches + ungroup_tokens(sparse, (T, h, w), strides, strided=True).reshape(B, T, N, D)
+        return cls, patches
+
+    def _axial_attention(self, cls: torch.Tensor, patches: torch.Tensor,
+                         grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T, N, D = patches.shape
+        h, w = grid
+        patches = self._temporal_attention(patches)
+        # Width: one sequence per row of each frame, cls excluded.
+        rows = self.width_norm1(patches).reshape(B, T, h, w, D)
+        width = self.width_fc(self.drop_path(self.width_attn(rows)))  # (B, T, h, w, D)
+        patches = patches + width.reshape(B, T, N, D)
+        # Height: one sequence per column of each frame, the cls token prepended to each.
+        columns = patches.reshape(B, T, h, w, D).transpose(2, 3)  # (B, T, w, h, D)
+        cls, height = self._attention_with_cls(cls, columns)
+        patches = patches + height.transpose(2, 3).reshape(B, T, N, D)
         return cls, patches
 
 
@@ -194,9 +356,9 @@ class TimeSformer(nn.Module):
         nn.init.trunc_normal_(self.pos_embed, std=std)
         nn.init.trunc_normal_(self.cls_token, std=std)
         for block in self.blocks:
-            if hasattr(block, "temporal_fc"):
-                nn.init.zeros_(block.temporal_fc.weight)
-                nn.init.zeros_(block.temporal_fc.bias)
+            for name in EXTRA_ATTENTIONS[self.config.attention_type]:
+                nn.init.zeros_(getattr(block, f"{name}_fc").weight)
+                nn.init.zeros_(getattr(block, f"{name}_fc").bias)
 
     def reset_head(self, num_classes: int, class_names: list[str] | None = None) -> None:
         """Replace the classifier with a freshly initialised one (fine-tuning on another label set)."""
@@ -211,12 +373,7 @@ class TimeSformer(nn.Module):
         """Returns (cls position (1, 1, D), patch positions (1, h·w, D)) for a grid_h × grid_w patch grid."""
         cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
         stored = self.config.image_size // self.config.patch_size
-        if (grid_h, grid_w) != (stored, stored):
-            D = patch_pos.shape[-1]
-            grid = patch_pos.reshape(1, stored, stored, D).permute(0, 3, 1, 2)  # (1, D, h0, w0)
-            grid = F.interpolate(grid.float(), size=(grid_h, grid_w), mode="bicubic", align_corners=False)
-            patch_pos = grid.to(patch_pos.dtype).permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, D)
-        return cls_pos, patch_pos
+        return cls_pos, resize_patch_position_embedding(patch_pos, (stored, stored), (grid_h, grid_w))
 
     def _time_embedding(self, num_frames: int) -> torch.Tensor:
         """(1, T, D) time embedding for T frames."""
@@ -266,11 +423,13 @@ class TimeSformer(nn.Module):
     def forward_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, T, C, H, W) -> pooled embedding (B, D): the final-normed cls token."""
         cls, patches = self.embed(pixel_values)
+        p = self.config.patch_size
+        grid = (pixel_values.shape[-2] // p, pixel_values.shape[-1] // p)  # (h, w) patches per frame
         for block in self.blocks:
             if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                cls, patches = checkpoint(block, cls, patches, use_reentrant=False)
+                cls, patches = checkpoint(block, cls, patches, grid, use_reentrant=False)
             else:
-                cls, patches = block(cls, patches)
+                cls, patches = block(cls, patches, grid)
         if self.config.attention_type == "space_only":
             # (B, T, 1, D) -> (B, 1, D): average the per-frame cls tokens, then the final norm (as the original;
             # HF returns per-frame logits instead).
@@ -313,6 +472,73 @@ class TimeSformer(nn.Module):
                 f"missing {missing[:10]}{' ...' if len(missing) > 10 else ''}, "
                 f"unexpected {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}"
             )
+        return model
+
+    @classmethod
+    def from_image_vit(cls, path: str | Path, **config_fields: Any) -> TimeSformer:
+        """Initialise from an image ViT's state dict in timm's ``VisionTransformer`` names (the paper's init).
+
+        The architecture (width, depth, patch size, MLP size, qkv bias, resolution, classes) is read off the
+        tensors; ``config_fields`` set the rest or override it: ``num_frames`` (default 8), ``attention_type``
+        (default divided_space_time), ``num_attention_heads`` (default hidden_size / 64, as in every released
+        ViT: heads are not visible in the shapes), ``image_size``, ``num_classes``, ``drop_path_rate``, ...
+
+        - Spatial weights are copied: patch embedding, cls token, each block's norm1/attn/norm2/mlp, final norm.
+        - Each extra attention of a block (e.g. the temporal one of divided attention) starts as a copy of the
+          block's ``attn`` and ``norm1``; its ``*_fc`` projection stays zero and ``time_embed`` zero, so a divided
+          model gives the image ViT's output on a clip of identical frames.
+        - ``pos_embed`` is resized in 2-D when ``image_size`` differs from the ViT's.
+        - The head is kept when the class count matches, otherwise a new one is initialised (logged).
+
+        Tensors in the file with no place here (timm's layer scale, ``fc_norm``, extra blocks, wrong shapes) are
+        logged by name; a parameter the file should provide but does not is an error.
+        """
+        vit = weights.read_image_vit(Path(path))
+        config = weights.infer_config_from_state(vit, **{"attention_type": "divided_space_time", **config_fields})
+        model = cls(config)
+        ours = model.state_dict()
+
+        vit_grid = int(round((vit["pos_embed"].shape[1] - 1) ** 0.5))
+        grid = config.image_size // config.patch_size
+        if vit_grid != grid:
+            log.info("%s: resizing pos_embed from %dx%d to %dx%d patches (2-D bicubic)", path, vit_grid, vit_grid,
+                     grid, grid)
+        keep_head = "head.weight" in vit and vit["head.weight"].shape[0] == config.num_classes
+        if not keep_head:
+            log.info("%s: %s; new %d-class head", path,
+                     f"dropping the {vit['head.weight'].shape[0]}-class head" if "head.weight" in vit else "no head",
+                     config.num_classes)
+
+        state: dict[str, torch.Tensor] = {}
+        unplaced: list[str] = []
+        for name, tensor in vit.items():
+            if name == "pos_embed":
+                patch_pos = resize_patch_position_embedding(tensor[:, 1:], (vit_grid, vit_grid), (grid, grid))
+                tensor = torch.cat([tensor[:, :1], patch_pos], dim=1)
+            if name.startswith("head.") and not keep_head:
+                continue
+            if name not in ours or ours[name].shape != tensor.shape:
+                unplaced.append(f"{name} {tuple(tensor.shape)}")
+                continue
+            state[name] = tensor
+            block_attention = re.fullmatch(r"(blocks\.\d+\.)(norm1|attn)(\..+)", name)
+            if block_attention:  # blocks.i.attn.qkv.weight -> also blocks.i.temporal_attn.qkv.weight, ...
+                prefix, module, rest = block_attention.groups()
+                for extra in EXTRA_ATTENTIONS[config.attention_type]:
+                    state[f"{prefix}{extra}_{module}{rest}"] = tensor
+
+        if unplaced:
+            log.warning("%s: %d tensor(s) have no place in a %s TimeSformer and were ignored: %s", path,
+                        len(unplaced), config.attention_type, ", ".join(unplaced))
+        starts_fresh = re.compile(r"time_embed|blocks\.\d+\.\w+_fc\..+|head\..+")  # zero or new, by design
+        missing = [k for k in ours if k not in state and not starts_fresh.fullmatch(k)]
+        if missing:
+            raise RuntimeError(
+                f"{path}: the image ViT does not provide {len(missing)} tensor(s) of this {config.attention_type} "
+                f"TimeSformer: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}"
+                + (f" (ignored from the file: {', '.join(unplaced[:10])})" if unplaced else "")
+            )
+        model.load_state_dict(state, strict=False)
         return model
 
     def save_pretrained(self, folder: str | Path) -> None:

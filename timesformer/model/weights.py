@@ -170,7 +170,11 @@ def infer_config_from_state(state: dict[str, torch.Tensor], **overrides: Any) ->
     dim = state["cls_token"].shape[-1]
     patch = state["patch_embed.proj.weight"].shape[-1]
     grid = int(round((state["pos_embed"].shape[1] - 1) ** 0.5))
-    if "blocks.0.temporal_attn.qkv.weight" in state:
+    if "blocks.0.width_attn.qkv.weight" in state:
+        attention_type = "axial"
+    elif "blocks.0.local_attn.qkv.weight" in state:
+        attention_type = "sparse_local_global"
+    elif "blocks.0.temporal_attn.qkv.weight" in state:
         attention_type = "divided_space_time"
     elif "time_embed" in state:
         attention_type = "joint_space_time"
@@ -186,12 +190,39 @@ def infer_config_from_state(state: dict[str, torch.Tensor], **overrides: Any) ->
         intermediate_size=state["blocks.0.mlp.fc1.weight"].shape[0],
         qkv_bias="blocks.0.attn.qkv.bias" in state,
         attention_type=attention_type,
-        num_classes=state["head.weight"].shape[0],
     )
+    if "head.weight" in state:  # an image ViT saved without its classifier has none
+        values["num_classes"] = state["head.weight"].shape[0]
     if "time_embed" in state:
         values["num_frames"] = state["time_embed"].shape[1]
     values.update(overrides)
     return TimeSformerConfig(**values)
+
+
+def read_image_vit(path: Path) -> dict[str, torch.Tensor]:
+    """An image ViT state dict in timm's ``VisionTransformer`` names from a .pth/.bin/.safetensors file.
+
+    Accepts a bare state dict or one wrapped as ``{"model": ...}`` (DeiT, MAE) or ``{"state_dict": ...}``.
+    Loaded with ``weights_only=True``: tensors and plain containers only, no arbitrary pickles.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image ViT state dict {path} does not exist")
+    state = _read_tensors(path)
+    for wrapper in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+            break
+    if not isinstance(state, dict) or "cls_token" not in state or "pos_embed" not in state:
+        raise ValueError(f"{path}: not an image ViT state dict in timm's names (no cls_token / pos_embed)")
+    positions = state["pos_embed"].shape[1]
+    grid = int(round((positions - 1) ** 0.5))
+    if grid * grid + 1 != positions:
+        raise ValueError(
+            f"{path}: pos_embed has {positions} positions, expected 1 (class token) + a square grid; ViTs without "
+            f"a class-token position (timm's no_embed_class) or with register tokens are not supported"
+        )
+    return state
 
 
 def read_checkpoint(path: Path, **overrides: Any) -> tuple[TimeSformerConfig, dict[str, torch.Tensor]]:
