@@ -7,9 +7,12 @@ are kept and how the optimizer and learning-rate schedule are built.
 from __future__ import annotations
 
 import math
+import random
+from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,25 +25,43 @@ OPTIMIZERS = ("adamw", "sgd")
 SCHEDULERS = ("cosine", "multistep", "constant")
 
 
+def _layer_id(param_name: str, num_layers: int) -> int:
+    """0 for the embeddings, i + 1 for block i, num_layers + 1 for the final norm and the head."""
+    if param_name.startswith(("cls_token", "pos_embed", "time_embed", "patch_embed")):
+        return 0
+    if param_name.startswith("blocks."):
+        return int(param_name.split(".")[1]) + 1
+    return num_layers + 1
+
+
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float = 0.9,
                     nesterov: bool = True, betas: tuple[float, float] = (0.9, 0.999),
-                    decay_norm_bias_embed: bool = False) -> torch.optim.Optimizer:
-    """AdamW or SGD; by default biases, norms and the cls/position/time embeddings get no weight decay."""
+                    decay_norm_bias_embed: bool = False, layer_decay: float | None = None) -> torch.optim.Optimizer:
+    """AdamW or SGD over parameter groups.
+
+    ``decay_norm_bias_embed=False`` exempts biases, norms and the cls/position/time embeddings from weight
+    decay (mmaction2's recipe; the original decays everything). ``layer_decay`` (e.g. 0.75) scales block i's
+    learning rate by ``layer_decay ** (num_layers + 1 - layer)``: layer-wise decay for fine-tuning (BEiT/MAE).
+    """
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer.name={name!r} is not supported; valid values: {', '.join(OPTIMIZERS)}")
-    decay, no_decay = [], []
+    num_layers = len(getattr(model, "blocks", []))
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for param_name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         is_embedding = param_name.split(".")[-1] in ("cls_token", "pos_embed", "time_embed")
-        if not decay_norm_bias_embed and (param.ndim <= 1 or is_embedding):
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decays = decay_norm_bias_embed or not (param.ndim <= 1 or is_embedding)
+        layer = _layer_id(param_name, num_layers) if layer_decay else 0
+        group = groups.setdefault((layer, decays), {
+            "params": [], "weight_decay": weight_decay if decays else 0.0,
+            "lr": lr * (layer_decay ** (num_layers + 1 - layer) if layer_decay else 1.0),
+        })
+        group["params"].append(param)
+    param_groups = list(groups.values())
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
-    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
+        return torch.optim.AdamW(param_groups, lr=lr, betas=tuple(betas))
+    return torch.optim.SGD(param_groups, lr=lr, momentum=momentum, nesterov=nesterov)
 
 
 def lr_multiplier(step: int, name: str, total_steps: int, warmup_steps: int = 0, min_lr_ratio: float = 0.0,
@@ -71,12 +92,16 @@ class VideoClassifier(L.LightningModule):
         scheduler: ``lr_multiplier`` settings: ``name``, ``warmup_epochs`` (may be fractional), ``min_lr_ratio``,
             ``milestones``, ``gamma``. Stepped every optimizer step.
         label_smoothing: cross-entropy label smoothing.
+        nonfinite_loss: "error": a NaN/inf loss saves ``nonfinite-step<N>.ckpt`` beside the other checkpoints and
+            stops with an error naming the step; "skip": the batch is skipped (counted in ``train/skipped_batches``).
+        compile: run the model through ``torch.compile`` (the state dict keeps its plain names).
         run_config: the resolved run configuration, saved in checkpoints (``evaluate.py`` rebuilds the data
             from it) and sent to the loggers as hyper-parameters.
     """
 
     def __init__(self, model: TimeSformer, optimizer: dict[str, Any], scheduler: dict[str, Any],
-                 label_smoothing: float = 0.0, run_config: dict[str, Any] | None = None) -> None:
+                 label_smoothing: float = 0.0, nonfinite_loss: str = "error", compile: bool = False,
+                 run_config: dict[str, Any] | None = None) -> None:
         super().__init__()
         # The architecture is saved by on_save_checkpoint (timesformer_config); the weights by Lightning.
         self.save_hyperparameters(ignore=["model"])
@@ -88,6 +113,11 @@ class VideoClassifier(L.LightningModule):
         if scheduler.get("name") not in SCHEDULERS:
             raise ValueError(f"scheduler.name={scheduler.get('name')!r} is not supported; "
                              f"valid values: {', '.join(SCHEDULERS)}")
+        if nonfinite_loss not in ("error", "skip"):
+            raise ValueError(f"nonfinite_loss={nonfinite_loss!r} is not supported; valid values: error, skip")
+        # Kept out of the module tree so that checkpoints hold the plain model's names.
+        self._compiled = [torch.compile(model)] if compile else []
+        self.skipped_batches = 0
         num_classes = model.config.num_classes
         top_k = min(5, num_classes)
 
@@ -109,16 +139,34 @@ class VideoClassifier(L.LightningModule):
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
         """(B, T, C, H, W) -> logits (B, num_classes)."""
-        return self.model(video)
+        return self._compiled[0](video) if self._compiled else self.model(video)
 
     # -- steps ---------------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         logits = self(batch["video"])
         loss = F.cross_entropy(logits, batch["label"], label_smoothing=self.hparams.label_smoothing)
+        # One host sync per step: the price of never training on (or saving) NaN weights.
+        if not torch.isfinite(loss):
+            return self._on_nonfinite_loss(loss)
         self.train_metrics.update(logits.detach(), batch["label"])
         self.log("train/loss", loss, prog_bar=True, batch_size=len(logits))
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=len(logits))
         return loss
+
+    def _on_nonfinite_loss(self, loss: torch.Tensor) -> None:
+        step = self.trainer.global_step
+        if self.hparams.nonfinite_loss == "skip":
+            self.skipped_batches += 1
+            self.log("train/skipped_batches", float(self.skipped_batches), reduce_fx="max")
+            return None  # Lightning skips backward and the optimizer step
+        # The weights are still finite (this step's update has not happened): keep them for inspection.
+        checkpoint_dir = Path(self.trainer.default_root_dir) / "checkpoints"
+        checkpoint = checkpoint_dir / f"nonfinite-step{step}.ckpt"
+        self.trainer.save_checkpoint(checkpoint)
+        raise FloatingPointError(
+            f"non-finite training loss ({loss.item()}) at global step {step}; the weights before this step are in "
+            f"{checkpoint}. Lower the learning rate, check the data, or set module.nonfinite_loss=skip"
+        )
 
     def _eval_step(self, batch: dict[str, torch.Tensor], metrics: MetricCollection, loss_metric: MeanMetric,
                    prefix: str) -> None:
@@ -155,3 +203,27 @@ class VideoClassifier(L.LightningModule):
     # -- checkpoints carry the architecture so that from_pretrained/evaluate.py need nothing else ------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["timesformer_config"] = self.model.config.to_dict()
+        # Lightning does not restore the global RNGs; with them a resumed run draws the same shuffles,
+        # augmentations and drop-path masks as an uninterrupted one.
+        # (numpy's state as plain types and a tensor, so the checkpoint still loads with weights_only=True)
+        algorithm, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+        numpy_state = (algorithm, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss),
+                       float(cached_gaussian))
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
+        if torch.cuda.is_available():
+            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Applied in on_train_start: the sanity-check validation that runs in between draws from the RNGs.
+        self._rng_states_to_restore = checkpoint.get("rng_states")
+
+    def on_train_start(self) -> None:
+        states, self._rng_states_to_restore = getattr(self, "_rng_states_to_restore", None), None
+        if not states:
+            return
+        torch.set_rng_state(states["torch"])
+        algorithm, keys, position, has_gauss, cached_gaussian = states["numpy"]
+        np.random.set_state((algorithm, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
+        random.setstate(states["python"])
+        if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states["cuda"])

@@ -5,6 +5,7 @@ Kept out of the entry points so that tests and notebooks can call ``train(cfg)``
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -14,8 +15,10 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from timesformer.callbacks import PreemptedError
 from timesformer.model import TimeSformer, TimeSformerConfig
 from timesformer.module import VideoClassifier
 
@@ -23,6 +26,17 @@ log = logging.getLogger(__name__)
 
 # ${scale:${model.image_size},1.25} -> int: data configs size their resize ranges from the crop size.
 OmegaConf.register_new_resolver("scale", lambda value, factor: int(round(float(value) * float(factor))), replace=True)
+
+
+def run_name(resume: str | None, overrides: str, timestamp: str) -> str:
+    """The run dir's name: a timestamp, or with resume=auto one derived from the command line alone, so
+    that the same command, restarted (a requeued SLURM job), finds its own run dir and continues."""
+    if resume == "auto":
+        return "auto-" + hashlib.sha1(overrides.encode()).hexdigest()[:12]
+    return timestamp
+
+
+OmegaConf.register_new_resolver("run_name", run_name, replace=True)
 
 # Model config keys that are not TimeSformerConfig fields.
 _WEIGHT_SOURCES = ("pretrained", "init_from")
@@ -88,11 +102,65 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float, torch.Tensor))}
 
 
+def _loadable(path: Path) -> bool:
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as error:  # truncated or half-written: any unpickling error
+        log.warning("resume=auto: skipping %s, which cannot be read (%s)", path, type(error).__name__)
+        return False
+    return isinstance(checkpoint, dict) and "state_dict" in checkpoint and "loops" in checkpoint
+
+
+def find_resume_checkpoint(output_dir: Path) -> Path | None:
+    """The newest readable full checkpoint of the run in ``output_dir`` (None for a fresh run).
+
+    Candidates are ``checkpoints/*.ckpt`` and Lightning's SLURM ``hpc_ckpt_*.ckpt``, newest first by
+    modification time; a file that cannot be loaded (killed mid-write) is skipped with a warning.
+    """
+    candidates = [*(output_dir / "checkpoints").glob("*.ckpt"), *output_dir.glob("hpc_ckpt_*.ckpt")]
+    candidates = [c for c in candidates if not c.name.startswith("nonfinite-")]
+    for path in sorted(candidates, key=lambda c: c.stat().st_mtime, reverse=True):
+        if _loadable(path):
+            return path
+    return None
+
+
+def _resolve_ckpt_path(cfg: DictConfig, output_dir: Path) -> str | None:
+    resume, ckpt_path = cfg.get("resume"), cfg.get("ckpt_path")
+    if resume not in (None, "auto"):
+        raise ValueError(f"resume={resume!r} is not supported; valid values: auto, null (or set ckpt_path=PATH)")
+    if ckpt_path:
+        if not Path(ckpt_path).is_file():
+            raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file")
+        return str(ckpt_path)
+    if resume == "auto":
+        found = find_resume_checkpoint(output_dir)
+        log.info("resume=auto: %s", f"continuing from {found}" if found else f"no checkpoint in {output_dir}, "
+                 "starting a new run")
+        return str(found) if found else None
+    return None
+
+
+def _apply_global_batch_size(trainer: L.Trainer, global_batch_size: int | None, batch_size: int) -> None:
+    """Derive gradient accumulation from the target global batch (the original code hides it)."""
+    per_step = batch_size * trainer.world_size
+    if global_batch_size:
+        if global_batch_size % per_step:
+            raise ValueError(
+                f"global_batch_size={global_batch_size} is not a multiple of data.batch_size={batch_size} x "
+                f"{trainer.world_size} processes = {per_step}; change one of them")
+        trainer.accumulate_grad_batches = global_batch_size // per_step
+    log.info("Global batch %d = %d per device x %d processes x %d accumulation steps",
+             per_step * trainer.accumulate_grad_batches, batch_size, trainer.world_size,
+             trainer.accumulate_grad_batches)
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, test the best checkpoint, write ``metrics.json`` in the run dir; return the final metrics."""
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = _resolve_ckpt_path(cfg, output_dir)
 
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data, _convert_="all")
     datamodule.prepare_data()  # generated data is written here, before the model needs the class list
@@ -101,7 +169,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         model,
         optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
         scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
-        label_smoothing=cfg.get("label_smoothing", 0.0),
+        **OmegaConf.to_container(cfg.get("module") or {}, resolve=True),
         run_config=OmegaConf.to_container(cfg, resolve=True),
     )
     log.info("TimeSformer (%s): %.2fM parameters, %d classes", model.config.attention_type,
@@ -111,7 +179,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     loggers = _instantiate_all(cfg.get("logger"))
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=_instantiate_all(cfg.get("callbacks")),
                                                  logger=loggers or False)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    _apply_global_batch_size(trainer, cfg.get("global_batch_size"), cfg.data.batch_size)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except (PreemptedError, SIGTERMException) as preempted:
+        log.warning("Training stopped by %s; the run continues with resume=auto", type(preempted).__name__)
+        return {"preempted": 1.0}
     metrics = _scalars(trainer.callback_metrics)
 
     if cfg.get("test") and not trainer.fast_dev_run:

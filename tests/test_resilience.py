@@ -1,0 +1,166 @@
+"""Training at scale without lost work: DDP, global batch, resume, preemption, non-finite losses."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from tests.conftest import ROOT, TINY_DATA, compose_config
+from timesformer import TimeSformer, TimeSformerConfig
+from timesformer.module import VideoClassifier
+from timesformer.pipeline import _apply_global_batch_size, find_resume_checkpoint, run_name
+
+
+def run_train(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def base_args(synthetic_root, run_dir) -> list[str]:
+    return ["experiment=demo", f"data.source.root={synthetic_root}", *TINY_DATA, "trainer.enable_progress_bar=false",
+            "test=false", f"hydra.run.dir={run_dir}"]
+
+
+def final_weights(run_dir) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+
+
+@pytest.mark.slow
+def test_ddp_cpu_two_processes_agree_and_validate_on_every_video(synthetic_root, tmp_path):
+    run_dir = tmp_path / "ddp"
+    result = run_train(*base_args(synthetic_root, run_dir), "trainer=ddp_cpu", "trainer.max_epochs=2",
+                       "+callbacks.dump._target_=tests.callbacks.DumpWeights", f"+callbacks.dump.dirpath={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0 = torch.load(run_dir / "weights_rank0.pt")
+    rank1 = torch.load(run_dir / "weights_rank1.pt")
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+    # Validation accuracy synced over both ranks equals a single-process pass over the whole split.
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    evaluation = subprocess.run(
+        [sys.executable, "evaluate.py", f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}", "trainer=cpu",
+         "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path / 'eval'}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert report["metrics"]["test/acc"] == pytest.approx(metrics["val/acc"])
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(synthetic_root, tmp_path):
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    result = run_train(*base_args(synthetic_root, straight), "trainer.max_epochs=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    killed = run_train(*base_args(synthetic_root, interrupted), "trainer.max_epochs=2", "resume=auto",
+                       "+callbacks.kill._target_=tests.callbacks.KillAtEpoch", "+callbacks.kill.epoch=1")
+    assert killed.returncode == -signal.SIGKILL
+    resumed = run_train(*base_args(synthetic_root, interrupted), "trainer.max_epochs=2", "resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "continuing from" in resumed.stdout + resumed.stderr
+
+    expected, actual = final_weights(straight), final_weights(interrupted)
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0, msg=name)
+    straight_metrics = json.loads((straight / "metrics.json").read_text())
+    resumed_metrics = json.loads((interrupted / "metrics.json").read_text())
+    assert resumed_metrics["val/acc"] == straight_metrics["val/acc"]
+
+
+@pytest.mark.slow
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly(synthetic_root, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_train(*base_args(synthetic_root, run_dir), "trainer.max_epochs=3", "resume=auto",
+                       "+callbacks.term._target_=tests.callbacks.SignalAtStep", "+callbacks.term.step=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "SIGTERM received: checkpoint written" in result.stdout + result.stderr
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == 2
+    resumed = run_train(*base_args(synthetic_root, run_dir), "trainer.max_epochs=3", "resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "continuing from" in resumed.stdout + resumed.stderr
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 2
+
+
+def test_resume_auto_skips_a_truncated_checkpoint(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    good = checkpoints / "last.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(3)}, "loops": {}, "global_step": 5}, good)
+    newer = checkpoints / "latest-step.ckpt"
+    newer.write_bytes(good.read_bytes()[:40])  # killed mid-write
+    os.utime(good, (1, 1))  # the truncated file is the newest
+    assert find_resume_checkpoint(tmp_path) == good
+    good.unlink()
+    assert find_resume_checkpoint(tmp_path) is None
+
+
+def test_resume_auto_run_dir_depends_only_on_the_command(tmp_path):
+    assert run_name("auto", "a=1,b=2", "2026-01-01") == run_name("auto", "a=1,b=2", "2027-05-05")
+    assert run_name("auto", "a=1,b=2", "t") != run_name("auto", "a=1,b=3", "t")
+    assert run_name(None, "a=1", "2026-01-01_00-00-00") == "2026-01-01_00-00-00"
+
+
+def test_global_batch_size_sets_gradient_accumulation():
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    _apply_global_batch_size(trainer, 64, batch_size=8)
+    assert trainer.accumulate_grad_batches == 8
+    with pytest.raises(ValueError, match="global_batch_size=60 is not a multiple of data.batch_size=8"):
+        _apply_global_batch_size(trainer, 60, batch_size=8)
+
+
+def _nan_loader(drop_poisoned: bool = False):
+    torch.manual_seed(0)
+    videos = torch.randn(4, 4, 3, 32, 32)
+    videos[2] = float("nan")  # the third batch is poisoned
+    samples = [{"video": v, "label": i % 2, "index": i} for i, v in enumerate(videos)]
+    return DataLoader([s for s in samples if not (drop_poisoned and s["index"] == 2)], batch_size=1)
+
+
+def _tiny_classifier(**kwargs) -> VideoClassifier:
+    torch.manual_seed(1)
+    config = TimeSformerConfig(image_size=32, patch_size=8, num_frames=4, hidden_size=32, num_hidden_layers=1,
+                               num_attention_heads=2, intermediate_size=64, num_classes=2)
+    return VideoClassifier(TimeSformer(config), optimizer={"name": "sgd", "lr": 0.01, "weight_decay": 0.0},
+                           scheduler={"name": "constant"}, **kwargs)
+
+
+def test_nonfinite_loss_saves_a_checkpoint_and_names_the_step(tmp_path):
+    module = _tiny_classifier()
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, default_root_dir=tmp_path, logger=False,
+                        enable_progress_bar=False, enable_checkpointing=False)
+    with pytest.raises(FloatingPointError, match="at global step 2"):
+        trainer.fit(module, train_dataloaders=_nan_loader())
+    saved = torch.load(tmp_path / "checkpoints" / "nonfinite-step2.ckpt", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in saved["state_dict"].values())
+
+
+def test_nonfinite_loss_can_skip_the_batch(tmp_path):
+    module = _tiny_classifier(nonfinite_loss="skip")
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, default_root_dir=tmp_path, logger=False,
+                        enable_progress_bar=False, enable_checkpointing=False)
+    trainer.fit(module, train_dataloaders=_nan_loader())
+    assert module.skipped_batches == 1
+    # The same as training without the poisoned batch: it left no trace (weights, momentum).
+    reference = _tiny_classifier()
+    L.Trainer(accelerator="cpu", max_epochs=1, default_root_dir=tmp_path / "ref", logger=False,
+              enable_progress_bar=False, enable_checkpointing=False).fit(reference, _nan_loader(drop_poisoned=True))
+    for (name, param), expected in zip(module.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(param, expected, msg=name)
+
+
+def test_every_experiment_composes(tmp_path):
+    for experiment in ("demo", "k400_paper", "k400_adamw"):
+        cfg = compose_config("train", [f"experiment={experiment}"], tmp_path)
+        assert cfg.model.num_frames == cfg.data.num_frames
+    paper = compose_config("train", ["experiment=k400_paper"], tmp_path)
+    assert (paper.optimizer.name, paper.optimizer.lr, paper.optimizer.nesterov) == ("sgd", 0.005, True)
+    assert paper.global_batch_size == 64 and paper.trainer.max_epochs == 15
