@@ -51,7 +51,8 @@ def test_ddp_cpu_two_processes_agree_and_validate_on_every_video(synthetic_root,
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert evaluation.returncode == 0, evaluation.stderr[-3000:]
     report = json.loads((tmp_path / "eval" / "eval.json").read_text())
-    assert report["metrics"]["test/acc"] == pytest.approx(metrics["val/acc"])
+    assert report["clip"]["top1"] == pytest.approx(metrics["val/acc"])
+    assert report["video"]["top1"] == pytest.approx(metrics["val/video_acc"])
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """train.py and evaluate.py end to end on a tiny generated dataset."""
 
+import csv
 import json
 import os
 import subprocess
@@ -55,8 +56,19 @@ def test_train_then_evaluate_the_checkpoint(synthetic_root, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((eval_dir / "eval.json").read_text())
     # The same weights on the same (deterministic) test clips give the same accuracy as train.py's test.
-    assert report["metrics"]["test/acc"] == pytest.approx(metrics["test/acc"])
-    assert report["num_videos"] == 8
+    assert report["clip"]["top1"] == pytest.approx(metrics["test/acc"])
+    assert report["video"]["top1"] == pytest.approx(metrics["test/video_acc"])
+    assert report["videos_total"] == report["videos_evaluated"] == 8 and report["failed_videos"] == []
+    # predictions.csv agrees with eval.json
+    with open(eval_dir / "predictions.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert len(rows) == 8
+    assert sum(row["pred_1"] == row["true_label"] for row in rows) / 8 == pytest.approx(report["video"]["top1"])
+    with open(eval_dir / "per_class.csv") as file:
+        per_class = list(csv.DictReader(file))
+    assert [row["class"] for row in per_class] == report["class_names"]
+    assert sum(int(row["videos"]) for row in per_class) == 8
+    assert (eval_dir / "confusion_matrix.png").stat().st_size > 1000
 
 
 def test_invalid_attention_type_names_the_valid_choices(synthetic_root, tmp_path):

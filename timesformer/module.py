@@ -19,6 +19,7 @@ from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from timesformer.evaluation import VideoResults, ViewAggregator
 from timesformer.model import TimeSformer
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -95,13 +96,15 @@ class VideoClassifier(L.LightningModule):
         nonfinite_loss: "error": a NaN/inf loss saves ``nonfinite-step<N>.ckpt`` beside the other checkpoints and
             stops with an error naming the step; "skip": the batch is skipped (counted in ``train/skipped_batches``).
         compile: run the model through ``torch.compile`` (the state dict keeps its plain names).
+        view_aggregation: how evaluation views of one video are combined: "softmax" (mean of probabilities,
+            mmaction2) or "logits" (mean of logits; the original sums them, which ranks the same).
         run_config: the resolved run configuration, saved in checkpoints (``evaluate.py`` rebuilds the data
             from it) and sent to the loggers as hyper-parameters.
     """
 
     def __init__(self, model: TimeSformer, optimizer: dict[str, Any], scheduler: dict[str, Any],
                  label_smoothing: float = 0.0, nonfinite_loss: str = "error", compile: bool = False,
-                 run_config: dict[str, Any] | None = None) -> None:
+                 view_aggregation: str = "softmax", run_config: dict[str, Any] | None = None) -> None:
         super().__init__()
         # The architecture is saved by on_save_checkpoint (timesformer_config); the weights by Lightning.
         self.save_hyperparameters(ignore=["model"])
@@ -132,6 +135,9 @@ class VideoClassifier(L.LightningModule):
         self.val_metrics = accuracy_metrics("val/")
         self.test_metrics = accuracy_metrics("test/")
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
+        # Video-level accuracy: views of a video aggregated, every video once across ranks.
+        self.val_videos, self.test_videos = ViewAggregator(view_aggregation), ViewAggregator(view_aggregation)
+        self.test_results: VideoResults | None = None
 
     @property
     def class_names(self) -> list[str] | None:
@@ -169,18 +175,41 @@ class VideoClassifier(L.LightningModule):
         )
 
     def _eval_step(self, batch: dict[str, torch.Tensor], metrics: MetricCollection, loss_metric: MeanMetric,
-                   prefix: str) -> None:
+                   videos: ViewAggregator, prefix: str) -> None:
+        """Clip-level loss/accuracy (each view on its own) and the views kept for video-level accuracy."""
         logits = self(batch["video"])
-        loss_metric.update(F.cross_entropy(logits, batch["label"]), weight=len(logits))
-        metrics.update(logits, batch["label"])
+        videos.update(logits, batch["label"], batch["index"], batch.get("view"), batch.get("valid"))
+        valid = batch.get("valid")
+        if valid is not None:  # views that failed to decode are reported by the video-level results
+            logits, labels = logits[valid.bool()], batch["label"][valid.bool()]
+        else:
+            labels = batch["label"]
+        if len(logits):
+            loss_metric.update(F.cross_entropy(logits, labels), weight=len(logits))
+            metrics.update(logits, labels)
         self.log(f"{prefix}/loss", loss_metric, on_step=False, on_epoch=True, batch_size=len(logits))
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=prefix == "val", batch_size=len(logits))
 
+    def _log_video_metrics(self, videos: ViewAggregator, prefix: str) -> VideoResults:
+        results = videos.compute()  # gathers from every rank: the same numbers everywhere
+        videos.reset()
+        metrics = results.metrics(self.model.config.num_classes)
+        self.log(f"{prefix}/video_acc", metrics["top1"], sync_dist=False)
+        self.log(f"{prefix}/video_acc_top5", metrics["top5"], sync_dist=False)
+        self.log(f"{prefix}/video_mean_class_acc", metrics["mean_class_accuracy"], sync_dist=False)
+        return results
+
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, self.val_metrics, self.val_loss, "val")
+        self._eval_step(batch, self.val_metrics, self.val_loss, self.val_videos, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_video_metrics(self.val_videos, "val")
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, self.test_metrics, self.test_loss, "test")
+        self._eval_step(batch, self.test_metrics, self.test_loss, self.test_videos, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self.test_results = self._log_video_metrics(self.test_videos, "test")
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         return {"probabilities": self(batch["video"]).softmax(-1), "index": batch["index"]}

@@ -19,6 +19,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from timesformer.callbacks import PreemptedError
+from timesformer.evaluation import write_report_files
 from timesformer.model import TimeSformer, TimeSformerConfig
 from timesformer.module import VideoClassifier
 
@@ -231,13 +232,38 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     datamodule: L.LightningDataModule = hydra.utils.instantiate(saved.data, _convert_="all")
     datamodule.prepare_data()
     model = TimeSformer.from_pretrained(cfg.ckpt)
+    module_settings = {k: v for k, v in OmegaConf.to_container(saved.get("module") or {}).items()
+                       if k in ("view_aggregation",)}
     module = VideoClassifier(model, optimizer=OmegaConf.to_container(saved.optimizer),
-                             scheduler=OmegaConf.to_container(saved.scheduler))
+                             scheduler=OmegaConf.to_container(saved.scheduler), **module_settings)
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=False)
-    results = _scalars(trainer.test(module, datamodule=datamodule)[0])
-    report = {"checkpoint": str(Path(cfg.ckpt).resolve()), "metrics": results,
-              "num_videos": len(datamodule.test_dataloader().dataset),
-              "class_names": model.config.class_names}
+    clip_metrics = _scalars(trainer.test(module, datamodule=datamodule)[0])
+    if not trainer.is_global_zero:
+        return clip_metrics
+    results = module.test_results
+    entries = datamodule.test_dataloader().dataset.entries
+    class_names = model.config.class_names or [str(c) for c in range(model.config.num_classes)]
+    video_metrics = results.metrics(len(class_names))
+    report = {
+        "checkpoint": str(Path(cfg.ckpt).resolve()),
+        "clip": {"top1": clip_metrics.get("test/acc"), "top5": clip_metrics.get("test/acc_top5"),
+                 "loss": clip_metrics.get("test/loss")},
+        "video": video_metrics,
+        "views": {key: saved.data.get(key) for key in ("test_temporal_clips", "test_spatial_crops")
+                  if key in saved.data} or {"test_temporal_clips": 1, "test_spatial_crops": 1},
+        "view_aggregation": module.test_videos.aggregation,
+        "videos_total": len(entries),
+        "videos_evaluated": len(results.indices),
+        "failed_videos": [entries[i][0] for i in results.failed],
+        "class_names": class_names,
+    }
     (output_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
-    _print_summary(f"Evaluation of {cfg.ckpt}", results)
-    return results
+    write_report_files(output_dir, results, entries, class_names)
+    if results.failed:
+        log.warning("%d of %d videos could not be decoded and were not evaluated; see eval.json",
+                    len(results.failed), len(entries))
+    _print_summary(f"Evaluation of {cfg.ckpt}: {len(results.indices)}/{len(entries)} videos", {
+        "clip top-1": report["clip"]["top1"], "clip top-5": report["clip"]["top5"],
+        "video top-1": video_metrics["top1"], "video top-5": video_metrics["top5"],
+        "video mean class accuracy": video_metrics["mean_class_accuracy"]})
+    return {**clip_metrics, **{f"video/{k}": v for k, v in video_metrics.items()}}

@@ -1,0 +1,46 @@
+"""Video-level aggregation of evaluation views."""
+
+import pytest
+import torch
+
+from timesformer.evaluation import ViewAggregator
+
+
+def test_views_are_averaged_per_video_and_repeats_count_once():
+    aggregator = ViewAggregator("softmax")
+    # video 0: two views that disagree; the confident one wins after averaging probabilities
+    logits = torch.tensor([[4.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 3.0]])
+    aggregator.update(logits, labels=torch.tensor([0, 0, 2]), indices=torch.tensor([0, 0, 1]),
+                      views=torch.tensor([0, 1, 0]))
+    # DDP's sampler repeats a sample to even out the ranks: it must not count twice
+    aggregator.update(torch.tensor([[0.0, 9.0, 0.0]]), labels=torch.tensor([0]), indices=torch.tensor([0]),
+                      views=torch.tensor([1]))
+    results = aggregator.compute()
+    assert results.indices.tolist() == [0, 1] and results.num_views.tolist() == [2, 1]
+    expected = (logits[0].softmax(0) + logits[1].softmax(0)) / 2
+    torch.testing.assert_close(results.scores[0], expected)
+    assert results.metrics(3)["top1"] == 1.0
+
+
+def test_failed_views_are_excluded_and_failed_videos_listed():
+    aggregator = ViewAggregator("logits")
+    aggregator.update(torch.tensor([[1.0, 0.0], [0.0, 1.0], [5.0, 0.0]]), labels=torch.tensor([1, 1, 0]),
+                      indices=torch.tensor([0, 0, 1]), views=torch.tensor([0, 1, 0]),
+                      valid=torch.tensor([False, True, False]))
+    results = aggregator.compute()
+    assert results.indices.tolist() == [0] and results.failed == [1]
+    torch.testing.assert_close(results.scores[0], torch.tensor([0.0, 1.0]))
+
+
+def test_mean_class_accuracy_weights_classes_equally():
+    aggregator = ViewAggregator()
+    # class 0: 3 videos all right; class 1: 1 video wrong -> top1 0.75, mean class accuracy 0.5
+    logits = torch.tensor([[2.0, 0.0]] * 4)
+    aggregator.update(logits, labels=torch.tensor([0, 0, 0, 1]), indices=torch.arange(4))
+    metrics = aggregator.compute().metrics(2)
+    assert metrics["top1"] == pytest.approx(0.75) and metrics["mean_class_accuracy"] == pytest.approx(0.5)
+
+
+def test_unknown_aggregation_names_the_choices():
+    with pytest.raises(ValueError, match="softmax, logits"):
+        ViewAggregator("max")

@@ -1,0 +1,173 @@
+"""Video-level evaluation: several views per video aggregated into one prediction, each video counted once.
+
+A dataset yields views (temporal clips x spatial crops) of its videos; every sample carries the video's
+``index`` in its split and, with several views, the ``view`` number. DDP's sampler pads the last batch with
+repeated samples and spreads a video's views over ranks, so scores are gathered from every rank and de-duplicated
+by (index, view) before they are averaged per video.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+AGGREGATIONS = ("softmax", "logits")
+
+
+@dataclass
+class VideoResults:
+    """One row per evaluated video: its index in the split, label, aggregated scores (V, C) and view count."""
+
+    indices: torch.Tensor  # (V,) int64
+    labels: torch.Tensor  # (V,) int64
+    scores: torch.Tensor  # (V, C) float32: mean softmax or mean logits over the video's views
+    num_views: torch.Tensor  # (V,) int64
+    failed: list[int]  # indices of videos none of whose views could be decoded
+
+    def metrics(self, num_classes: int) -> dict[str, float]:
+        """Top-1/top-5 and mean per-class accuracy over the evaluated videos."""
+        if len(self.indices) == 0:
+            return {"top1": float("nan"), "top5": float("nan"), "mean_class_accuracy": float("nan")}
+        top_k = min(5, num_classes)
+        ranked = self.scores.topk(top_k, dim=1).indices  # (V, k)
+        top1 = (ranked[:, 0] == self.labels).float()
+        top5 = (ranked == self.labels[:, None]).any(dim=1).float()
+        per_class = [top1[self.labels == c].mean() for c in range(num_classes) if (self.labels == c).any()]
+        return {"top1": top1.mean().item(), "top5": top5.mean().item(),
+                "mean_class_accuracy": torch.stack(per_class).mean().item()}
+
+    def confusion_matrix(self, num_classes: int) -> torch.Tensor:
+        """(C, C) counts, rows = true class, columns = predicted class."""
+        matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+        matrix.index_put_((self.labels, self.scores.argmax(dim=1)), torch.ones_like(self.labels), accumulate=True)
+        return matrix
+
+
+class ViewAggregator:
+    """Collects per-view scores during an evaluation epoch; ``compute()`` returns one row per video."""
+
+    def __init__(self, aggregation: str = "softmax") -> None:
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(f"view aggregation {aggregation!r} is not supported; valid values: "
+                             f"{', '.join(AGGREGATIONS)}")
+        self.aggregation = aggregation
+        self.reset()
+
+    def reset(self) -> None:
+        self._parts: list[tuple[torch.Tensor, ...]] = []
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor,
+               views: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> None:
+        """logits (B, C); labels, indices, views (B,) int; valid (B,) bool (False: the view failed to decode)."""
+        scores = logits.float().softmax(dim=-1) if self.aggregation == "softmax" else logits.float()
+        views = torch.zeros_like(indices) if views is None else views
+        valid = torch.ones_like(indices, dtype=torch.bool) if valid is None else valid.bool()
+        self._parts.append(tuple(t.detach().cpu() for t in (scores, labels, indices, views, valid)))
+
+    def _gathered(self) -> list[tuple[torch.Tensor, ...]]:
+        if not self._parts:
+            return []
+        local = tuple(torch.cat(column) for column in zip(*self._parts, strict=True))
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return [local]
+        everyone: list[tuple[torch.Tensor, ...] | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, local)
+        return [part for part in everyone if part is not None]
+
+    def compute(self) -> VideoResults:
+        """Aggregate every rank's views (call it on every rank: it gathers); each (video, view) counts once."""
+        seen: set[tuple[int, int]] = set()
+        sums: dict[int, torch.Tensor] = {}
+        counts: dict[int, int] = defaultdict(int)
+        labels: dict[int, int] = {}
+        for scores, part_labels, indices, views, valid in self._gathered():
+            for row in range(len(indices)):
+                key = (int(indices[row]), int(views[row]))
+                if key in seen:  # a sample DDP's sampler repeated to even out the ranks
+                    continue
+                seen.add(key)
+                video = key[0]
+                labels[video] = int(part_labels[row])
+                counts.setdefault(video, 0)
+                if valid[row]:
+                    sums[video] = sums[video] + scores[row] if video in sums else scores[row].clone()
+                    counts[video] += 1
+        evaluated = sorted(video for video in counts if counts[video] > 0)
+        failed = sorted(video for video in counts if counts[video] == 0)
+        if evaluated:
+            scores = torch.stack([sums[v] / counts[v] for v in evaluated])
+        else:
+            scores = torch.zeros(0, 0)
+        return VideoResults(
+            indices=torch.tensor(evaluated, dtype=torch.int64),
+            labels=torch.tensor([labels[v] for v in evaluated], dtype=torch.int64),
+            scores=scores,
+            num_views=torch.tensor([counts[v] for v in evaluated], dtype=torch.int64),
+            failed=failed,
+        )
+
+
+def write_report_files(output_dir: Path, results: VideoResults, entries: list[tuple[str, int]],
+                       class_names: list[str]) -> dict[str, Path]:
+    """predictions.csv, per_class.csv and confusion_matrix.png in ``output_dir``; returns their paths."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    num_classes = len(class_names)
+    top_k = min(5, num_classes)
+    paths = {"predictions": output_dir / "predictions.csv", "per_class": output_dir / "per_class.csv",
+             "confusion_matrix": output_dir / "confusion_matrix.png"}
+
+    with paths["predictions"].open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["video", "true_label", "num_views",
+                         *[f"{kind}_{k}" for k in range(1, top_k + 1) for kind in ("pred", "score")]])
+        top_scores, top_classes = results.scores.topk(top_k, dim=1) if len(results.indices) else (None, None)
+        for row, video in enumerate(results.indices.tolist()):
+            ranked = []
+            for k in range(top_k):
+                ranked += [class_names[int(top_classes[row, k])], f"{float(top_scores[row, k]):.6f}"]
+            writer.writerow([entries[video][0], class_names[int(results.labels[row])],
+                             int(results.num_views[row]), *ranked])
+
+    matrix = results.confusion_matrix(num_classes)
+    with paths["per_class"].open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["class", "videos", "correct", "accuracy"])
+        for c, name in enumerate(class_names):
+            support, correct = int(matrix[c].sum()), int(matrix[c, c])
+            writer.writerow([name, support, correct, f"{correct / support:.6f}" if support else ""])
+
+    plot_confusion_matrix(matrix, class_names, paths["confusion_matrix"])
+    return paths
+
+
+def plot_confusion_matrix(matrix: torch.Tensor, class_names: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    num_classes = len(class_names)
+    rows = matrix.sum(dim=1, keepdim=True).clamp(min=1)
+    size = min(4 + num_classes * 0.35, 40)
+    figure, axes = plt.subplots(figsize=(size, size))
+    image = axes.imshow((matrix / rows).numpy(), cmap="Blues", vmin=0, vmax=1)
+    figure.colorbar(image, ax=axes, fraction=0.046, label="fraction of the true class")
+    if num_classes <= 60:  # beyond that the names are unreadable anyway
+        axes.set_xticks(range(num_classes), class_names, rotation=90)
+        axes.set_yticks(range(num_classes), class_names)
+        if num_classes <= 20:
+            for i in range(num_classes):
+                for j in range(num_classes):
+                    if matrix[i, j]:
+                        axes.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=8)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    axes.set_title("Confusion matrix (video level)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
