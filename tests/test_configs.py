@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from tests.conftest import CONFIG_DIR, compose_config
 
 GROUPS = {group.name: sorted(p.stem for p in group.glob("*.yaml")) for group in CONFIG_DIR.iterdir()
-          if group.is_dir() and group.name != "hydra"}
+          if group.is_dir() and group.name not in ("hydra", "sweep")}  # sweep/: W&B sweep files
 TRAIN_CHOICES = [(group, option) for group, options in GROUPS.items() for option in options]
 
 

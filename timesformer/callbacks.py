@@ -62,3 +62,75 @@ class PreemptionCheckpoint(L.Callback):
         if self._previous_usr1 is not None:
             signal.signal(signal.SIGUSR1, self._previous_usr1)
             self._previous_usr1 = None
+
+
+class WandbMediaLogger(L.Callback):
+    """Log a few validation clips (GIFs captioned with predicted vs true class) and the video-level confusion
+    matrix to Weights & Biases after each validation. Does nothing without a WandbLogger."""
+
+    def __init__(self, num_clips: int = 4, fps: int = 4) -> None:
+        self.num_clips, self.fps = num_clips, fps
+        self._clips: dict[str, Any] | None = None
+
+    @staticmethod
+    def _wandb_logger(trainer: L.Trainer) -> Any:
+        from lightning.pytorch.loggers import WandbLogger
+
+        return next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
+
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        if batch_idx != 0 or trainer.sanity_checking or self._wandb_logger(trainer) is None:
+            return
+        import torch
+
+        videos = batch["video"][: self.num_clips]
+        with torch.no_grad():
+            predictions = pl_module(videos).argmax(-1)
+        self._clips = {"videos": videos.detach().float().cpu(), "labels": batch["label"][: self.num_clips].cpu(),
+                       "predictions": predictions.cpu()}
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        wandb_logger = self._wandb_logger(trainer)
+        if wandb_logger is None or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        import tempfile
+
+        import wandb
+
+        from timesformer.evaluation import plot_confusion_matrix
+
+        names = pl_module.class_names or [str(c) for c in range(pl_module.model.config.num_classes)]
+        media: dict[str, Any] = {}
+        if self._clips is not None:
+            datamodule = trainer.datamodule
+            mean, std = getattr(datamodule, "mean", (0.45,) * 3), getattr(datamodule, "std", (0.225,) * 3)
+            folder = Path(tempfile.mkdtemp(prefix="wandb_clips_"))
+            clips = []
+            for i, video in enumerate(self._clips["videos"]):
+                caption = (f"pred: {names[int(self._clips['predictions'][i])]} / "
+                           f"true: {names[int(self._clips['labels'][i])]}")
+                path = folder / f"clip{i}.gif"
+                write_gif(video, mean, std, path, self.fps)
+                clips.append(wandb.Video(str(path), caption=caption, format="gif"))
+            media["val/clips"] = clips
+            self._clips = None
+        results = getattr(pl_module, "last_val_results", None)
+        if results is not None and len(results.indices):
+            path = Path(tempfile.mkdtemp(prefix="wandb_cm_")) / "confusion_matrix.png"
+            plot_confusion_matrix(results.confusion_matrix(len(names)), names, path)
+            media["val/confusion_matrix"] = wandb.Image(str(path))
+        if media:
+            wandb_logger.experiment.log({**media, "trainer/global_step": trainer.global_step})
+
+
+def write_gif(video: Any, mean: Any, std: Any, path: Path, fps: int = 4) -> None:
+    """Normalised float (T, C, H, W) clip -> an animated GIF (the clip as the model saw it)."""
+    import torch
+    from PIL import Image
+
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    frames = ((video.float() * std_t + mean_t).clamp(0, 1) * 255).round().to(torch.uint8)  # (T, C, H, W)
+    images = [Image.fromarray(frame.permute(1, 2, 0).numpy()) for frame in frames]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)

@@ -138,6 +138,7 @@ class VideoClassifier(L.LightningModule):
         # Video-level accuracy: views of a video aggregated, every video once across ranks.
         self.val_videos, self.test_videos = ViewAggregator(view_aggregation), ViewAggregator(view_aggregation)
         self.test_results: VideoResults | None = None
+        self.last_val_results: VideoResults | None = None
 
     @property
     def class_names(self) -> list[str] | None:
@@ -203,7 +204,7 @@ class VideoClassifier(L.LightningModule):
         self._eval_step(batch, self.val_metrics, self.val_loss, self.val_videos, "val")
 
     def on_validation_epoch_end(self) -> None:
-        self._log_video_metrics(self.val_videos, "val")
+        self.last_val_results = self._log_video_metrics(self.val_videos, "val")
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, self.test_metrics, self.test_loss, self.test_videos, "test")
@@ -215,6 +216,13 @@ class VideoClassifier(L.LightningModule):
         return {"probabilities": self(batch["video"]).softmax(-1), "index": batch["index"]}
 
     # -- optimisation --------------------------------------------------------------------------------------
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # The global gradient norm, at the logging interval only (it costs a reduction over every parameter).
+        if self.trainer.global_step % max(self.trainer.log_every_n_steps, 1) == 0:
+            norms = [p.grad.detach().norm(2) for p in self.model.parameters() if p.grad is not None]
+            if norms:
+                self.log("train/grad_norm", torch.stack(norms).norm(2))
+
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = build_optimizer(self.model, **self.hparams.optimizer)
         settings = dict(self.hparams.scheduler)

@@ -199,7 +199,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         _print_summary(f"Run summary ({output_dir})", metrics)
+    _finish_wandb(loggers)
     return metrics
+
+
+def _finish_wandb(loggers: list[Any]) -> None:
+    """Close W&B runs (Lightning leaves them open): flushes the summary, and lets a sweep start the next run."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger.experiment.finish()
 
 
 def _saved_run_config(ckpt_path: str) -> DictConfig:
