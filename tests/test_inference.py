@@ -1,0 +1,101 @@
+"""predict.py and attention maps."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import ROOT
+from timesformer import TimeSformer, TimeSformerConfig
+from timesformer.attention_maps import attention_rollout, overlay_frames
+from timesformer.data import SyntheticMotionSource
+
+
+def tiny_model(attention_type: str) -> TimeSformer:
+    torch.manual_seed(0)
+    return TimeSformer(TimeSformerConfig(image_size=32, patch_size=8, num_frames=4, hidden_size=32,
+                                         num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                         num_classes=4, attention_type=attention_type,
+                                         class_names=["left", "right", "up", "down"]))
+
+
+@pytest.mark.parametrize("attention_type", ["divided_space_time", "joint_space_time", "space_only"])
+def test_rollout_is_a_distribution_and_uniform_when_attention_is(attention_type):
+    model = tiny_model(attention_type)
+    video = torch.randn(4, 3, 32, 32)
+    heatmap = attention_rollout(model, video)
+    assert heatmap.shape == (4, 4, 4) and torch.all(heatmap >= 0)
+    assert heatmap.sum().item() == pytest.approx(1.0, abs=1e-5)
+    with torch.no_grad():  # q = k = 0: every attention is uniform, so is the rolled-out map
+        for block in model.blocks:
+            for name in ("attn", "temporal_attn"):
+                if hasattr(block, name):
+                    getattr(block, name).qkv.weight.zero_()
+                    getattr(block, name).qkv.bias.zero_()
+    uniform = attention_rollout(model, video)
+    torch.testing.assert_close(uniform, torch.full_like(uniform, 1 / 64))
+
+
+def test_rollout_follows_a_token_that_everyone_attends_to():
+    """Every query attends to the one bright patch (frame 2, row 1, col 3): the map must peak there."""
+    model = tiny_model("joint_space_time")
+    video = torch.zeros(4, 3, 32, 32)
+    video[2, :, 8:16, 24:32] = 5.0
+    with torch.no_grad():
+        for param in model.parameters():
+            param.zero_()
+        for module in model.modules():  # LayerNorms back to identity scale
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.fill_(1.0)
+        model.patch_embed.proj.weight[0] = 1.0 / 192  # feature 0: the patch's brightness
+        model.patch_embed.proj.weight[1] = -1.0 / 192  # (and its negative, so LayerNorm keeps it)
+        for block in model.blocks:
+            dim = block.attn.qkv.in_features
+            block.attn.qkv.bias[0] = 1.0  # every query looks along feature 0 ...
+            block.attn.qkv.weight[dim, 0] = 20.0  # ... and a key's feature 0 is its brightness
+    heatmap = attention_rollout(model, video)
+    assert heatmap.flatten().argmax().item() == 2 * 16 + 1 * 4 + 3
+    assert heatmap.flatten().max() > 0.2  # far above the uniform 1/64
+
+
+def test_overlay_keeps_the_frame_size():
+    frames = overlay_frames(torch.zeros(4, 3, 32, 48), torch.rand(4, 4, 6), (0.45,) * 3, (0.225,) * 3)
+    assert frames.shape == (4, 32, 48, 3) and frames.dtype == torch.uint8
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    root = tmp_path_factory.mktemp("predict_videos")
+    source = SyntheticMotionSource(root, videos_per_class_train=1, videos_per_class_val=1, num_video_frames=24)
+    source.prepare()
+    (root / "val" / "broken.mp4").write_text("not a video")
+    return root / "val"
+
+
+@pytest.mark.slow
+def test_predict_prints_top5_writes_json_features_and_attention_maps(videos, tmp_path):
+    model = tiny_model("divided_space_time")
+    model.save_pretrained(tmp_path / "model")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "predict.py", f"ckpt={tmp_path / 'model'}", f"input={videos}", "sampling_rate=4",
+         f"json={tmp_path / 'preds.json'}", f"features={tmp_path / 'feats.pt'}", "attention_maps=true",
+         "num_clips=2", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    predictions = json.loads((tmp_path / "preds.json").read_text())
+    assert len(predictions) == 5  # 4 videos + the broken one, reported, not dropped
+    broken = [p for p in predictions if "error" in p]
+    assert len(broken) == 1 and broken[0]["video"].endswith("broken.mp4")
+    for prediction in (p for p in predictions if "error" not in p):
+        probabilities = [entry["probability"] for entry in prediction["top_k"]]
+        assert len(probabilities) == 4 and probabilities == sorted(probabilities, reverse=True)
+        assert sum(probabilities) == pytest.approx(1.0, abs=1e-4)  # 4 classes: the top-4 is everything
+        assert prediction["views"] == 2
+        assert all(os.path.getsize(path) > 500 for path in prediction["attention_maps"])
+        assert prediction["top_k"][0]["label"] in result.stdout
+    features = torch.load(tmp_path / "feats.pt")
+    assert features["features"].shape == (4, 32) and len(features["videos"]) == 4
