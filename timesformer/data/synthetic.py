@@ -1,0 +1,281 @@
+"""A small generated video dataset whose classes differ only in motion.
+
+Each video shows a textured rectangle moving in a straight line over a static, noisy background. The class
+is the direction of motion. Everything else is random per video and independent of the class: background
+colour and texture, object colour, texture, size, speed and starting position. The object wraps around the
+frame edges (toroidal), so its position in any single frame is uniform: no single frame tells the classes
+apart, only the change between frames does. A model that learns it must use time.
+
+Videos are real h264 mp4 files (yuv420p), decoded by the same code as real datasets.
+
+Horizontal flip must be OFF when training on this dataset: a flip swaps "moving_left" and "moving_right"
+(and the diagonals' left/right parts) without swapping their labels.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+from timesformer.data.dataset import VideoIndex
+
+# Bump when the rendering changes, so that cached datasets made by older code are regenerated.
+GENERATOR_VERSION = 1
+
+# Direction of motion per class, as (dx, dy) unit steps in image coordinates (y points down).
+# The first `num_classes` are used.
+DIRECTIONS: dict[str, tuple[float, float]] = {
+    "moving_left": (-1.0, 0.0),
+    "moving_right": (1.0, 0.0),
+    "moving_up": (0.0, -1.0),
+    "moving_down": (0.0, 1.0),
+    "moving_up_left": (-math.sqrt(0.5), -math.sqrt(0.5)),
+    "moving_up_right": (math.sqrt(0.5), -math.sqrt(0.5)),
+    "moving_down_left": (-math.sqrt(0.5), math.sqrt(0.5)),
+    "moving_down_right": (math.sqrt(0.5), math.sqrt(0.5)),
+}
+
+# Object size and speed, as fractions of the frame's short side (speed per frame). At the default
+# 64x48 / 30 fps: 10-14 px objects moving 1.0-1.9 px per frame, so an 8-frame clip with sampling_rate 3
+# sees 3-6 px of motion between its frames (2-4 px after the 32 px evaluation resize) and 20-40 px in all:
+# clearly visible, yet far below the wrap-around period (no aliasing). An object covers any one pixel for
+# at most 0.3 / 0.02 = 15 frames, under half of the default 32, so the per-pixel temporal median of a
+# video is its background (the tests rely on this to find the object).
+OBJECTS_PER_VIDEO = (2, 4)
+OBJECT_SIZE_RANGE = (0.2, 0.3)
+SPEED_RANGE = (0.02, 0.04)
+
+_SPLIT_IDS = {"train": 0, "val": 1}
+INDEX_FILE = "index.json"
+
+
+def _smooth_noise(rng: np.random.Generator, height: int, width: int, cells: int, amplitude: float) -> np.ndarray:
+    """Low-frequency RGB noise (height, width, 3): a coarse random grid upsampled bilinearly."""
+    grid_h, grid_w = cells + 1, cells + 1
+    grid = rng.uniform(-amplitude, amplitude, size=(grid_h, grid_w, 3))
+    ys = np.linspace(0, grid_h - 1, height)
+    xs = np.linspace(0, grid_w - 1, width)
+    y0 = np.minimum(ys.astype(int), grid_h - 2)
+    x0 = np.minimum(xs.astype(int), grid_w - 2)
+    wy = (ys - y0)[:, None, None]
+    wx = (xs - x0)[None, :, None]
+    top = grid[y0][:, x0] * (1 - wx) + grid[y0][:, x0 + 1] * wx
+    bottom = grid[y0 + 1][:, x0] * (1 - wx) + grid[y0 + 1][:, x0 + 1] * wx
+    return top * (1 - wy) + bottom * wy
+
+
+def render_video(
+    direction: tuple[float, float],
+    num_frames: int,
+    height: int,
+    width: int,
+    rng: np.random.Generator,
+    num_objects: int | None = None,
+) -> np.ndarray:
+    """Frames of one video, uint8 (T, H, W, 3) RGB.
+
+    The objects sit on one foreground layer that translates rigidly (all objects share the direction and
+    speed) and wraps around the frame edges; the background stays still.
+    """
+    short_side = min(height, width)
+
+    # Static background: a random dark base colour, smooth colour blotches and fine pixel noise.
+    base = rng.uniform(0, 110, size=3)
+    background = base + _smooth_noise(rng, height, width, cells=4, amplitude=25.0)
+    background += rng.normal(0.0, 6.0, size=(height, width, 3))
+    background = np.clip(background, 0, 255)
+
+    # Foreground layer (H, W, 3) and its mask (H, W): bright rectangles (always brighter than the dark
+    # background: one contrast polarity makes motion easier to see for small models), each with its own
+    # texture, which moves with it (more than an edge to track).
+    if num_objects is None:
+        num_objects = int(rng.integers(OBJECTS_PER_VIDEO[0], OBJECTS_PER_VIDEO[1] + 1))
+    layer = np.zeros((height, width, 3))
+    mask = np.zeros((height, width), dtype=bool)
+    for _ in range(num_objects):
+        object_h, object_w = (max(2, round(short_side * rng.uniform(*OBJECT_SIZE_RANGE))) for _ in range(2))
+        colour = rng.uniform(150, 255, size=3)
+        patch = colour + rng.normal(0.0, 12.0, size=(object_h, object_w, 3))
+        stripes = (np.add.outer(np.arange(object_h), np.arange(object_w)) // 3) % 2  # diagonal, 3 px wide
+        patch += np.where(stripes == 0, 15.0, -15.0)[..., None]
+        # A uniformly random place, wrapping around the edges like the motion does.
+        rows = (int(rng.integers(height)) + np.arange(object_h)) % height
+        cols = (int(rng.integers(width)) + np.arange(object_w)) % width
+        layer[np.ix_(rows, cols)] = np.clip(patch, 0, 255)
+        mask[np.ix_(rows, cols)] = True
+
+    speed = short_side * rng.uniform(*SPEED_RANGE)  # pixels per frame
+    dx, dy = direction[0] * speed, direction[1] * speed
+
+    frames = np.empty((num_frames, height, width, 3), dtype=np.uint8)
+    for t in range(num_frames):
+        # np.roll is the toroidal wrap-around.
+        shift = (round(t * dy), round(t * dx))
+        moved_mask = np.roll(mask, shift, axis=(0, 1))
+        moved_layer = np.roll(layer, shift, axis=(0, 1))
+        frame = np.where(moved_mask[..., None], moved_layer, background)
+        frames[t] = np.round(frame).astype(np.uint8)
+    return frames
+
+
+def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: float) -> None:
+    """Encode uint8 (T, H, W, 3) RGB frames as an h264 mp4 (yuv420p, so H and W must be even)."""
+    # PyAV's wheels bundle FFmpeg with libx264; builds without it fall back to MPEG-4 part 2, which decord
+    # reads just as well (the files are only larger).
+    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+    with av.open(os.fspath(path), mode="w", format="mp4") as container:
+        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        if codec == "libx264":
+            # Near-lossless: the moving object must survive compression; the files stay a few KB.
+            stream.options = {"crf": "18", "preset": "fast"}
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():  # flush the encoder
+            container.mux(packet)
+
+
+class SyntheticMotionSource:
+    """Generates (once, cached) and indexes the synthetic motion dataset under `root`.
+
+    Layout: `root/<split>/<class_name>/<id>.mp4` for splits "train" and "val", and `root/index.json` (the
+    class names, the entries of each split and the generation parameters), written last and atomically,
+    so its presence means the dataset is complete. "test" is the "val" split.
+
+    Horizontal flip must be OFF for this dataset (it swaps left and right without swapping the labels).
+    Suggested clip settings for the defaults: num_frames=8, sampling_rate=3, target_fps=30 (the video fps),
+    image_size=32, train_short_side_range=(32, 40), horizontal_flip=False.
+    Default size: 4 classes x (48 train + 16 val) videos of 32 frames, 64x48 px, 30 fps.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        num_classes: int = 4,
+        videos_per_class_train: int = 48,
+        videos_per_class_val: int = 16,
+        num_video_frames: int = 32,
+        fps: float = 30.0,
+        height: int = 48,
+        width: int = 64,
+        seed: int = 0,
+    ) -> None:
+        if not 2 <= num_classes <= len(DIRECTIONS):
+            raise ValueError(f"SyntheticMotionSource num_classes must be in [2, {len(DIRECTIONS)}], got {num_classes}")
+        if videos_per_class_train < 1 or videos_per_class_val < 1:
+            raise ValueError(
+                "SyntheticMotionSource videos_per_class_train and videos_per_class_val must be >= 1, got "
+                f"{videos_per_class_train} and {videos_per_class_val}"
+            )
+        if num_video_frames < 2:
+            raise ValueError(f"SyntheticMotionSource num_video_frames must be >= 2, got {num_video_frames}")
+        if height % 2 or width % 2 or min(height, width) < 16:
+            raise ValueError(
+                f"SyntheticMotionSource height and width must be even (yuv420p) and >= 16, got {height}x{width}"
+            )
+        if fps <= 0:
+            raise ValueError(f"SyntheticMotionSource fps must be positive, got {fps}")
+        self.root = Path(root).expanduser()
+        self.num_classes = num_classes
+        self.videos_per_class = {"train": videos_per_class_train, "val": videos_per_class_val}
+        self.num_video_frames = num_video_frames
+        self.fps = float(fps)
+        self.height = height
+        self.width = width
+        self.seed = seed
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(DIRECTIONS)[: self.num_classes]
+
+    @property
+    def index_path(self) -> Path:
+        return self.root / INDEX_FILE
+
+    def parameters(self) -> dict:
+        """Everything the generated files depend on; a change means regenerating."""
+        return {
+            "generator": "synthetic_motion",
+            "version": GENERATOR_VERSION,
+            "num_classes": self.num_classes,
+            "videos_per_class_train": self.videos_per_class["train"],
+            "videos_per_class_val": self.videos_per_class["val"],
+            "num_video_frames": self.num_video_frames,
+            "fps": self.fps,
+            "height": self.height,
+            "width": self.width,
+            "seed": self.seed,
+        }
+
+    def _read_index(self) -> dict | None:
+        try:
+            with open(self.index_path) as f:
+                return json.load(f)
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def _is_complete(self, index: dict | None) -> bool:
+        if index is None or index.get("parameters") != self.parameters():
+            return False
+        return all((self.root / path).is_file() for entries in index["splits"].values() for path, _ in entries)
+
+    def prepare(self) -> None:
+        """Generate the videos unless an up-to-date, complete copy is already in `root`."""
+        if self._is_complete(self._read_index()):
+            return
+        # Remove the old index first: until the new one is written the dataset is incomplete. Then remove
+        # only what an earlier generation can have written (mp4s in our class folders).
+        self.index_path.unlink(missing_ok=True)
+        for split in self.videos_per_class:
+            for class_name in DIRECTIONS:
+                for old in (self.root / split / class_name).glob("*.mp4"):
+                    old.unlink()
+
+        splits: dict[str, list[tuple[str, int]]] = {}
+        for split, videos_per_class in self.videos_per_class.items():
+            splits[split] = []
+            for label, class_name in enumerate(self.class_names):
+                folder = self.root / split / class_name
+                folder.mkdir(parents=True, exist_ok=True)
+                for video_id in range(videos_per_class):
+                    # One seed per video, so a video does not change when the number of videos does.
+                    rng = np.random.default_rng([self.seed, _SPLIT_IDS[split], label, video_id])
+                    frames = render_video(DIRECTIONS[class_name], self.num_video_frames, self.height, self.width, rng)
+                    relative_path = f"{split}/{class_name}/{video_id:05d}.mp4"
+                    write_mp4(self.root / relative_path, frames, self.fps)
+                    splits[split].append((relative_path, label))
+
+        index = {"parameters": self.parameters(), "class_names": self.class_names, "splits": splits}
+        temporary = self.index_path.with_name(INDEX_FILE + ".tmp")
+        with open(temporary, "w") as f:
+            json.dump(index, f, indent=1)
+        os.replace(temporary, self.index_path)
+
+    def load(self) -> VideoIndex:
+        """The index of the generated dataset (paths absolute). Needs `prepare()` to have run."""
+        index = self._read_index()
+        if index is None:
+            raise FileNotFoundError(
+                f"No synthetic dataset at {self.root} ({self.index_path} is missing or unreadable). "
+                "Generate it with SyntheticMotionSource.prepare() (VideoDataModule.prepare_data() calls it)."
+            )
+        if index.get("parameters") != self.parameters():
+            raise ValueError(
+                f"The synthetic dataset in {self.root} was generated with other parameters "
+                f"({index.get('parameters')}) than requested ({self.parameters()}). "
+                "Run prepare() to regenerate it, or point root at another folder."
+            )
+        splits = {
+            split: [(str(self.root / path), int(label)) for path, label in entries]
+            for split, entries in index["splits"].items()
+        }
+        splits["test"] = splits["val"]  # no separate test split
+        return VideoIndex(class_names=list(index["class_names"]), splits=splits)
