@@ -49,7 +49,7 @@ def test_train_then_evaluate_the_checkpoint(synthetic_root, tmp_path):
 
     # The checkpoint alone rebuilds the model, class names included.
     model = TimeSformer.from_pretrained(checkpoints / "last.ckpt")
-    assert model.config.class_names == ["moving_left", "moving_right", "moving_up", "moving_down"]
+    assert model.config.class_names == ["moving_horizontally", "moving_vertically"]
 
     result = run_script("evaluate.py", f"ckpt={metrics['best_checkpoint']}", "data.batch_size=2",
                         "trainer.enable_progress_bar=false", f"hydra.run.dir={eval_dir}")
@@ -58,16 +58,18 @@ def test_train_then_evaluate_the_checkpoint(synthetic_root, tmp_path):
     # The same weights on the same (deterministic) test clips give the same accuracy as train.py's test.
     assert report["clip"]["top1"] == pytest.approx(metrics["test/acc"])
     assert report["video"]["top1"] == pytest.approx(metrics["test/video_acc"])
-    assert report["videos_total"] == report["videos_evaluated"] == 8 and report["failed_videos"] == []
+    num_videos = 2 * len(report["class_names"])  # data.source.videos_per_class_val=2
+    assert report["videos_total"] == report["videos_evaluated"] == num_videos and report["failed_videos"] == []
     # predictions.csv agrees with eval.json
     with open(eval_dir / "predictions.csv") as file:
         rows = list(csv.DictReader(file))
-    assert len(rows) == 8
-    assert sum(row["pred_1"] == row["true_label"] for row in rows) / 8 == pytest.approx(report["video"]["top1"])
+    assert len(rows) == num_videos
+    correct = sum(row["pred_1"] == row["true_label"] for row in rows)
+    assert correct / num_videos == pytest.approx(report["video"]["top1"])
     with open(eval_dir / "per_class.csv") as file:
         per_class = list(csv.DictReader(file))
     assert [row["class"] for row in per_class] == report["class_names"]
-    assert sum(int(row["videos"]) for row in per_class) == 8
+    assert sum(int(row["videos"]) for row in per_class) == num_videos
     assert (eval_dir / "confusion_matrix.png").stat().st_size > 1000
 
 

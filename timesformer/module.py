@@ -156,6 +156,9 @@ class VideoClassifier(L.LightningModule):
         if not torch.isfinite(loss):
             return self._on_nonfinite_loss(loss)
         self.train_metrics.update(logits.detach(), batch["label"])
+        if "replaced" in batch:  # broken videos the dataset replaced by others
+            self.log("train/replaced_videos", batch["replaced"].sum().float(), on_step=False, on_epoch=True,
+                     reduce_fx="sum", sync_dist=True, batch_size=len(logits))
         self.log("train/loss", loss, prog_bar=True, batch_size=len(logits))
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=len(logits))
         return loss
@@ -181,6 +184,9 @@ class VideoClassifier(L.LightningModule):
         logits = self(batch["video"])
         videos.update(logits, batch["label"], batch["index"], batch.get("view"), batch.get("valid"))
         valid = batch.get("valid")
+        if valid is not None:
+            self.log(f"{prefix}/failed_views", (~valid.bool()).sum().float(), on_step=False, on_epoch=True,
+                     reduce_fx="sum", sync_dist=True, batch_size=len(valid))
         if valid is not None:  # views that failed to decode are reported by the video-level results
             logits, labels = logits[valid.bool()], batch["label"][valid.bool()]
         else:

@@ -1,19 +1,36 @@
-"""Video data: decoding, clip sampling, transforms, datasets and the Lightning DataModule.
+"""Video data: decoding, clip sampling, transforms, datasets (generated and real) and the Lightning DataModule.
 
-Knows nothing of the model: batches are {"video": float32 (B, T, C, H, W), "label": (B,), "index": (B,)}.
+Knows nothing of the model: batches are {"video": float32 (B, T, C, H, W), "label": (B,), "index": (B,),
+"view": (B,), "valid": (B,), "replaced": (B,)} (see VideoDataModule).
 """
 
 from timesformer.data.datamodule import VideoDataModule
 from timesformer.data.dataset import VideoClipDataset, VideoIndex, VideoSource
-from timesformer.data.sampling import dense_clip_indices
+from timesformer.data.kinetics import KineticsSource
+from timesformer.data.sampling import dense_clip_indices, segment_clip_indices
+from timesformer.data.sources import CsvSource, FolderSource
+from timesformer.data.ssv2 import SomethingSomethingV2Source
 from timesformer.data.synthetic import SyntheticMotionSource
-from timesformer.data.transforms import DEFAULT_MEAN, DEFAULT_STD, eval_transform, train_transform
+from timesformer.data.transforms import (
+    DEFAULT_MEAN,
+    DEFAULT_STD,
+    EvalViewTransform,
+    eval_transform,
+    train_transform,
+)
+from timesformer.data.ucf101 import UCF101Source
 from timesformer.data.video import VideoDecodeError, VideoInfo, decode_clip, decode_frames, read_video_info
 
 __all__ = [
     "DEFAULT_MEAN",
     "DEFAULT_STD",
+    "CsvSource",
+    "EvalViewTransform",
+    "FolderSource",
+    "KineticsSource",
+    "SomethingSomethingV2Source",
     "SyntheticMotionSource",
+    "UCF101Source",
     "VideoClipDataset",
     "VideoDataModule",
     "VideoDecodeError",
@@ -25,5 +42,6 @@ __all__ = [
     "dense_clip_indices",
     "eval_transform",
     "read_video_info",
+    "segment_clip_indices",
     "train_transform",
 ]

@@ -1,26 +1,92 @@
-"""The Lightning DataModule: a dataset source plus clip sampling and transforms."""
+"""The Lightning DataModule: a dataset source plus clip sampling, evaluation views, transforms, and the
+bookkeeping of videos that fail to decode."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import lightning
 import torch
 from torch.utils.data import DataLoader
 
-from timesformer.data.dataset import SPLITS, VideoClipDataset, VideoIndex, VideoSource
-from timesformer.data.transforms import DEFAULT_MEAN, DEFAULT_STD, eval_transform, train_transform
+from timesformer.data.dataset import SAMPLINGS, SPLITS, VideoClipDataset, VideoIndex, VideoSource
+from timesformer.data.transforms import DEFAULT_MEAN, DEFAULT_STD, EvalViewTransform, train_transform
+
+log = logging.getLogger(__name__)
+
+# The failure fraction is judged once this many videos (or the whole split, if smaller) have been read in an
+# epoch: a few unlucky early batches must not stop a run.
+MIN_VIDEOS_READ = 100
+
+
+class DecodeFailureMonitor:
+    """Counts the videos that fail to decode, per stage and epoch, in the main process (it sees every worker's
+    batches): names each failed file once, logs a count per epoch, and raises when more than
+    `max_failed_fraction` of the videos read in a training or validation epoch fail."""
+
+    def __init__(self, max_failed_fraction: float) -> None:
+        self.max_failed_fraction = max_failed_fraction
+        self.reported: set[str] = set()
+        self.period: tuple[str, int] | None = None  # (stage, epoch) being counted
+        self.failed = 0
+        self.read = 0
+
+    def update(self, stage: str, epoch: int, error_lines: Sequence[str], num_items: int, split_size: int) -> None:
+        """One batch of `stage` ("train", "val", "sanity_check", "test", "predict") from a split of `split_size`
+        videos: its "decode_errors" lines and number of items. A training item may have replaced failed
+        videos (each an extra read); an evaluation item that failed is a zero clip (one read)."""
+        if self.period != (stage, epoch):
+            self.finish_period()
+            self.period, self.failed, self.read = (stage, epoch), 0, 0
+        failures = [line.split("\t", 1) for text in error_lines for line in text.splitlines() if line]
+        self.failed += len(failures)
+        self.read += num_items + (len(failures) if stage == "train" else 0)
+        what = "replaced by another video" if stage == "train" else "evaluated as failed (a zero clip)"
+        for path, *reason in failures:
+            if path not in self.reported:
+                self.reported.add(path)
+                log.warning("Could not decode %s (%s); %s. Further failures of this file are not reported.",
+                            path, reason[0] if reason else "?", what)
+        judged = stage in ("train", "val", "sanity_check") and self.read >= min(MIN_VIDEOS_READ, split_size)
+        if judged and self.failed > self.max_failed_fraction * self.read:
+            raise RuntimeError(
+                f"{self.failed} of the {self.read} {'videos' if stage == 'train' else 'views'} read in this {stage} "
+                "epoch could not be decoded, more than "
+                f"data.max_failed_fraction={self.max_failed_fraction}: the data looks misconfigured (wrong "
+                "data.root, partial download, files that are not videos, a codec FFmpeg lacks?). The files are "
+                "named in the warnings above; `python -m timesformer.data.check data=... data.root=...` lists every "
+                "unreadable video and can write a clean list (--write-clean)."
+            )
+
+    def finish_period(self) -> None:
+        if self.period is not None and self.failed:
+            stage, epoch = self.period
+            what = "videos" if stage == "train" else "views"
+            log.warning("%s, epoch %d: %d of %d %s read could not be decoded", stage, epoch, self.failed, self.read,
+                        what)
+        self.period = None
 
 
 class VideoDataModule(lightning.LightningDataModule):
-    """Dense-clip video classification data from any source (an object with `prepare()` and `load()`).
+    """Video classification data from any source (an object with `prepare()` and `load()`, or a factory of one
+    that takes `root=` and, with `split` set, `split=`: the real-dataset configs pass data.root this way).
 
     Batches are dicts: "video" float32 (B, T, C, H, W), "label" int64 (B,), "index" int64 (B,) (the video's
-    position in its split, to gather several views per video).
+    position in its split), "view" int64 (B,) (the view of that video), "valid" bool (B,) (False: the video
+    could not be decoded, "video" is zeros), "replaced" bool (B,) (training: a broken video was replaced by
+    another one). `on_before_batch_transfer` takes the names of the failed files out of the batch (see
+    `DecodeFailureMonitor`).
 
-    Training: a random clip of `num_frames` frames `sampling_rate` apart (at `target_fps`), short side
-    jittered in `train_short_side_range`, random `image_size` crop, optional horizontal flip.
-    Validation / test / predict: the centred clip, short side to `image_size`, centre crop.
+    Clips: `sampling="dense"`: `num_frames` frames `sampling_rate` apart at `target_fps` (scaled by the video's
+    real fps); `"segment"`: one frame from each of `num_frames` equal segments of the whole video (TSN).
+    Training: a random clip, short side jittered in `train_short_side_range`, random `image_size` crop,
+    optional horizontal flip.
+    Test / predict: `test_temporal_clips x test_spatial_crops` views per video: evenly spread clips, short side
+    to `image_size`, crops spread along the long side (left/centre/right). Validation: the same views with
+    `val_views_full`, else the centre clip only.
 
     `seed` seeds the training loader's shuffling and its workers' RNGs (different per worker and epoch,
     reproducible across runs). Sequence arguments accept lists (as Hydra passes them).
@@ -28,7 +94,7 @@ class VideoDataModule(lightning.LightningDataModule):
 
     def __init__(
         self,
-        source: VideoSource,
+        source: VideoSource | Callable[..., VideoSource],
         num_frames: int,
         sampling_rate: int,
         image_size: int,
@@ -40,19 +106,28 @@ class VideoDataModule(lightning.LightningDataModule):
         std: Sequence[float] = DEFAULT_STD,
         target_fps: float = 30.0,
         decode_threads: int = 1,
-        pin_memory: bool = False,
+        pin_memory: bool | None = False,
         persistent_workers: bool | None = None,
         seed: int = 0,
+        root: str | os.PathLike | None = None,
+        split: int | None = None,
+        sampling: str = "dense",
+        test_temporal_clips: int = 1,
+        test_spatial_crops: int = 1,
+        val_views_full: bool = True,
+        decode_retries: int = 1,
+        max_failed_fraction: float = 0.05,
     ) -> None:
         super().__init__()
-        if not (callable(getattr(source, "prepare", None)) and callable(getattr(source, "load", None))):
-            raise TypeError(f"VideoDataModule source must have prepare() and load() methods, got {source!r}")
+        source = self._build_source(source, root, split)
         for name, value in (
             ("num_frames", num_frames),
             ("sampling_rate", sampling_rate),
             ("image_size", image_size),
             ("batch_size", batch_size),
             ("decode_threads", decode_threads),
+            ("test_temporal_clips", test_temporal_clips),
+            ("test_spatial_crops", test_spatial_crops),
         ):
             if value < 1:
                 raise ValueError(f"VideoDataModule {name} must be >= 1, got {value}")
@@ -74,6 +149,15 @@ class VideoDataModule(lightning.LightningDataModule):
                 f"VideoDataModule image_size={image_size} is larger than train_short_side_range[0]={low}: "
                 "training crops would not fit. Lower image_size or raise train_short_side_range."
             )
+        if sampling not in SAMPLINGS:
+            raise ValueError(f"VideoDataModule sampling={sampling!r} is not supported; valid values: "
+                             f"{', '.join(SAMPLINGS)}")
+        if decode_retries < 0:
+            raise ValueError(f"VideoDataModule decode_retries must be >= 0, got {decode_retries}")
+        if not 0 <= max_failed_fraction <= 1:
+            raise ValueError(f"VideoDataModule max_failed_fraction must be in [0, 1], got {max_failed_fraction}")
+        if pin_memory is None:
+            pin_memory = torch.cuda.is_available()
         if persistent_workers is None:
             persistent_workers = num_workers > 0
         if persistent_workers and num_workers == 0:
@@ -95,17 +179,41 @@ class VideoDataModule(lightning.LightningDataModule):
         self.pin_memory = bool(pin_memory)
         self.persistent_workers = bool(persistent_workers)
         self.seed = int(seed)
+        self.sampling = sampling
+        self.test_temporal_clips = int(test_temporal_clips)
+        self.test_spatial_crops = int(test_spatial_crops)
+        self.val_views_full = bool(val_views_full)
+        self.decode_retries = int(decode_retries)
+        self.failures = DecodeFailureMonitor(float(max_failed_fraction))
 
         # Build the transforms now so that bad mean/std fail at construction, not in a worker.
         self.train_transform = train_transform(
             self.image_size, self.train_short_side_range, self.horizontal_flip, self.mean, self.std
         )
-        self.eval_transform = eval_transform(self.image_size, self.mean, self.std)
         # The training loader's own generator: shuffling and worker seeds follow `seed` and advance every
         # epoch. Kept here so that a re-created loader continues the sequence instead of repeating it.
         self.train_generator = torch.Generator().manual_seed(self.seed)
         self.index: VideoIndex | None = None
         self.datasets: dict[str, VideoClipDataset] = {}
+
+    @staticmethod
+    def _build_source(source: Any, root: str | os.PathLike | None, split: int | None) -> VideoSource:
+        """A source object, or (real-dataset configs) a partial of a source class that takes data.root and,
+        for datasets with official splits, data.split; keeping them out of the source's own config lets
+        `evaluate.py ckpt=... data.root=NEW` point a saved run at data elsewhere."""
+        if callable(getattr(source, "prepare", None)) and callable(getattr(source, "load", None)):
+            if root is not None or split is not None:
+                raise ValueError(f"data.root / data.split are for sources built by the DataModule; {source!r} "
+                                 "already has its own (set them in data.source)")
+            return source
+        if not callable(source):
+            raise TypeError(f"VideoDataModule source must have prepare() and load() methods, got {source!r}")
+        if root is None:
+            raise ValueError("data.root is not set: set data.root=PATH to the dataset's folder (see data/README.md)")
+        built = source(root=root) if split is None else source(root=root, split=split)
+        if not (callable(getattr(built, "prepare", None)) and callable(getattr(built, "load", None))):
+            raise TypeError(f"VideoDataModule source must have prepare() and load() methods, got {built!r}")
+        return built
 
     def state_dict(self) -> dict:
         """Saved in Lightning checkpoints: a resumed run continues the shuffling sequence, not restarts it."""
@@ -132,20 +240,59 @@ class VideoDataModule(lightning.LightningDataModule):
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def views(self, split: str) -> tuple[int, int]:
+        """(temporal clips, spatial crops) per video of a split: one random clip in training; the test views for
+        test, and for validation with val_views_full (else the centre clip only, which is cheaper)."""
+        if split == "train" or (split == "val" and not self.val_views_full):
+            return 1, 1
+        return self.test_temporal_clips, self.test_spatial_crops
+
     def setup(self, stage: str | None = None) -> None:
         index = self._load_index()
         for split in SPLITS:
             if split in index.splits and split not in self.datasets:
                 training = split == "train"
+                temporal_clips, spatial_crops = self.views(split)
                 self.datasets[split] = VideoClipDataset(
                     index.splits[split],
                     num_frames=self.num_frames,
                     sampling_rate=self.sampling_rate,
-                    transform=self.train_transform if training else self.eval_transform,
+                    transform=self.train_transform if training else EvalViewTransform(
+                        self.image_size, spatial_crops, self.mean, self.std),
                     training=training,
                     target_fps=self.target_fps,
                     decode_threads=self.decode_threads,
+                    sampling=self.sampling,
+                    temporal_clips=temporal_clips,
+                    spatial_crops=spatial_crops,
+                    decode_retries=self.decode_retries,
                 )
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Takes the failed-video report out of a batch (in the main process, which sees every worker's batches)
+        and hands it to the failure monitor; the batch keeps its tensors ("replaced", "valid", ...)."""
+        if not isinstance(batch, dict) or "decode_errors" not in batch:
+            return batch
+        error_lines = batch.pop("decode_errors")
+        trainer = self.trainer
+        if trainer is None:
+            stage, epoch = "train", 0
+        elif trainer.training:
+            stage, epoch = "train", trainer.current_epoch
+        elif trainer.sanity_checking or trainer.validating:
+            stage, epoch = ("sanity_check" if trainer.sanity_checking else "val"), trainer.current_epoch
+        else:
+            stage, epoch = ("test" if trainer.testing else "predict"), 0
+        split = {"sanity_check": "val", "predict": "test"}.get(stage, stage)
+        dataset = self.datasets.get(split)
+        # Each DDP process reads its share of the split.
+        world_size = trainer.world_size if trainer is not None else 1
+        split_size = len(dataset.entries) // max(world_size, 1) if dataset is not None else 0
+        self.failures.update(stage, epoch, error_lines, len(batch["video"]), split_size)
+        return batch
+
+    def teardown(self, stage: str | None = None) -> None:
+        self.failures.finish_period()
 
     def _dataset(self, split: str) -> VideoClipDataset:
         if split not in self.datasets:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -10,8 +12,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch.utils.data import Dataset
 
-from timesformer.data.sampling import dense_clip_indices
-from timesformer.data.video import decode_clip
+from timesformer.data.sampling import dense_clip_indices, segment_clip_indices
+from timesformer.data.video import VideoDecodeError, decode_clip
 
 SPLITS = ("train", "val", "test")
 
@@ -49,15 +51,33 @@ class VideoSource(Protocol):
     def load(self) -> VideoIndex: ...
 
 
+SAMPLINGS = ("dense", "segment")
+
+
 class VideoClipDataset(Dataset):
-    """One dense clip per video: {"video": float32 (T, C, H, W), "label": int, "index": int}.
+    """Clips of videos: {"video": float32 (T, C, H, W), "label", "index", "view", "valid", "replaced",
+    "decode_errors"}.
 
-    `index` is the position of the video in `entries`, so that evaluation can gather several views of one
-    video. Training clips start at a random frame; evaluation clips are the centred clip.
+    Training: one item per video, a random clip (dense: a random start; segment: a random frame per segment)
+    through the random `transform`.
+    Evaluation: `temporal_clips x spatial_crops` items (views) per video, item = index * views + view with
+    view = temporal_clip * spatial_crops + spatial_crop, so that the views of a video are neighbours. "index" is
+    the video's position in `entries` and "view" the view number: the LightningModule aggregates the views per
+    video. The transform is an `EvalViewTransform` (or any callable when there is one spatial crop); a decoded
+    and resized clip is kept for the next item, so the spatial crops of a clip decode it once (decoding is
+    nearly all of the cost: ~240 ms for an 8 x 32 clip of a 640x360 h264 video, resize and 3 crops ~10 ms).
 
-    Randomness (clip start here, crop/scale/flip in the transform) comes from torch's global RNG, which the
-    DataLoader seeds per worker and per epoch from its own generator (`VideoDataModule(seed=...)` seeds that):
-    workers draw different clips, every epoch draws new ones, and a run is reproducible. With
+    Broken videos (unreadable, empty, truncated, not a video, deleted since the index was read): decoding is
+    retried `decode_retries` times, then
+    - training: another random video replaces it ("replaced": True), up to `max_replacements` in a row, after
+      which the data is taken to be misconfigured and an error is raised;
+    - evaluation: the item is a zero clip with "valid": False, so that the video is reported, not dropped.
+    Every failed file is named in "decode_errors" ("<path>\t<error>" lines, "" when none) for the DataModule,
+    which warns once per file, counts failures per epoch and stops a run when too many fail.
+
+    Randomness (clip start here, crop/scale/flip in the transform, replacements) comes from torch's global RNG,
+    which the DataLoader seeds per worker and per epoch from its own generator (`VideoDataModule(seed=...)`
+    seeds that): workers draw different clips, every epoch draws new ones, and a run is reproducible. With
     num_workers=0 the draws happen in the main process; seed it with `lightning.seed_everything`.
     """
 
@@ -70,7 +90,25 @@ class VideoClipDataset(Dataset):
         training: bool,
         target_fps: float = 30.0,
         decode_threads: int = 1,
+        sampling: str = "dense",
+        temporal_clips: int = 1,
+        spatial_crops: int = 1,
+        decode_retries: int = 1,
+        max_replacements: int = 10,
     ) -> None:
+        if sampling not in SAMPLINGS:
+            raise ValueError(f"sampling={sampling!r} is not supported; valid values: {', '.join(SAMPLINGS)}")
+        if temporal_clips < 1 or spatial_crops < 1:
+            raise ValueError(f"temporal_clips and spatial_crops must be >= 1, got {temporal_clips}, {spatial_crops}")
+        if training and temporal_clips * spatial_crops != 1:
+            raise ValueError("a training dataset has one random view per video (temporal_clips = spatial_crops = 1)")
+        if not training and not hasattr(transform, "crop"):
+            if spatial_crops > 1:
+                raise TypeError("several spatial crops need an EvalViewTransform (with resize() and crop())")
+            transform = _WholeClipTransform(transform)
+        if decode_retries < 0 or max_replacements < 0:
+            raise ValueError(f"decode_retries and max_replacements must be >= 0, got {decode_retries}, "
+                             f"{max_replacements}")
         self.entries = [(str(path), int(label)) for path, label in entries]
         self.num_frames = num_frames
         self.sampling_rate = sampling_rate
@@ -78,32 +116,123 @@ class VideoClipDataset(Dataset):
         self.training = training
         self.target_fps = target_fps
         self.decode_threads = decode_threads
+        self.sampling = sampling
+        self.temporal_clips = temporal_clips
+        self.spatial_crops = spatial_crops
+        self.decode_retries = decode_retries
+        self.max_replacements = max_replacements
+        # The last decoded clip: ((video index, temporal clip), resized uint8 frames or its error line). Views
+        # are neighbours and a batch goes to one DataLoader worker, so the spatial crops of a clip hit it.
+        self._cached: tuple[tuple[int, int], torch.Tensor | str] | None = None
+
+    @property
+    def views_per_video(self) -> int:
+        return self.temporal_clips * self.spatial_crops
 
     def __len__(self) -> int:
-        return len(self.entries)
+        return len(self.entries) * self.views_per_video
 
-    def _choose_indices(self, video_num_frames: int, video_fps: float) -> list[int]:
-        if self.training:
-            # A fresh stdlib RNG seeded from torch's: keeps sampling.py free of torch while the draws follow
-            # torch's per-worker, per-epoch seeding.
-            rng = random.Random(int(torch.randint(0, 2**62, ())))
-            clip_index = None
-        else:
-            rng, clip_index = None, 0
+    def _choose_indices(self, video_num_frames: int, video_fps: float, temporal_clip: int | None) -> list[int]:
+        if video_num_frames <= 0:
+            raise VideoDecodeError("the video has no frames")
+        if not (video_fps > 0 and math.isfinite(video_fps)):
+            video_fps = self.target_fps  # broken container metadata: assume the usual rate rather than fail
+        # A fresh stdlib RNG seeded from torch's: keeps sampling.py free of torch while the draws follow torch's
+        # per-worker, per-epoch seeding.
+        rng = random.Random(int(torch.randint(0, 2**62, ()))) if temporal_clip is None else None
+        if self.sampling == "segment":
+            return segment_clip_indices(video_num_frames, self.num_frames, temporal_clip, self.temporal_clips, rng)
         return dense_clip_indices(
             video_num_frames,
             self.num_frames,
             self.sampling_rate,
             video_fps,
             target_fps=self.target_fps,
-            clip_index=clip_index,
-            num_clips=1,
+            clip_index=temporal_clip,
+            num_clips=self.temporal_clips,
             rng=rng,
         )
 
-    def __getitem__(self, index: int) -> dict:
-        path, label = self.entries[index]
-        frames, _ = decode_clip(path, self._choose_indices, num_threads=self.decode_threads)  # (T, H, W, C)
-        frames = frames.permute(0, 3, 1, 2)  # (T, C, H, W), the layout torchvision transforms expect
-        video = self.transform(frames)  # float32 (T, C, crop, crop)
-        return {"video": video, "label": label, "index": index}
+    def _decode(self, path: str, temporal_clip: int | None) -> torch.Tensor:
+        """uint8 (T, C, H, W); tries `1 + decode_retries` times (a training retry draws another clip, which may
+        avoid a broken stretch of the file). A missing file is not retried."""
+        for attempt in range(self.decode_retries + 1):
+            try:
+                frames, _ = decode_clip(
+                    path, lambda n, fps: self._choose_indices(n, fps, temporal_clip), num_threads=self.decode_threads
+                )
+                return frames.permute(0, 3, 1, 2)  # (T, C, H, W), the layout torchvision transforms expect
+            except VideoDecodeError:
+                if attempt == self.decode_retries:
+                    raise
+        raise AssertionError("unreachable")
+
+    def __getitem__(self, item: int) -> dict:
+        video_index, view = divmod(item, self.views_per_video)
+        if self.training:
+            return self._training_item(video_index)
+        return self._evaluation_item(video_index, view)
+
+    def _training_item(self, video_index: int) -> dict:
+        errors: list[str] = []
+        candidate = video_index
+        for _ in range(self.max_replacements + 1):
+            path, label = self.entries[candidate]
+            try:
+                video = self.transform(self._decode(path, temporal_clip=None))
+            except (VideoDecodeError, FileNotFoundError) as error:
+                errors.append(_error_line(path, error))
+                candidate = int(torch.randint(len(self.entries), ()))
+                continue
+            return {"video": video, "label": label, "index": candidate, "view": 0, "valid": True,
+                    "replaced": candidate != video_index, "decode_errors": "\n".join(errors)}
+        raise RuntimeError(
+            f"{len(errors)} videos in a row could not be decoded; the data looks misconfigured (wrong data.root, "
+            f"files that are not videos, a codec FFmpeg lacks?). The last: {errors[-1].replace(chr(9), ': ')}. "
+            "`python -m timesformer.data.check data=... data.root=...` lists every unreadable video."
+        )
+
+    def _evaluation_item(self, video_index: int, view: int) -> dict:
+        path, label = self.entries[video_index]
+        temporal_clip, spatial_crop = divmod(view, self.spatial_crops)
+        key = (video_index, temporal_clip)
+        if self._cached is None or self._cached[0] != key:
+            try:
+                self._cached = (key, self.transform.resize(self._decode(path, temporal_clip)))
+            except (VideoDecodeError, FileNotFoundError) as error:
+                self._cached = (key, _error_line(path, error))  # the views of this clip fail alike, undecoded
+        resized = self._cached[1]
+        if isinstance(resized, str):
+            video, valid, errors = torch.zeros(self.num_frames, 3, *self._crop_shape()), False, resized
+        else:
+            video, valid, errors = self.transform.crop(resized, spatial_crop), True, ""
+        return {"video": video, "label": label, "index": video_index, "view": view, "valid": valid,
+                "replaced": False, "decode_errors": errors}
+
+    def _crop_shape(self) -> tuple[int, int]:
+        size = getattr(self.transform, "crop_size", None)
+        if size is None:  # a plain transform: ask it for the shape of a small black clip
+            return tuple(self.transform.crop(torch.zeros(1, 3, 64, 64, dtype=torch.uint8)).shape[-2:])
+        return size, size
+
+
+class _WholeClipTransform:
+    """A plain evaluation transform (frames in, one view out) in the resize() / crop() steps of
+    `EvalViewTransform`: resize() keeps the frames, crop() applies the transform."""
+
+    def __init__(self, transform: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.transform = transform
+
+    def resize(self, frames: torch.Tensor) -> torch.Tensor:
+        return frames
+
+    def crop(self, frames: torch.Tensor, crop_index: int = 0) -> torch.Tensor:
+        return self.transform(frames)
+
+
+def _error_line(path: str, error: Exception) -> str:
+    """One "<path>\t<reason>" line (FFmpeg's messages can span lines; the path is named once, up front)."""
+    if isinstance(error, FileNotFoundError):
+        return f"{path}\tthe file does not exist (any more)"
+    reason = " ".join(str(error).split()).replace(path, os.path.basename(path))
+    return f"{path}\t{reason}"

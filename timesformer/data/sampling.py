@@ -62,3 +62,40 @@ def dense_clip_indices(
 
     indices = [math.floor(start + i * step) for i in range(num_frames)]
     return [min(max(index, 0), video_num_frames - 1) for index in indices]
+
+
+def segment_clip_indices(
+    video_num_frames: int,
+    num_frames: int,
+    clip_index: int | None = None,
+    num_clips: int = 1,
+    rng: random.Random | None = None,
+) -> list[int]:
+    """Frame indices of one TSN-style clip: the video cut into `num_frames` equal segments, one frame from each.
+
+    The clip always covers the whole video, whatever its length or fps (Something-Something's actions fill
+    their short videos; DESIGN.md section 4).
+    - training (`clip_index` None): a uniformly random frame in each segment, drawn from `rng` (None: the
+      global `random` module).
+    - evaluation: in each segment, the frame at (clip_index + 0.5) / num_clips of its length: the middle for
+      one clip. Deterministic.
+
+    A video with fewer frames than `num_frames` gets repeated frames (in order); never out of range.
+    """
+    if video_num_frames <= 0:
+        raise ValueError(f"video_num_frames must be positive, got {video_num_frames} (empty or unreadable video?)")
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    if num_clips < 1:
+        raise ValueError(f"num_clips must be >= 1, got {num_clips}")
+    if clip_index is not None and not 0 <= clip_index < num_clips:
+        raise ValueError(f"clip_index must be in [0, {num_clips - 1}] (num_clips={num_clips}), got {clip_index}")
+
+    segment = video_num_frames / num_frames  # may be fractional, or below 1 for a short video
+    if clip_index is None:
+        rng = rng if rng is not None else random
+        offsets = [rng.random() for _ in range(num_frames)]
+    else:
+        offsets = [(clip_index + 0.5) / num_clips] * num_frames
+    indices = [math.floor((i + offset) * segment) for i, offset in enumerate(offsets)]
+    return [min(max(index, 0), video_num_frames - 1) for index in indices]

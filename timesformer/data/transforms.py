@@ -80,3 +80,58 @@ def eval_transform(
             v2.Normalize(mean=mean, std=std),
         ]
     )
+
+
+def spatial_crop_offset(length: int, crop_size: int, crop_index: int, num_crops: int) -> int:
+    """Where crop `crop_index` of `num_crops` starts along a side of `length` pixels: evenly spread from one
+    end to the other (0, centre, end for 3 crops); the centre for one crop."""
+    if num_crops == 1:
+        return int(round((length - crop_size) / 2.0))  # as torchvision's CenterCrop rounds
+    return round((length - crop_size) * crop_index / (num_crops - 1))
+
+
+class EvalViewTransform:
+    """Evaluation views: short side to `crop_size`, then crop `crop_index` of `num_crops` square crops spread
+    along the long side (left/centre/right for landscape video, top/centre/bottom for portrait), normalised.
+
+    Split in two steps so that a dataset can resize a decoded clip once and cut all its crops from it:
+    `resize(frames)` (uint8 in, uint8 out) and `crop(resized, crop_index)` (normalised float32 out).
+    With `num_crops=1` it equals `eval_transform` (the centre crop).
+    """
+
+    def __init__(
+        self,
+        crop_size: int,
+        num_crops: int = 1,
+        mean: Sequence[float] = DEFAULT_MEAN,
+        std: Sequence[float] = DEFAULT_STD,
+    ) -> None:
+        _check_crop_size(crop_size)
+        if num_crops < 1:
+            raise ValueError(f"num_crops must be >= 1, got {num_crops}")
+        self.crop_size = int(crop_size)
+        self.num_crops = int(num_crops)
+        self.mean, self.std = _check_mean_std(mean, std)
+        self._resize = v2.Resize(self.crop_size, antialias=True)  # an int resizes the short side
+        self._normalise = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)])
+
+    def resize(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 (T, C, H, W) -> uint8 (T, C, H', W') with min(H', W') == crop_size."""
+        return self._resize(frames)
+
+    def crop(self, resized: torch.Tensor, crop_index: int = 0) -> torch.Tensor:
+        """A resized clip -> crop `crop_index`, normalised float32 (T, C, crop_size, crop_size)."""
+        if not 0 <= crop_index < self.num_crops:
+            raise ValueError(f"crop_index must be in [0, {self.num_crops - 1}], got {crop_index}")
+        height, width = resized.shape[-2:]
+        size = self.crop_size
+        # centred across the short side (which equals crop_size after resize(), unless the clip is smaller)
+        top, left = spatial_crop_offset(height, size, 0, 1), spatial_crop_offset(width, size, 0, 1)
+        if width >= height:
+            left = spatial_crop_offset(width, size, crop_index, self.num_crops)
+        else:
+            top = spatial_crop_offset(height, size, crop_index, self.num_crops)
+        return self._normalise(resized[..., top : top + size, left : left + size])
+
+    def __call__(self, frames: torch.Tensor, crop_index: int = 0) -> torch.Tensor:
+        return self.crop(self.resize(frames), crop_index)

@@ -1,0 +1,393 @@
+"""Tests of timesformer.data: clip sampling, transforms, decoding, the synthetic dataset and the DataModule."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from timesformer.data import (
+    SyntheticMotionSource,
+    VideoClipDataset,
+    VideoDataModule,
+    VideoDecodeError,
+    decode_frames,
+    dense_clip_indices,
+    eval_transform,
+    read_video_info,
+    train_transform,
+)
+from timesformer.data.synthetic import DIRECTIONS
+
+# A tiny synthetic dataset: 4 classes x (2 train + 1 val) videos of 24 frames, 48x32 px.
+TINY = dict(
+    num_classes=4,
+    videos_per_class_train=2,
+    videos_per_class_val=1,
+    num_video_frames=24,
+    fps=30,
+    height=32,
+    width=48,
+    seed=0,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_source(tmp_path_factory) -> SyntheticMotionSource:
+    source = SyntheticMotionSource(tmp_path_factory.mktemp("synthetic"), **TINY)
+    source.prepare()
+    return source
+
+
+# -- sampling ----------------------------------------------------------------------------------------------
+
+
+def test_span_scales_with_fps():
+    # 8 frames, sampling_rate 4 at 30 fps: a step of 4 frames at 30 fps, 8 at 60 fps, 2 at 15 fps.
+    for video_fps, step in ((30.0, 4), (60.0, 8), (15.0, 2)):
+        indices = dense_clip_indices(1000, 8, 4, video_fps, target_fps=30.0, clip_index=0)
+        assert np.diff(indices).tolist() == [step] * 7
+
+
+def test_eval_clip_is_centred_and_deterministic():
+    indices = dense_clip_indices(100, 8, 2, 30.0, clip_index=0, num_clips=1)
+    assert indices == dense_clip_indices(100, 8, 2, 30.0, clip_index=0, num_clips=1)
+    # Span 16 frames, 84 possible starts: the centred clip starts at 42.
+    assert indices == list(range(42, 58, 2))
+
+
+def test_eval_clips_spread_over_the_video():
+    clips = [dense_clip_indices(300, 8, 4, 30.0, clip_index=i, num_clips=3) for i in range(3)]
+    starts = [clip[0] for clip in clips]
+    assert starts == sorted(starts) and len(set(starts)) == 3
+    # Each clip centred in its third of the 268 possible starts.
+    assert starts == [268 // 6, 268 // 2, 268 * 5 // 6]
+
+
+def test_short_video_is_padded_by_repeating_frames():
+    for clip_index in (None, 0):
+        indices = dense_clip_indices(5, 8, 4, 30.0, clip_index=clip_index, rng=random.Random(0))
+        assert len(indices) == 8
+        assert indices == sorted(indices)
+        assert min(indices) >= 0 and max(indices) == 4  # clamped to the last frame
+    assert dense_clip_indices(1, 4, 2, 30.0, clip_index=0) == [0, 0, 0, 0]
+
+
+def test_indices_always_in_range():
+    rng = random.Random(0)
+    for _ in range(500):
+        video_num_frames = rng.randint(1, 400)
+        num_clips = rng.randint(1, 5)
+        clip_index = rng.choice([None, rng.randrange(num_clips)])
+        indices = dense_clip_indices(
+            video_num_frames,
+            num_frames=rng.randint(1, 32),
+            sampling_rate=rng.randint(1, 32),
+            video_fps=rng.choice([12.0, 15.0, 24.0, 25.0, 29.97, 30.0, 50.0, 60.0]),
+            clip_index=clip_index,
+            num_clips=num_clips,
+            rng=rng,
+        )
+        assert all(0 <= index < video_num_frames for index in indices)
+        assert indices == sorted(indices)
+
+
+def test_training_start_is_random_and_reproducible():
+    starts = {dense_clip_indices(300, 8, 4, 30.0, rng=random.Random(seed))[0] for seed in range(20)}
+    assert len(starts) > 5
+    assert dense_clip_indices(300, 8, 4, 30.0, rng=random.Random(3)) == dense_clip_indices(
+        300, 8, 4, 30.0, rng=random.Random(3)
+    )
+
+
+def test_sampling_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="video_num_frames"):
+        dense_clip_indices(0, 8, 4, 30.0)
+    with pytest.raises(ValueError, match="clip_index"):
+        dense_clip_indices(100, 8, 4, 30.0, clip_index=3, num_clips=3)
+    with pytest.raises(ValueError, match="video_fps"):
+        dense_clip_indices(100, 8, 4, 0.0, clip_index=0)
+
+
+# -- transforms --------------------------------------------------------------------------------------------
+
+
+def test_transform_output_shape_dtype_and_normalisation():
+    gray = torch.full((4, 3, 40, 50), round(0.45 * 255), dtype=torch.uint8)  # (T, C, H, W) at the mean
+    white = torch.full((4, 3, 40, 50), 255, dtype=torch.uint8)
+    for transform in (train_transform(32, short_side_range=(32, 40)), eval_transform(32)):
+        out = transform(gray)
+        assert out.shape == (4, 3, 32, 32) and out.dtype == torch.float32
+        assert out.abs().max() < 0.01  # (0.45 - 0.45) / 0.225
+        assert torch.allclose(transform(white), torch.full_like(out, (1 - 0.45) / 0.225), atol=1e-3)
+
+
+def test_train_transform_applies_the_same_params_to_every_frame():
+    frame = torch.randint(0, 256, (1, 3, 48, 64), dtype=torch.uint8)
+    video = frame.expand(6, -1, -1, -1).clone()  # six identical frames
+    transform = train_transform(32, short_side_range=(32, 48), horizontal_flip=True)
+    outputs = []
+    for seed in range(8):
+        torch.manual_seed(seed)
+        out = transform(video)
+        assert all(torch.equal(out[0], out[t]) for t in range(1, 6)), "frames got different crops/flips"
+        outputs.append(out[0])
+    # The transform is random (different scale/crop/flip across calls), just not across frames.
+    assert any(not torch.equal(outputs[0], other) for other in outputs[1:])
+
+
+def test_horizontal_flip_happens_and_can_be_turned_off():
+    # A left-dark / right-bright frame at the crop size (no scale or crop freedom left): flipping is visible.
+    video = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
+    video[..., 16:] = 255
+    flipped = []
+    for seed in range(10):
+        torch.manual_seed(seed)
+        out = train_transform(32, short_side_range=(32, 32), horizontal_flip=True)(video)
+        flipped.append(bool(out[0, 0, 0, 0] > out[0, 0, 0, -1]))
+        assert torch.equal(out[0], out[1])
+    assert any(flipped) and not all(flipped)
+    for seed in range(5):
+        torch.manual_seed(seed)
+        out = train_transform(32, short_side_range=(32, 32), horizontal_flip=False)(video)
+        assert out[0, 0, 0, 0] < out[0, 0, 0, -1]
+
+
+def test_eval_transform_is_a_deterministic_centre_crop():
+    video = torch.randint(0, 256, (3, 3, 32, 48), dtype=torch.uint8)
+    out = eval_transform(32)(video)
+    assert torch.equal(out, eval_transform(32)(video))
+    expected = (video[..., 8:40].float() / 255 - 0.45) / 0.225  # short side already 32: crop the middle
+    assert torch.allclose(out, expected, atol=1e-5)
+
+
+def test_transform_rejects_a_crop_larger_than_the_short_side():
+    with pytest.raises(ValueError, match="crop_size"):
+        train_transform(224, short_side_range=(128, 160))
+
+
+# -- decoding and the synthetic dataset --------------------------------------------------------------------
+
+
+def test_decode_generated_video(tiny_source):
+    path, _ = tiny_source.load().splits["train"][0]
+    info = read_video_info(path)
+    assert (info.num_frames, info.fps, info.height, info.width) == (24, 30.0, 32, 48)
+    frames = decode_frames(path, [0, 5, 5, 23])
+    assert frames.shape == (4, 32, 48, 3) and frames.dtype == torch.uint8
+    assert torch.equal(frames[1], frames[2])
+    assert torch.equal(frames[0], decode_frames(path, [0])[0])  # seeking back gives the same frame
+
+
+@pytest.mark.parametrize("width", [48, 64])
+def test_decoded_frames_match_pyav(tmp_path, width):
+    # decord2 3.4 returns rows padded into extra channels at some widths (48 is one, 64 is not); video.py
+    # works around it. PyAV, decoding the whole file in order, is the reference.
+    import av
+
+    from timesformer.data.synthetic import render_video, write_mp4
+
+    path = tmp_path / f"clip{width}.mp4"
+    write_mp4(path, render_video((1.0, 0.0), 12, 32, width, np.random.default_rng(0)), fps=30)
+    with av.open(str(path)) as container:
+        reference = np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+    indices = [11, 0, 3, 3, 7]
+    assert np.array_equal(decode_frames(path, indices).numpy(), reference[indices])
+
+
+def _estimated_shift(frames: np.ndarray, gap: int) -> np.ndarray:
+    """The (dy, dx) in pixels that best maps the moving content of frame t onto frame t + gap, over all t.
+
+    Moving content is what differs from the per-pixel temporal median (the static background), kept signed
+    so that the objects' texture makes the correlation peak sharp. Shifts wrap around, like the generator.
+    """
+    gray = frames.astype(np.float32).mean(axis=-1)  # (T, H, W)
+    moving = gray - np.median(gray, axis=0)
+    best_score, best_shift = -np.inf, None
+    for dy in range(-8, 9):
+        for dx in range(-8, 9):
+            score = (np.roll(moving[:-gap], (dy, dx), axis=(1, 2)) * moving[gap:]).sum()
+            if score > best_score:
+                best_score, best_shift = score, np.array([dy, dx])
+    return best_shift
+
+
+def test_generated_videos_move_the_way_their_label_says(tiny_source):
+    index = tiny_source.load()
+    assert index.class_names == ["moving_left", "moving_right", "moving_up", "moving_down"]
+    gap = 4
+    for path, label in index.splits["train"] + index.splits["val"]:
+        frames = decode_frames(path, range(TINY["num_video_frames"])).numpy()
+        dx, dy = DIRECTIONS[index.class_names[label]]
+        shift = _estimated_shift(frames, gap)  # (dy, dx)
+        along = shift @ np.array([dy, dx])
+        across = shift @ np.array([dx, -dy])
+        # Speed is 0.02-0.04 x 32 px per frame: 2.6-5.1 px over 4 frames, in the labelled direction.
+        assert 2 <= along <= 6 and abs(across) <= 1, f"{path}: shift {shift} for {index.class_names[label]}"
+
+
+def test_generation_is_deterministic(tmp_path):
+    settings = dict(TINY, num_classes=2, videos_per_class_train=1)
+    first, second = SyntheticMotionSource(tmp_path / "a", **settings), SyntheticMotionSource(tmp_path / "b", **settings)
+    first.prepare()
+    second.prepare()
+    path_a, path_b = first.load().splits["train"][1][0], second.load().splits["train"][1][0]
+    assert torch.equal(decode_frames(path_a, range(24)), decode_frames(path_b, range(24)))
+
+
+def test_prepare_is_cached_and_regenerates_when_parameters_change(tmp_path):
+    settings = dict(TINY, num_classes=2, videos_per_class_train=1)
+    source = SyntheticMotionSource(tmp_path, **settings)
+    source.prepare()
+    files = sorted(tmp_path.rglob("*.mp4"))
+    assert len(files) == 4
+    mtimes = {path: path.stat().st_mtime_ns for path in files + [source.index_path]}
+
+    SyntheticMotionSource(tmp_path, **settings).prepare()  # same parameters: nothing rewritten
+    assert {path: path.stat().st_mtime_ns for path in mtimes} == mtimes
+
+    bigger = SyntheticMotionSource(tmp_path, **dict(settings, videos_per_class_train=2))
+    with pytest.raises(ValueError, match="other parameters"):
+        bigger.load()  # the files on disk were made with other parameters
+    bigger.prepare()
+    assert len(bigger.load().splits["train"]) == 4
+    assert json.loads(source.index_path.read_text())["parameters"]["videos_per_class_train"] == 2
+    assert len(sorted(tmp_path.rglob("*.mp4"))) == 6
+
+
+def test_load_without_prepare_names_the_root(tmp_path):
+    root = tmp_path / "not_generated"
+    with pytest.raises(FileNotFoundError, match="not_generated") as error:
+        SyntheticMotionSource(root).load()
+    assert "prepare()" in str(error.value)
+
+
+def test_source_rejects_odd_frame_sizes(tmp_path):
+    with pytest.raises(ValueError, match="even"):
+        SyntheticMotionSource(tmp_path, height=33)
+
+
+def test_missing_video_raises_file_not_found(tmp_path):
+    missing = tmp_path / "missing.mp4"
+    with pytest.raises(FileNotFoundError, match="missing.mp4"):
+        decode_frames(missing, [0])
+    with pytest.raises(FileNotFoundError, match="missing.mp4"):
+        read_video_info(missing)
+
+
+def test_broken_videos_raise_decode_error_naming_the_file(tmp_path, tiny_source):
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    text = tmp_path / "text.mp4"
+    text.write_text("this is not a video\n" * 20)
+    good = tiny_source.load().splits["train"][0][0]
+    truncated = tmp_path / "truncated.mp4"
+    data = open(good, "rb").read()
+    truncated.write_bytes(data[: len(data) // 2])  # ffmpeg's mp4 index (moov) is at the end: now lost
+    for path in (empty, text, truncated):
+        with pytest.raises(VideoDecodeError, match=path.name):
+            decode_frames(path, [0])
+
+
+# -- dataset and DataModule --------------------------------------------------------------------------------
+
+
+def test_dataset_items(tiny_source):
+    entries = tiny_source.load().splits["val"]
+    dataset = VideoClipDataset(entries, num_frames=4, sampling_rate=2, transform=eval_transform(16), training=False)
+    assert len(dataset) == 4
+    item = dataset[2]
+    assert item["video"].shape == (4, 3, 16, 16) and item["video"].dtype == torch.float32
+    assert item["label"] == entries[2][1] and item["index"] == 2
+    assert torch.equal(item["video"], dataset[2]["video"])  # evaluation is deterministic
+
+
+def test_training_clips_follow_the_torch_seed(tiny_source):
+    entries = tiny_source.load().splits["train"]
+    dataset = VideoClipDataset(
+        entries, num_frames=4, sampling_rate=1, transform=train_transform(16, (16, 24)), training=True
+    )
+
+    def draw(seed: int) -> torch.Tensor:
+        torch.manual_seed(seed)
+        return dataset[0]["video"]
+
+    assert torch.equal(draw(0), draw(0))
+    assert any(not torch.equal(draw(0), draw(seed)) for seed in range(1, 5))
+
+
+def _datamodule(source, **overrides) -> VideoDataModule:
+    settings = dict(
+        source=source,
+        num_frames=4,
+        sampling_rate=2,
+        image_size=16,
+        batch_size=3,
+        num_workers=0,
+        train_short_side_range=(16, 20),
+        horizontal_flip=False,
+    )
+    return VideoDataModule(**(settings | overrides))
+
+
+def test_datamodule_batches(tiny_source):
+    datamodule = _datamodule(tiny_source)
+    assert datamodule.class_names == ["moving_left", "moving_right", "moving_up", "moving_down"]  # before setup
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    assert batch["video"].shape == (3, 4, 3, 16, 16)  # (B, T, C, H, W)
+    assert batch["video"].dtype == torch.float32
+    assert batch["label"].shape == (3,) and batch["label"].dtype == torch.int64
+    assert batch["index"].shape == (3,)
+    datamodule.setup("test")
+    batches = list(datamodule.val_dataloader())
+    assert sum(len(b["label"]) for b in batches) == 4
+    assert torch.equal(torch.cat([b["index"] for b in batches]), torch.arange(4))
+    assert len(list(datamodule.test_dataloader())) == len(batches)
+
+
+def test_datamodule_with_workers(tiny_source):
+    datamodule = _datamodule(tiny_source, num_workers=2)
+    assert datamodule.persistent_workers
+    datamodule.setup("fit")
+    labels = torch.cat([batch["label"] for batch in datamodule.train_dataloader()])
+    assert sorted(labels.tolist()) == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+def test_datamodule_validates_arguments(tiny_source):
+    with pytest.raises(ValueError, match="image_size.*train_short_side_range"):
+        _datamodule(tiny_source, image_size=32, train_short_side_range=(16, 20))
+    with pytest.raises(ValueError, match="num_frames"):
+        _datamodule(tiny_source, num_frames=0)
+    with pytest.raises(ValueError, match="mean and std"):
+        _datamodule(tiny_source, mean=[0.5, 0.5])
+
+
+def test_datamodule_from_hydra_config(tiny_source):
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.create(
+        {
+            "_target_": "timesformer.data.VideoDataModule",
+            "source": {"_target_": "timesformer.data.SyntheticMotionSource", "root": str(tiny_source.root), **TINY},
+            "num_frames": 4,
+            "sampling_rate": 2,
+            "image_size": 16,
+            "batch_size": 2,
+            "num_workers": 0,
+            "train_short_side_range": [16, 20],
+            "mean": [0.5, 0.5, 0.5],
+            "std": [0.5, 0.5, 0.5],
+            "horizontal_flip": False,
+        }
+    )
+    datamodule = instantiate(config)
+    assert isinstance(datamodule.source, SyntheticMotionSource)
+    datamodule.setup("validate")
+    batch = next(iter(datamodule.val_dataloader()))
+    assert batch["video"].shape == (2, 4, 3, 16, 16)

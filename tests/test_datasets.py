@@ -1,0 +1,496 @@
+"""Real dataset layouts (Kinetics, UCF101, Something-Something v2, folders, CSV lists), evaluation views and
+broken videos, on tiny fixtures written here in each dataset's official layout."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import compose_config
+from timesformer.data.kinetics import KineticsSource
+from timesformer.data.sampling import segment_clip_indices
+from timesformer.data.sources import CsvSource, FolderSource
+from timesformer.data.ssv2 import SomethingSomethingV2Source
+from timesformer.data.ucf101 import UCF101Source
+from timesformer.pipeline import train
+
+WIDTH, HEIGHT = 64, 48
+
+# Kinetics labels as the official CSVs write them: spaces, parentheses, a comma (quoted).
+KINETICS_LABELS = ["abseiling", "passing American football (in game)", "dancing, solo (ballet)"]
+
+
+def write_video(path: Path, num_frames: int = 16, fps: int = 25, codec: str = "libx264", seed: int = 0) -> Path:
+    """A tiny real video: h264 mp4, MPEG-4 part 2 AVI or VP9 webm, chosen by `codec` and the suffix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 255, size=(HEIGHT, WIDTH, 3), dtype=np.uint8)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream(codec, rate=Fraction(fps))
+        stream.width, stream.height, stream.pix_fmt = WIDTH, HEIGHT, "yuv420p"
+        for t in range(num_frames):
+            frame = av.VideoFrame.from_ndarray(np.roll(base, 2 * t, axis=1), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def write_lines(path: Path, lines: list[str], line_end: str = "\n") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes((line_end.join(lines) + line_end).encode())
+    return path
+
+
+# -- fixtures in each official layout --------------------------------------------------------------------------
+def make_kinetics(root: Path, per_class_train: bool = True) -> dict:
+    """Official CSVs in root/annotations/ (train.csv, validate.csv, test.csv without labels); train clips in
+    per-class folders, validation clips flat in val/ (named validate in the CSV); one validation clip missing."""
+    header = "label,youtube_id,time_start,time_end,split,is_cc"
+    train_rows, val_rows, test_rows = [header], [header], ["youtube_id,time_start,time_end,split"]
+    for label_id, label in enumerate(KINETICS_LABELS):
+        quoted = f'"{label}"' if ("," in label or " " in label) else label
+        for i in range(2):
+            youtube_id = f"tr{label_id}{i}abcdefg"[:11]
+            train_rows.append(f"{quoted},{youtube_id},{10 * i},{10 * i + 10},train,0")
+            folder = root / "train" / label if per_class_train else root / "train"
+            write_video(folder / f"{youtube_id}_{10 * i:06d}_{10 * i + 10:06d}.mp4", seed=label_id * 10 + i)
+        youtube_id = f"va{label_id}0abcdefg"[:11]
+        val_rows.append(f"{quoted},{youtube_id},4,14,validate,0")
+        write_video(root / "val" / f"{youtube_id}_000004_000014.mp4", seed=100 + label_id)
+    val_rows.append('"dancing, solo (ballet)",gone0000000,0,10,validate,0')  # deleted from YouTube: no file
+    test_rows.append("te00abcdefg,0,10,test")
+    write_lines(root / "annotations" / "train.csv", train_rows)
+    write_lines(root / "annotations" / "validate.csv", val_rows)
+    write_lines(root / "annotations" / "test.csv", test_rows)
+    return {"classes": 3, "train": 6, "val": 3, "missing_val": 1}
+
+
+def make_slowfast_kinetics(root: Path) -> dict:
+    """PySlowFast lists: `path label` lines, no header, paths relative to root."""
+    for split, count in (("train", 4), ("val", 2)):
+        lines = []
+        for i in range(count):
+            relative = f"videos/{split}_{i}.mp4"
+            write_video(root / relative, seed=i)
+            lines.append(f"{relative} {i % 2}")
+        write_lines(root / f"{split}.csv", lines)
+    (root / "classids.json").write_text(json.dumps({"zumba": 1, "abseiling": 0}))
+    return {"classes": 2, "train": 4, "val": 2}
+
+
+UCF_CLASSES = ["ApplyEyeMakeup", "HandstandPushups"]
+
+
+def make_ucf101(root: Path) -> dict:
+    """ucfTrainTestlist/ with CRLF lines and 1-based ids; UCF-101/<Class>/v_*.avi in MPEG-4 part 2. As in the real
+    dataset, HandstandPushups' files are named v_HandStandPushups_* (another case than classInd.txt)."""
+    lists = root / "ucfTrainTestlist"
+    write_lines(lists / "classInd.txt", [f"{i + 1} {name}" for i, name in enumerate(UCF_CLASSES)], "\r\n")
+    train_lines, test_lines = [], []
+    for label, name in enumerate(UCF_CLASSES):
+        file_class = "HandStandPushups" if name == "HandstandPushups" else name
+        for group in (1, 8, 9):
+            relative = f"{name}/v_{file_class}_g{group:02d}_c01.avi"
+            write_video(root / "UCF-101" / relative, codec="mpeg4", seed=label * 10 + group)
+            # groups 1-7 are split 1's test set
+            if group <= 7:
+                test_lines.append(relative)
+            else:
+                train_lines.append(f"{relative} {label + 1}")
+    write_lines(lists / "trainlist01.txt", train_lines, "\r\n")
+    write_lines(lists / "testlist01.txt", test_lines, "\r\n")
+    return {"classes": 2, "train": 4, "val": 2}
+
+
+SSV2_TEMPLATES = ["Pushing something from left to right", "Putting something into something"]
+
+
+def make_ssv2(root: Path) -> dict:
+    """labels.json (template -> id string), train/validation.json with bracketed templates, test.json without
+    labels, <id>.webm VP9 videos in 20bn-something-something-v2/."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "labels.json").write_text(json.dumps({t: str(i) for i, t in enumerate(SSV2_TEMPLATES)}))
+    bracketed = ["Pushing [something] from left to right", "Putting [something] into [something]"]
+    video_id = 1
+    for split, per_class in (("train", 2), ("validation", 1)):
+        items = []
+        for template in bracketed:
+            for _ in range(per_class):
+                write_video(root / "20bn-something-something-v2" / f"{video_id}.webm", codec="libvpx-vp9",
+                            seed=video_id)
+                items.append({"id": str(video_id), "label": template.replace("[", "").replace("]", ""),
+                              "template": template, "placeholders": ["a pen"]})
+                video_id += 1
+        (root / f"{split}.json").write_text(json.dumps(items))
+    (root / "test.json").write_text(json.dumps([{"id": "999"}]))
+    return {"classes": 2, "train": 4, "val": 2}
+
+
+def make_folder(root: Path) -> dict:
+    for split, count in (("train", 2), ("val", 1)):
+        for name in ("cat", "dog"):
+            for i in range(count):
+                write_video(root / split / name / f"{name}{i}.mp4", seed=i + (name == "dog"))
+    (root / "train" / "cat" / "notes.txt").write_text("not a video")
+    return {"classes": 2, "train": 4, "val": 2}
+
+
+def make_csv(root: Path) -> dict:
+    """A header, class names with a comma, paths relative to the CSV's folder (lists/) and to root (videos)."""
+    rows = {"train": [], "val": []}
+    for split, count in (("train", 2), ("val", 1)):
+        for name in ("jumping, high", "running"):
+            for i in range(count):
+                relative = f"videos/{split}_{name[:4]}{i}.mp4"
+                write_video(root / relative, seed=i)
+                rows[split].append((relative, name))
+    lists = root / "lists"
+    lists.mkdir()
+    for split, split_rows in rows.items():
+        with open(lists / f"{split}.csv", "w", newline="") as file:
+            writer = csv.writer(file)
+            writer.writerow(["path", "label"])
+            writer.writerows(split_rows)
+    # One path relative to the list's own folder.
+    write_video(lists / "local.mp4")
+    with open(lists / "train.csv", "a", newline="") as file:
+        csv.writer(file).writerow(["local.mp4", "running"])
+    return {"classes": 2, "train": 5, "val": 2}
+
+
+LAYOUTS = {
+    "kinetics400": (make_kinetics, []),
+    "kinetics600": (make_slowfast_kinetics, []),
+    "ucf101": (make_ucf101, ["data.split=1"]),
+    "ssv2": (make_ssv2, []),
+    "folder": (make_folder, []),
+    "csv": (make_csv, ["data.source.train_list=lists/train.csv", "data.source.val_list=lists/val.csv"]),
+}
+
+
+# -- sources: what they find on disk ---------------------------------------------------------------------------
+def test_kinetics_official_csvs(tmp_path, caplog):
+    expected = make_kinetics(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        index = KineticsSource(tmp_path, num_classes=3).load()
+    assert index.class_names == sorted(KINETICS_LABELS)  # the quoted labels parsed whole
+    assert len(index.splits["train"]) == expected["train"] and len(index.splits["val"]) == expected["val"]
+    assert index.splits["test"] is index.splits["val"]  # the test CSV has no labels
+    # the missing clip is reported once, with its name, and is not fatal
+    warnings = [r.getMessage() for r in caplog.records if "missing" in r.getMessage()]
+    assert len(warnings) == 1 and "1 of 4" in warnings[0] and "gone0000000_000000_000010" in warnings[0]
+    # labels follow the sorted class names whatever the folder layout
+    for path, label in index.splits["train"] + index.splits["val"]:
+        youtube_id = Path(path).stem[:11]
+        assert int(youtube_id[2]) == KINETICS_LABELS.index(index.class_names[label])
+
+
+def test_kinetics_flat_train_folder_and_named_validate_folder(tmp_path):
+    make_kinetics(tmp_path, per_class_train=False)
+    (tmp_path / "val").rename(tmp_path / "validate")
+    index = KineticsSource(tmp_path).load()
+    assert len(index.splits["train"]) == 6 and len(index.splits["val"]) == 3
+
+
+def test_kinetics_pyslowfast_lists(tmp_path):
+    make_slowfast_kinetics(tmp_path)
+    index = KineticsSource(tmp_path).load()
+    assert index.class_names == ["abseiling", "zumba"]
+    assert [label for _, label in index.splits["train"]] == [0, 1, 0, 1]
+    assert all(Path(path).is_file() for path, _ in index.splits["train"])
+
+
+def test_ucf101_lists_with_crlf_and_case_mismatch(tmp_path):
+    make_ucf101(tmp_path)
+    index = UCF101Source(tmp_path, split=1).load()
+    assert index.class_names == UCF_CLASSES
+    assert sorted(label for _, label in index.splits["train"]) == [0, 0, 1, 1]
+    # test list has no labels: they come from the class folder (case-insensitively)
+    assert sorted(label for _, label in index.splits["val"]) == [0, 1]
+    assert index.splits["test"] is index.splits["val"]
+    with pytest.raises(FileNotFoundError, match="trainlist02.txt"):
+        UCF101Source(tmp_path, split=2).load()
+    with pytest.raises(ValueError, match="data.split=4"):
+        UCF101Source(tmp_path, split=4)
+
+
+def test_ssv2_templates_are_normalised(tmp_path):
+    make_ssv2(tmp_path)
+    index = SomethingSomethingV2Source(tmp_path).load()
+    assert index.class_names == SSV2_TEMPLATES
+    assert [label for _, label in index.splits["train"]] == [0, 0, 1, 1]
+    assert all(path.endswith(".webm") for path, _ in index.splits["val"])
+
+
+def test_folder_and_csv_sources(tmp_path):
+    make_folder(tmp_path / "folder")
+    index = FolderSource(tmp_path / "folder").load()
+    assert index.class_names == ["cat", "dog"] and len(index.splits["train"]) == 4  # notes.txt is no video
+    make_csv(tmp_path / "csv")
+    index = CsvSource(tmp_path / "csv", train_list="lists/train.csv", val_list="lists/val.csv").load()
+    assert index.class_names == ["jumping, high", "running"]
+    assert len(index.splits["train"]) == 5 and Path(index.splits["train"][-1][0]).name == "local.mp4"
+
+
+def test_csv_integer_labels_and_missing_root(tmp_path):
+    write_video(tmp_path / "a.mp4")
+    write_lines(tmp_path / "train.csv", ["a.mp4,2", "gone.mp4,0"])
+    index = CsvSource(tmp_path, val_list=None).load()
+    assert index.class_names == ["0", "1", "2"] and index.splits["train"] == [(str(tmp_path / "a.mp4"), 2)]
+    with pytest.raises(FileNotFoundError, match=r"data.root=.*nowhere does not exist"):
+        CsvSource(tmp_path / "nowhere").prepare()
+
+
+def test_a_split_without_any_video_names_the_folder(tmp_path):
+    make_kinetics(tmp_path)
+    for video in (tmp_path / "val").iterdir():
+        video.unlink()
+    with pytest.raises(FileNotFoundError, match=r"none of the 4 annotated videos was found under .*val"):
+        KineticsSource(tmp_path).load()
+
+
+# -- sampling ---------------------------------------------------------------------------------------------------
+def test_segment_sampling_indices():
+    # evaluation: the middle frame of each of 8 segments of 80 frames
+    assert segment_clip_indices(80, 8, clip_index=0, num_clips=1) == [5, 15, 25, 35, 45, 55, 65, 75]
+    # two evaluation clips: at 1/4 and 3/4 of each segment
+    assert segment_clip_indices(80, 4, clip_index=0, num_clips=2) == [5, 25, 45, 65]
+    assert segment_clip_indices(80, 4, clip_index=1, num_clips=2) == [15, 35, 55, 75]
+    # training: one random frame inside each segment
+    import random
+
+    rng = random.Random(0)
+    for _ in range(50):
+        indices = segment_clip_indices(80, 8, rng=rng)
+        assert all(10 * i <= index < 10 * (i + 1) for i, index in enumerate(indices))
+    # shorter than the clip: frames repeat, in order, never out of range
+    short = segment_clip_indices(3, 8, rng=rng)
+    assert len(short) == 8 and short == sorted(short) and set(short) <= {0, 1, 2}
+    assert segment_clip_indices(1, 8, clip_index=0) == [0] * 8
+
+
+# -- training on each dataset config ---------------------------------------------------------------------------
+def tiny_overrides(dataset: str, root: Path) -> list[str]:
+    """The tiny model on CPU; 8-frame clips 2 frames apart so that the 16-frame fixtures hold a whole clip."""
+    return [f"data={dataset}", f"data.root={root}", "model=tiny", "trainer=cpu",
+            "trainer.enable_progress_bar=false", "data.num_workers=0", "data.batch_size=2", "data.sampling_rate=2",
+            "data.pin_memory=false", *LAYOUTS[dataset][1]]
+
+
+@pytest.mark.parametrize("dataset", list(LAYOUTS))
+def test_fast_dev_run_per_dataset_config(dataset, tmp_path):
+    root = tmp_path / "data"
+    expected = LAYOUTS[dataset][0](root)
+    cfg = compose_config("train", [*tiny_overrides(dataset, root), "+trainer.fast_dev_run=true"], tmp_path / "run")
+    metrics = train(cfg)
+    assert np.isfinite(metrics["train/loss"]) and "val/acc" in metrics
+    datamodule = hydra_datamodule(cfg)
+    assert datamodule.num_classes == expected["classes"]
+
+
+def hydra_datamodule(cfg):
+    import hydra
+
+    datamodule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    datamodule.prepare_data()
+    datamodule.setup()
+    return datamodule
+
+
+def test_missing_data_root_names_the_path_and_the_option(tmp_path):
+    cfg = compose_config("train", tiny_overrides("kinetics400", tmp_path / "nowhere"), tmp_path / "run")
+    with pytest.raises(FileNotFoundError, match=r"data.root=.*nowhere does not exist.*data/README.md"):
+        train(cfg)
+
+
+# -- evaluation views -------------------------------------------------------------------------------------------
+def test_test_views_aggregate_to_one_result_per_video(tmp_path):
+    """2 temporal clips x 3 spatial crops: every view a distinct item, every video counted once at video level,
+    and a video that cannot be decoded reported as failed (never dropped)."""
+    from timesformer.module import VideoClassifier
+    from timesformer.pipeline import build_model
+
+    root = tmp_path / "data"
+    make_folder(root)
+    write_video(root / "test" / "cat" / "a.mp4", seed=1)
+    write_video(root / "test" / "dog" / "b.mp4", seed=2)
+    write_video(root / "test" / "dog" / "c.mp4", seed=3)
+    (root / "test" / "cat" / "broken.mp4").write_bytes(b"")
+    cfg = compose_config("train", [*tiny_overrides("folder", root), "data.test_temporal_clips=2",
+                                   "data.test_spatial_crops=3", "data.batch_size=4"], tmp_path / "run")
+    datamodule = hydra_datamodule(cfg)
+    test_set, val_set = datamodule.datasets["test"], datamodule.datasets["val"]
+    assert len(test_set) == 4 * 6 and len(val_set) == 2  # val_views_full=false: the centre clip only
+    broken = [i for i, (path, _) in enumerate(test_set.entries) if path.endswith("broken.mp4")][0]
+    items = [test_set[i] for i in range(6 * broken, 6 * broken + 12)]
+    assert [item["view"] for item in items] == list(range(6)) * 2
+    assert [item["index"] for item in items] == [broken] * 6 + [broken + 1] * 6
+    assert not any(item["valid"] for item in items[:6]) and all(item["valid"] for item in items[6:])
+    assert items[0]["video"].abs().sum() == 0 and "broken.mp4" in items[0]["decode_errors"]
+    left, centre, right = (items[6 + crop]["video"] for crop in range(3))
+    assert not torch.equal(left, right) and not torch.equal(left, centre)
+
+    L.seed_everything(0)
+    module = VideoClassifier(build_model(cfg.model, datamodule.class_names),
+                             optimizer={"name": "adamw", "lr": 1e-3, "weight_decay": 0.0},
+                             scheduler={"name": "constant"})
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    metrics = trainer.test(module, datamodule=datamodule)[0]
+    results = module.test_results
+    assert sorted(results.indices.tolist()) == sorted(set(range(4)) - {broken})
+    assert results.num_views.tolist() == [6, 6, 6] and results.failed == [broken]
+    assert 0.0 <= metrics["test/video_acc"] <= 1.0
+
+
+def test_spatial_crops_span_the_long_side_and_the_centre_matches_eval_transform():
+    from timesformer.data.transforms import EvalViewTransform, eval_transform
+
+    landscape = torch.randint(0, 256, (2, 3, 48, 71), dtype=torch.uint8)
+    views = EvalViewTransform(32, num_crops=3)
+    resized = views.resize(landscape)  # short side 32, long side 47
+    assert tuple(resized.shape[-2:]) == (32, 47)
+    torch.testing.assert_close(views.crop(resized, 1), eval_transform(32)(landscape))
+    torch.testing.assert_close(views.crop(resized, 0), views._normalise(resized[..., :, :32]))
+    torch.testing.assert_close(views.crop(resized, 2), views._normalise(resized[..., :, -32:]))
+    portrait = views.resize(landscape.transpose(-1, -2))
+    torch.testing.assert_close(views.crop(portrait, 0), views._normalise(portrait[..., :32, :]))
+    torch.testing.assert_close(views.crop(portrait, 2), views._normalise(portrait[..., -32:, :]))
+
+
+def test_the_spatial_crops_of_a_clip_decode_it_once(tmp_path, monkeypatch):
+    import timesformer.data.dataset as dataset_module
+    from timesformer.data.dataset import VideoClipDataset
+    from timesformer.data.transforms import EvalViewTransform
+
+    videos = [(str(write_video(tmp_path / f"{i}.mp4", seed=i)), i) for i in range(2)]
+    calls, decode = [], dataset_module.decode_clip
+
+    def counting_decode(path, *args, **kwargs):
+        calls.append(path)
+        return decode(path, *args, **kwargs)
+
+    monkeypatch.setattr(dataset_module, "decode_clip", counting_decode)
+    dataset = VideoClipDataset(videos, num_frames=4, sampling_rate=2, transform=EvalViewTransform(32, 3),
+                               training=False, temporal_clips=2, spatial_crops=3)
+    items = [dataset[i] for i in range(len(dataset))]
+    assert len(items) == 12 and len(calls) == 4  # 2 videos x 2 temporal clips
+    # the two temporal clips of a video start at different frames
+    assert not torch.equal(items[0]["video"], items[3]["video"])
+
+
+# -- broken videos ------------------------------------------------------------------------------------------------
+def break_videos(folder: Path) -> dict[str, Path]:
+    """A zero-byte file, a truncated mp4 (the moov atom at its end is lost) and a text file named .mp4."""
+    empty = folder / "empty.mp4"
+    empty.write_bytes(b"")
+    truncated = write_video(folder / "truncated.mp4", num_frames=32)
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 3])
+    text = folder / "text.mp4"
+    text.write_text("this is not a video\n" * 20)
+    return {"empty": empty, "truncated": truncated, "text": text}
+
+
+def test_broken_training_videos_are_replaced_and_reported_once(tmp_path, caplog):
+    root = tmp_path / "data"
+    make_folder(root)
+    broken = break_videos(root / "train" / "cat")
+    # Good videos that vanish after the index was read are handled like broken ones.
+    deleted = root / "train" / "dog" / "dog1.mp4"
+    cfg = compose_config("train", [*tiny_overrides("folder", root), "data.max_failed_fraction=1.0"], tmp_path / "run")
+    datamodule = hydra_datamodule(cfg)
+    deleted.unlink()
+    dataset = datamodule.datasets["train"]
+    bad = {str(path) for path in [*broken.values(), deleted]}
+    torch.manual_seed(0)
+    items = [dataset[i] for i in range(len(dataset))]
+    for (path, _), item in zip(dataset.entries, items, strict=True):
+        assert item["valid"] and item["video"].shape == (8, 3, 32, 32)
+        assert item["replaced"] == (path in bad)
+        assert dataset.entries[item["index"]][0] not in bad  # the replacement decodes
+        if path in bad:
+            assert item["decode_errors"].startswith(path + "\t")
+
+    # The DataModule names every failed file once, however often it fails.
+    batch = torch.utils.data.default_collate(items)
+    with caplog.at_level(logging.WARNING, logger="timesformer.data.datamodule"):
+        for _ in range(2):
+            out = datamodule.on_before_batch_transfer(dict(batch), 0)
+    assert "decode_errors" not in out and int(out["replaced"].sum()) == len(bad)
+    named = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Could not decode")]
+    assert len(named) == len(bad) and all(any(path in message for message in named) for path in bad)
+
+
+def test_training_stops_when_too_many_videos_fail(tmp_path):
+    root = tmp_path / "data"
+    make_folder(root)
+    break_videos(root / "train" / "cat")  # 3 broken of 7
+    cfg = compose_config("train", [*tiny_overrides("folder", root), "+trainer.fast_dev_run=true",
+                                   "data.batch_size=7"], tmp_path / "run")
+    with pytest.raises(RuntimeError, match="misconfigured"):
+        train(cfg)
+
+
+def test_nothing_decodes_is_an_error_not_a_hang(tmp_path):
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        for name in ("a", "b"):
+            (root / split / name).mkdir(parents=True)
+            (root / split / name / "x.mp4").write_text("not a video")
+    cfg = compose_config("train", tiny_overrides("folder", root), tmp_path / "run")
+    dataset = hydra_datamodule(cfg).datasets["train"]
+    with pytest.raises(RuntimeError, match="11 videos in a row could not be decoded.*misconfigured"):
+        dataset[0]
+
+
+# -- python -m timesformer.data.check ------------------------------------------------------------------------------
+def test_check_lists_problems_and_writes_a_clean_list(tmp_path, capsys):
+    from timesformer.data.check import main
+
+    root = tmp_path / "data"
+    make_kinetics(root)
+    (root / "val" / "va10abcdefg_000004_000014.mp4").write_text("not a video")
+    clean = tmp_path / "clean"
+    assert main(["data=kinetics400", f"data.root={root}", "model=tiny", "data.sampling_rate=4", "--workers=2",
+                 "--write-clean", str(clean)]) == 0
+    out = capsys.readouterr().out
+    assert "gone0000000_000000_000010" in out  # missing
+    assert "va10abcdefg_000004_000014.mp4" in out  # unreadable
+    assert "too short" in out  # 16 frames at 25 fps < 8 x 4 at 30 fps
+    assert '"dancing, solo (ballet)"' in (clean / "train.csv").read_text()  # quoted: it has a comma
+    index = CsvSource(clean).load()
+    assert index.class_names == sorted(KINETICS_LABELS)
+    assert len(index.splits["train"]) == 6 and len(index.splits["val"]) == 2
+
+
+def test_evaluate_reads_moved_data_and_lists_failed_videos(tmp_path):
+    """evaluate.py data.root=NEW finds a run's dataset where it now is; a test video that cannot be decoded is
+    listed in eval.json, not dropped."""
+    from timesformer.pipeline import evaluate
+
+    root = tmp_path / "data"
+    make_folder(root)
+    write_video(root / "test" / "cat" / "a.mp4")
+    (root / "test" / "dog").mkdir()
+    (root / "test" / "dog" / "broken.mp4").write_text("not a video")
+    metrics = train(compose_config("train", [*tiny_overrides("folder", root), "trainer.max_epochs=1"],
+                                   tmp_path / "run"))
+    assert metrics["test/video_acc"] in (0.0, 1.0)  # one video evaluated, with 3 views
+    moved = root.rename(tmp_path / "moved")
+    evaluate(compose_config("eval", [f"ckpt={metrics['best_checkpoint']}", f"++data.root={moved}",
+                                     "trainer.enable_progress_bar=false"], tmp_path / "eval"))
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert report["views"] == {"test_temporal_clips": 1, "test_spatial_crops": 3}
+    assert report["videos_total"] == 2 and report["videos_evaluated"] == 1
+    assert report["failed_videos"] == [str(moved / "test" / "dog" / "broken.mp4")]

@@ -1,0 +1,195 @@
+"""Scan a dataset before training on it: counts per split and class, and every video that is missing,
+unreadable or shorter than a clip.
+
+    python -m timesformer.data.check data=kinetics400 data.root=/datasets/kinetics400
+    python -m timesformer.data.check data=ucf101 data.root=/datasets/ucf101 data.split=2 --workers 8
+    python -m timesformer.data.check data=ssv2 data.root=/datasets/ssv2 --write-clean /datasets/ssv2/clean
+    python -m timesformer.data.check data=kinetics400 data.root=... --limit 200    # a quick look
+
+Arguments other than the options below are Hydra overrides of configs/train.yaml (`data=...`, `data.root=...`,
+`model.num_frames=16`, ...): the dataset is read exactly as training would read it.
+
+Each video is opened with decord and its first, middle and last frames are decoded (a truncated file usually
+fails on the last). "Too short" videos have fewer frames than one clip needs; they still work (frames are
+repeated) but are listed. `--write-clean DIR` writes DIR/train.csv, DIR/val.csv (and DIR/test.csv for a
+separate test split) with the usable videos, and DIR/classes.txt with the class order, for `data=csv`:
+
+    python train.py data=csv data.root=DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import sys
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+@dataclass
+class VideoCheck:
+    path: str
+    label: int
+    num_frames: int = 0
+    fps: float = 0.0
+    error: str | None = None
+
+
+def check_video(path: str, label: int) -> VideoCheck:
+    """Open a video and decode its first, middle and last frames."""
+    import decord
+
+    result = VideoCheck(path, label)
+    try:
+        if os.path.getsize(path) == 0:
+            result.error = "empty file (0 bytes)"
+            return result
+        reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+        result.num_frames, result.fps = len(reader), float(reader.get_avg_fps())
+        if result.num_frames == 0:
+            result.error = "no frames"
+            return result
+        last = result.num_frames - 1
+        reader.get_batch(sorted({0, last // 2, last})).asnumpy()
+    except FileNotFoundError:
+        result.error = "missing"
+    except Exception as error:  # decord raises RuntimeError / DECORDError with FFmpeg's message
+        result.error = " ".join(str(error).split()).replace(path, os.path.basename(path))[:300]
+    return result
+
+
+def frames_needed(datamodule, fps: float) -> int:
+    """Frames one clip spans in a video at `fps` (a shorter video gets repeated frames)."""
+    if datamodule.sampling == "segment":
+        return datamodule.num_frames
+    fps = fps if fps > 0 and math.isfinite(fps) else datamodule.target_fps
+    return math.ceil(datamodule.num_frames * datamodule.sampling_rate * fps / datamodule.target_fps)
+
+
+def compose_datamodule(overrides: Sequence[str]):
+    """The DataModule that `python train.py <overrides>` would build (nothing is read from disk yet)."""
+    import hydra
+    from hydra import compose, initialize_config_dir
+
+    import timesformer.pipeline  # noqa: F401  (registers the config resolvers)
+
+    os.environ.setdefault("TIMESFORMER_ROOT", str(CONFIG_DIR.parent))
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=list(overrides))
+    return hydra.utils.instantiate(cfg.data, _convert_="all")
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(value).ljust(width) if i == 0 else str(value).rjust(width)
+                       for i, (value, width) in enumerate(zip(row, widths, strict=True)))
+             for row in [header, *rows]]
+    return "\n".join([lines[0], "  ".join("-" * width for width in widths), *lines[1:]])
+
+
+def _list(title: str, items: list[str], max_listed: int) -> None:
+    if not items:
+        return
+    print(f"\n{title} ({len(items)}):")
+    for item in items[:max_listed]:
+        print(f"  {item}")
+    if len(items) > max_listed:
+        print(f"  ... and {len(items) - max_listed} more (--max-listed N shows more)")
+
+
+def write_clean(folder: Path, class_names: list[str], checked: dict[str, list[VideoCheck]], test_is_val: bool) -> None:
+    """The usable videos as `data=csv` lists (absolute paths, class names) and the class order."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "classes.txt").write_text("".join(f"{name}\n" for name in class_names))
+    for split, results in checked.items():
+        if split == "test" and test_is_val:
+            continue
+        with open(folder / f"{split}.csv", "w", newline="") as file:
+            writer = csv.writer(file)
+            writer.writerow(["path", "label"])
+            writer.writerows([result.path, class_names[result.label]] for result in results if result.error is None)
+    print(f"\nWrote the usable videos to {folder} (classes.txt, {', '.join(f'{s}.csv' for s in checked)}). "
+          f"Train on them with: python train.py data=csv data.root={folder}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m timesformer.data.check", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides: data=kinetics400 data.root=PATH ...")
+    parser.add_argument("--splits", default="train,val,test", help="comma-separated splits to check")
+    parser.add_argument("--limit", type=int, default=None, help="check only the first N videos of each split")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decoding threads")
+    parser.add_argument("--no-decode", action="store_true", help="only count and find the files (fast)")
+    parser.add_argument("--write-clean", metavar="DIR", type=Path, help="write lists of the usable videos here")
+    parser.add_argument("--max-listed", type=int, default=20, help="videos listed per problem (default 20)")
+    args = parser.parse_args(argv)
+
+    datamodule = compose_datamodule(args.overrides)
+    source = datamodule.source
+    source.prepare()
+    if hasattr(source, "scan"):  # the real-dataset sources: also tell which annotated videos are missing
+        scan = source.scan()
+        index, missing = source.index_from_scan(scan), scan.missing
+    else:
+        index, missing = source.load(), {}
+    splits = [split for split in args.splits.split(",") if split in index.splits]
+    test_is_val = index.splits.get("test") is index.splits.get("val")
+    if test_is_val and "val" in splits and "test" in splits:
+        splits.remove("test")  # the same videos: checked and listed once
+    title = getattr(source, "title", type(source).__name__)
+    print(f"{title} at {getattr(source, 'root', '?')}: {index.num_classes} classes"
+          + (" (test = val)" if test_is_val else ""))
+
+    checked: dict[str, list[VideoCheck]] = {}
+    for split in splits:
+        entries = index.splits[split][: args.limit]
+        if args.no_decode:
+            checked[split] = [VideoCheck(path, label) for path, label in entries]
+            continue
+        print(f"checking {len(entries)} {split} videos with {args.workers} threads ...", file=sys.stderr)
+        with ThreadPoolExecutor(max_workers=max(args.workers, 1)) as pool:
+            checked[split] = list(pool.map(lambda entry: check_video(*entry), entries))
+
+    rows = []
+    for split in splits:
+        results = checked[split]
+        unreadable = sum(result.error is not None for result in results)
+        short = sum(result.error is None and result.num_frames < frames_needed(datamodule, result.fps)
+                    for result in results)
+        rows.append([split, len(results), len(missing.get(split, [])), "-" if args.no_decode else unreadable,
+                     "-" if args.no_decode else short, len(results) - unreadable])
+    print()
+    print(_table(rows, ["split", "videos", "missing", "unreadable", "too short", "usable"]))
+
+    per_class = [[name, *(sum(result.label == label for result in checked[split]) for split in splits)]
+                 for label, name in enumerate(index.class_names)]
+    print()
+    print(_table(per_class, ["class", *splits]))
+
+    for split in splits:
+        results = checked[split]
+        _list(f"{split}: missing (annotated, no file)", missing.get(split, []), args.max_listed)
+        _list(f"{split}: unreadable", [f"{r.path}: {r.error}" for r in results if r.error], args.max_listed)
+        _list(f"{split}: too short (frames are repeated)",
+              [f"{r.path}: {r.num_frames} frames, a clip spans {frames_needed(datamodule, r.fps)}"
+               for r in results if r.error is None and r.num_frames < frames_needed(datamodule, r.fps)],
+              args.max_listed)
+
+    if args.write_clean:
+        if args.no_decode:
+            print("\n--write-clean needs the videos decoded; run it without --no-decode", file=sys.stderr)
+            return 2
+        write_clean(args.write_clean, index.class_names, checked, test_is_val)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
