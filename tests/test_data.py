@@ -20,7 +20,7 @@ from timesformer.data import (
     read_video_info,
     train_transform,
 )
-from timesformer.data.synthetic import DIRECTIONS
+from timesformer.data.synthetic import CLASS_SCHEMES, DIRECTIONS
 
 # A tiny synthetic dataset: 4 classes x (2 train + 1 val) videos of 24 frames, 48x32 px.
 TINY = dict(
@@ -227,6 +227,29 @@ def test_generated_videos_move_the_way_their_label_says(tiny_source):
         across = shift @ np.array([dx, -dy])
         # Speed is 0.02-0.04 x 32 px per frame: 2.6-5.1 px over 4 frames, in the labelled direction.
         assert 2 <= along <= 6 and abs(across) <= 1, f"{path}: shift {shift} for {index.class_names[label]}"
+
+
+def test_axis_classes_move_either_way_along_their_axis(tmp_path):
+    source = SyntheticMotionSource(tmp_path, **dict(TINY, classes="axis", videos_per_class_train=3))
+    source.prepare()
+    index = source.load()
+    assert index.class_names == ["moving_horizontally", "moving_vertically", "moving_diagonally_down",
+                                 "moving_diagonally_up"]
+    signs = set()
+    for path, label in index.splits["train"]:
+        frames = decode_frames(path, range(TINY["num_video_frames"])).numpy()
+        dx, dy = CLASS_SCHEMES["axis"][index.class_names[label]][0]
+        shift = _estimated_shift(frames, 4)  # (dy, dx)
+        along = shift @ np.array([dy, dx])
+        across = shift @ np.array([dx, -dy])
+        assert 2 <= abs(along) <= 6 and abs(across) <= 1, f"{path}: shift {shift} for {index.class_names[label]}"
+        signs.add(bool(along > 0))
+    assert signs == {True, False}  # both ways along the axes occur: a single direction is no cue
+
+
+def test_unknown_class_scheme_names_the_choices(tmp_path):
+    with pytest.raises(ValueError, match="direction, axis"):
+        SyntheticMotionSource(tmp_path, classes="colour")
 
 
 def test_generation_is_deterministic(tmp_path):
