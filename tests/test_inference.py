@@ -83,7 +83,7 @@ def test_predict_prints_top5_writes_json_features_and_attention_maps(videos, tmp
     result = subprocess.run(
         [sys.executable, "predict.py", f"ckpt={tmp_path / 'model'}", f"input={videos}", "sampling_rate=4",
          f"json={tmp_path / 'preds.json'}", f"features={tmp_path / 'feats.pt'}", "attention_maps=true",
-         "num_clips=2", f"hydra.run.dir={tmp_path / 'run'}"],
+         "num_clips=2", "num_crops=3", f"hydra.run.dir={tmp_path / 'run'}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     predictions = json.loads((tmp_path / "preds.json").read_text())
@@ -94,7 +94,7 @@ def test_predict_prints_top5_writes_json_features_and_attention_maps(videos, tmp
         probabilities = [entry["probability"] for entry in prediction["top_k"]]
         assert len(probabilities) == 4 and probabilities == sorted(probabilities, reverse=True)
         assert sum(probabilities) == pytest.approx(1.0, abs=1e-4)  # 4 classes: the top-4 is everything
-        assert prediction["views"] == 2
+        assert prediction["views"] == 2 * 3
         assert all(os.path.getsize(path) > 500 for path in prediction["attention_maps"])
         assert prediction["top_k"][0]["label"] in result.stdout
     features = torch.load(tmp_path / "feats.pt")

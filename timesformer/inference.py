@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from timesformer.data import DEFAULT_MEAN, DEFAULT_STD, dense_clip_indices, eval_transform
+from timesformer.data import DEFAULT_MEAN, DEFAULT_STD, EvalViewTransform, dense_clip_indices, segment_clip_indices
 from timesformer.data.video import VideoDecodeError, decode_clip
 from timesformer.model import TimeSformer
 
@@ -29,6 +29,8 @@ class ClipSettings:
     image_size: int
     target_fps: float = 30.0
     temporal_clips: int = 1
+    spatial_crops: int = 1
+    sampling: str = "dense"  # or "segment" (TSN-style, Something-Something)
     mean: tuple[float, ...] = DEFAULT_MEAN
     std: tuple[float, ...] = DEFAULT_STD
 
@@ -47,6 +49,8 @@ def clip_settings(ckpt: str | Path, model: TimeSformer, **overrides: Any) -> Cli
         image_size=int(data.get("image_size", model.config.image_size)),
         target_fps=float(data.get("target_fps", 30.0)),
         temporal_clips=int(data.get("test_temporal_clips", 1)),
+        spatial_crops=int(data.get("test_spatial_crops", 1)),
+        sampling=str(data.get("sampling", "dense")),
         mean=tuple(data.get("mean", DEFAULT_MEAN)),
         std=tuple(data.get("std", DEFAULT_STD)),
     )
@@ -70,17 +74,22 @@ def find_videos(input_path: str | Path) -> list[Path]:
 
 
 def load_views(path: Path, settings: ClipSettings) -> torch.Tensor:
-    """``temporal_clips`` evenly spaced clips of a video, centre-cropped: (V, T, C, H, W) float."""
-    transform = eval_transform(settings.image_size, settings.mean, settings.std)
+    """The evaluation views of a video, as in evaluate.py: ``temporal_clips`` clips x ``spatial_crops`` crops
+    (V, T, C, H, W) float."""
+    transform = EvalViewTransform(settings.image_size, settings.spatial_crops, settings.mean, settings.std)
     views = []
     for clip in range(settings.temporal_clips):
         def choose(num_video_frames: int, fps: float, clip: int = clip) -> list[int]:
+            if settings.sampling == "segment":
+                return segment_clip_indices(num_video_frames, settings.num_frames, clip_index=clip,
+                                            num_clips=settings.temporal_clips)
             return dense_clip_indices(num_video_frames, settings.num_frames, settings.sampling_rate, fps,
                                       target_fps=settings.target_fps, clip_index=clip,
                                       num_clips=settings.temporal_clips)
 
         frames, _ = decode_clip(path, choose)  # (T, H, W, C) uint8
-        views.append(transform(frames.permute(0, 3, 1, 2)))
+        resized = transform.resize(frames.permute(0, 3, 1, 2))  # one resize for all crops of the clip
+        views += [transform.crop(resized, crop) for crop in range(settings.spatial_crops)]
     return torch.stack(views)
 
 
@@ -90,7 +99,7 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     model = TimeSformer.from_pretrained(cfg.ckpt).to(device).eval()
     names = model.config.class_names or [str(c) for c in range(model.config.num_classes)]
     settings = clip_settings(cfg.ckpt, model, temporal_clips=cfg.get("num_clips"),
-                             sampling_rate=cfg.get("sampling_rate"))
+                             spatial_crops=cfg.get("num_crops"), sampling_rate=cfg.get("sampling_rate"))
     output_dir = Path(cfg.paths.output_dir)
     results, features = [], {}
     for path in find_videos(cfg.input):
