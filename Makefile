@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # Re-installs when pyproject.toml changes.
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean-venv
+.PHONY: demo test lint bench bench-quick clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,13 @@ test: $(STAMP) lint
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# Speed and memory against Hugging Face, and cost growth per attention scheme (~10 min on 2 cores).
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run.py $(ARGS)
+
+bench-quick: $(STAMP)
+	$(BIN)/python benchmarks/run.py --quick $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -99,3 +99,21 @@ def test_predict_prints_top5_writes_json_features_and_attention_maps(videos, tmp
         assert prediction["top_k"][0]["label"] in result.stdout
     features = torch.load(tmp_path / "feats.pt")
     assert features["features"].shape == (4, 32) and len(features["videos"]) == 4
+
+
+def test_rollout_of_one_joint_block_is_its_normed_attention():
+    """One joint block: the map is the cls row of 0.5·I + 0.5·softmax(q kᵀ/√d) over norm1(tokens)."""
+    torch.manual_seed(0)
+    model = TimeSformer(TimeSformerConfig(image_size=32, patch_size=8, num_frames=2, hidden_size=32,
+                                          num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                          num_classes=3, attention_type="joint_space_time")).eval()
+    with torch.no_grad():
+        model.blocks[0].norm1.weight.uniform_(0.5, 2.0)  # a norm that matters
+        model.blocks[0].norm1.bias.normal_()
+        video = torch.randn(2, 3, 32, 32)
+        cls, patches = model.embed(video[None])
+        tokens = model.blocks[0].norm1(torch.cat([cls, patches.reshape(1, -1, 32)], dim=1))[0]  # (1 + T·N, D)
+        q, k, _ = model.blocks[0].attn.qkv(tokens).reshape(-1, 3, 2, 16).permute(1, 2, 0, 3)
+        attention = (q @ k.transpose(-2, -1) / 4).softmax(-1).mean(0)
+        expected = (0.5 * attention + 0.5 * torch.eye(len(tokens)))[0, 1:]
+    torch.testing.assert_close(attention_rollout(model, video).flatten(), expected / expected.sum())

@@ -48,7 +48,13 @@ def attention_rollout(model: TimeSformer, video: torch.Tensor) -> torch.Tensor:
     h, w = H // model.config.patch_size, W // model.config.patch_size
     N = h * w
     inputs: dict[nn.Module, torch.Tensor] = {}
-    hooks = [module.register_forward_hook(lambda m, args, out: inputs.__setitem__(m, args[0].detach()))
+
+    def record(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
+        # The attention's own input: the block may hand over the pre-norm tokens with the norm to fold in.
+        x, norm = args[0].detach(), kwargs.get("norm")
+        inputs[module] = norm(x) if norm is not None else x
+
+    hooks = [module.register_forward_hook(record, with_kwargs=True)
              for block in model.blocks for module in (getattr(block, "temporal_attn", None), block.attn) if module]
     try:
         model.eval()(video.unsqueeze(0))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +27,128 @@ from timesformer.model.config import TimeSformerConfig
 
 log = logging.getLogger(__name__)
 
+# hidden_act -> (activation, its backward (grad of the output, the input) -> grad of the input, written into the
+# gradient it is given)
 _ACTIVATIONS = {
-    "gelu": lambda: nn.GELU(),
-    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
-    "relu": lambda: nn.ReLU(),
-    "silu": lambda: nn.SiLU(),
+    "gelu": (F.gelu, lambda grad, x: torch.ops.aten.gelu_backward.grad_input(grad, x, grad_input=grad)),
+    "gelu_tanh": (partial(F.gelu, approximate="tanh"), lambda grad, x: torch.ops.aten.gelu_backward.grad_input(
+        grad, x, approximate="tanh", grad_input=grad)),
+    "relu": (F.relu, lambda grad, x: torch.ops.aten.threshold_backward.grad_input(grad, x, 0, grad_input=grad)),
+    "silu": (F.silu, lambda grad, x: torch.ops.aten.silu_backward.grad_input(grad, x, grad_input=grad)),
 }
+
+
+# -- memory: linear layers that recompute their input in the backward pass ------------------------------------
+# A linear layer keeps its input for its weight gradient. Where that input is cheap to recompute from a tensor that
+# is kept anyway, keeping only the latter saves a whole activation: a LayerNorm's output (recomputed from the
+# norm's input), the MLP's activation (4·D wide; recomputed from fc1's output) and, in a block's extra attentions,
+# the attention's proj output (recomputed from the heads' output with one more matmul). A divided block keeps
+# 15 token-sized (T·N × D) tensors for its backward pass instead of 23 (Hugging Face's keeps ~26). The forward
+# pass runs the same ops as the plain layers (same numbers); the backward computes the weight gradients first,
+# so that the recomputed tensor is freed before the input gradient is allocated.
+
+def _linear_param_grads(ctx: Any, grad_out: torch.Tensor, x: torch.Tensor,
+                        first: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Weight and bias gradients of F.linear(x, weight, bias), inputs ``first`` and ``first + 1`` of ``ctx``."""
+    grad_out = grad_out.reshape(-1, grad_out.shape[-1])
+    grad_weight = grad_out.t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[first] else None
+    grad_bias = grad_out.sum(0) if ctx.needs_input_grad[first + 1] else None
+    return grad_weight, grad_bias
+
+
+class _LayerNormLinear(torch.autograd.Function):
+    """linear(layer_norm(x)) keeping x, the per-token mean and 1/std: the norm is recomputed in the backward.
+
+    The output comes as ``chunks`` tensors, the linear's output features cut in equal parts (attention's q, k and
+    v), each computed by its own matmul: as separate tensors, their gradients come back from attention as they
+    are, where the three parts of one tensor would have their gradients stacked (a copy).
+    """
+
+    @staticmethod
+    def forward(ctx, x, norm_weight, norm_bias, weight, bias, eps, chunks):
+        y, mean, rstd = torch.native_layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, eps)
+        ctx.save_for_backward(x, norm_weight, norm_bias, weight, mean, rstd)
+        ctx.eps, ctx.chunks = eps, chunks
+        biases = bias.chunk(chunks) if bias is not None else (None,) * chunks
+        return tuple(F.linear(y, w, b) for w, b in zip(weight.chunk(chunks), biases, strict=True))
+
+    @staticmethod
+    def backward(ctx, *grad_outs):
+        x, norm_weight, norm_bias, weight, mean, rstd = ctx.saved_tensors
+        grad_outs = [g.reshape(-1, g.shape[-1]) for g in grad_outs]
+        y = torch.native_layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, ctx.eps)[0]  # as in forward
+        y = y.reshape(-1, y.shape[-1])
+        grad_weight = grad_bias = None
+        if ctx.needs_input_grad[3]:
+            grad_weight = torch.empty_like(weight)
+            for grad_out, part in zip(grad_outs, grad_weight.chunk(ctx.chunks), strict=True):
+                torch.mm(grad_out.t(), y, out=part)
+        if ctx.needs_input_grad[4]:
+            grad_bias = torch.cat([grad_out.sum(0) for grad_out in grad_outs])
+        del y
+        weights = weight.chunk(ctx.chunks)
+        grad_y = grad_outs[0] @ weights[0]
+        for grad_out, w in zip(grad_outs[1:], weights[1:], strict=True):
+            grad_y.addmm_(grad_out, w)
+        grad_x, grad_norm_weight, grad_norm_bias = torch.ops.aten.native_layer_norm_backward(
+            grad_y.view(x.shape), x, (x.shape[-1],), mean, rstd, norm_weight, norm_bias,
+            list(ctx.needs_input_grad[:3]))
+        return grad_x, grad_norm_weight, grad_norm_bias, grad_weight, grad_bias, None, None
+
+
+class _ActivationLinear(torch.autograd.Function):
+    """linear(act(x)) keeping x: the activation is recomputed in the backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, act):
+        ctx.save_for_backward(x, weight)
+        ctx.act = act
+        return F.linear(_ACTIVATIONS[act][0](x), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        activation, activation_backward = _ACTIVATIONS[ctx.act]
+        grad_weight, grad_bias = _linear_param_grads(ctx, grad_out, activation(x), first=1)
+        return activation_backward(grad_out @ weight, x), grad_weight, grad_bias, None
+
+
+class _LinearLinear(torch.autograd.Function):
+    """linear2(linear1(x)) keeping x: linear1's output is recomputed in the backward (one more GEMM there)."""
+
+    @staticmethod
+    def forward(ctx, x, weight1, bias1, weight2, bias2):
+        ctx.save_for_backward(x, weight1, bias1, weight2)
+        return F.linear(F.linear(x, weight1, bias1), weight2, bias2)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight1, bias1, weight2 = ctx.saved_tensors
+        grad_weight2, grad_bias2 = _linear_param_grads(ctx, grad_out, F.linear(x, weight1, bias1), first=3)
+        grad_hidden = grad_out @ weight2
+        grad_weight1, grad_bias1 = _linear_param_grads(ctx, grad_hidden, x, first=1)
+        return grad_hidden @ weight1, grad_weight1, grad_bias1, grad_weight2, grad_bias2
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous (one copy, where a strided gradient would otherwise
+    travel on and cost a copy in every linear layer's backward that it reaches)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def norm_linear(norm: nn.LayerNorm, linear: nn.Linear, x: torch.Tensor,
+                chunks: int = 1) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """``linear(norm(x))``, keeping x rather than norm(x) for the backward pass; ``chunks`` > 1: the output
+    features cut into that many separate tensors (``linear(norm(x)).chunk(chunks, -1)``, not views)."""
+    out = _LayerNormLinear.apply(x, norm.weight, norm.bias, linear.weight, linear.bias, norm.eps, chunks)
+    return out if chunks > 1 else out[0]
 
 
 def resize_patch_position_embedding(patch_pos: torch.Tensor, old_grid: tuple[int, int],
@@ -72,7 +189,11 @@ class DropPath(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention over the second-to-last axis: (..., L, D) -> (..., L, D)."""
+    """Multi-head self-attention over the second-to-last axis: (..., L, D) -> (..., L, D).
+
+    ``forward(x, norm=...)`` computes attention(norm(x)) with the norm folded into the qkv projection
+    (``norm_linear``), so that norm(x) is not kept for the backward pass.
+    """
 
     def __init__(self, config: TimeSformerConfig) -> None:
         super().__init__()
@@ -83,31 +204,42 @@ class Attention(nn.Module):
         self.attn_drop = config.attention_probs_dropout_prob
         self.proj_drop = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``key_mask`` (bool, broadcastable to (..., L)) is False at keys no query may attend to (padding)."""
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None, norm: nn.LayerNorm | None = None,
+                project: bool = True) -> torch.Tensor:
+        """``key_mask`` (bool, broadcastable to (..., L)) is False at keys no query may attend to (padding).
+        ``project=False`` returns the heads' outputs before ``proj`` (and its dropout)."""
         *batch, length, dim = x.shape
-        x = x.reshape(-1, length, dim)  # (S, L, D), S = all sequences
-        qkv = self.qkv(x).reshape(x.shape[0], length, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (S, H, L, head_dim)
+        q, k, v = norm_linear(norm, self.qkv, x, chunks=3) if norm is not None else self.qkv(x).chunk(3, dim=-1)
+        # Each (S, H, L, head_dim), S = all sequences: views of (S, L, D) tensors, which is the layout SDPA's
+        # output and its gradients for q, k and v have (no copies either way).
+        q, k, v = (t.reshape(-1, length, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
         if key_mask is not None:
             key_mask = key_mask.expand(*batch, length).reshape(-1, 1, 1, length)  # (S, 1, 1, L): every head, query
         # Scale is head_dim ** -0.5, SDPA's default.
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask,
                                            dropout_p=self.attn_drop if self.training else 0.0)
+        # The CPU and GPU kernels return (S, H, L, head_dim) laid out as (S, L, H, head_dim): this is a view.
         x = x.transpose(1, 2).reshape(*batch, length, dim)  # (..., L, D)
-        return self.proj_drop(self.proj(x))
+        return self.proj_drop(self.proj(x)) if project else x
 
 
 class Mlp(nn.Module):
     def __init__(self, config: TimeSformerConfig) -> None:
         super().__init__()
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.act = _ACTIVATIONS[config.hidden_act]()
+        self.hidden_act = config.hidden_act
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
         self.drop = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+    def forward(self, x: torch.Tensor, norm: nn.LayerNorm | None = None) -> torch.Tensor:
+        """mlp(norm(x)) when ``norm`` is given; keeps x and fc1's output (not the norm's or activation's)."""
+        x = norm_linear(norm, self.fc1, x) if norm is not None else self.fc1(x)
+        if self.drop.p > 0 and self.training:  # dropout between the activation and fc2: no recomputation
+            return self.drop(self.fc2(self.drop(_ACTIVATIONS[self.hidden_act][0](x))))
+        return self.drop(_ActivationLinear.apply(x, self.fc2.weight, self.fc2.bias, self.hidden_act))
+
+    def extra_repr(self) -> str:
+        return f"act={self.hidden_act}"
 
 
 class PatchEmbed(nn.Module):
@@ -233,31 +365,44 @@ class Block(nn.Module):
                 grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         B, T, N, D = patches.shape
         if self.attention_type == "divided_space_time":
-            cls, patches = self._divided_attention(cls, patches)
-        elif self.attention_type == "joint_space_time":
+            # Position-major, (B, N, T, D): the temporal attention's sequences and the MLP's tokens are then
+            # contiguous. TimeSformer.embed stores divided patches in this order, so the transposes are views.
+            cls, per_position = self._divided_attention(cls, patches.transpose(1, 2))
+            return self._mlp(cls), self._mlp(per_position).transpose(1, 2)
+        if self.attention_type == "joint_space_time":
             tokens = torch.cat([cls, patches.reshape(B, T * N, D)], dim=1)  # (B, 1 + T·N, D)
-            tokens = tokens + self.drop_path(self.attn(self.norm1(tokens)))
-            cls, patches = tokens[:, :1], tokens[:, 1:].reshape(B, T, N, D)
-        elif self.attention_type == "space_only":  # every frame is its own sequence with its own cls token
+            tokens = self._mlp(tokens + self.drop_path(self.attn(tokens, norm=self.norm1)))
+            return tokens[:, :1], tokens[:, 1:].reshape(B, T, N, D)
+        if self.attention_type == "space_only":  # every frame is its own sequence with its own cls token
             tokens = torch.cat([cls, patches], dim=2)  # (B, T, 1 + N, D)
-            tokens = tokens + self.drop_path(self.attn(self.norm1(tokens)))
-            cls, patches = tokens[:, :, :1], tokens[:, :, 1:]
-        elif self.attention_type == "sparse_local_global":
+            tokens = self._mlp(tokens + self.drop_path(self.attn(tokens, norm=self.norm1)))
+            return tokens[:, :, :1], tokens[:, :, 1:]
+        if self.attention_type == "sparse_local_global":
             cls, patches = self._sparse_local_global_attention(cls, patches, grid)
         else:
             cls, patches = self._axial_attention(cls, patches, grid)
-        # MLP, on cls and patches together (token-wise, so no concatenation is needed)
-        cls = cls + self.drop_path(self.mlp(self.norm2(cls)))
-        patches = patches + self.drop_path(self.mlp(self.norm2(patches)))
-        return cls, patches
+        return self._mlp(cls), self._mlp(patches)
+
+    def _mlp(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The MLP half of the block (token-wise): tokens + mlp(norm2(tokens))."""
+        return tokens + self.drop_path(self.mlp(tokens, norm=self.norm2))
+
+    def _extra_attention(self, name: str, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The residual branch <name>_fc(drop_path(<name>_attn(<name>_norm1(x)))) of an ``EXTRA_ATTENTIONS`` entry.
+
+        As in the original, drop_path comes before the zero-initialised <name>_fc. Without dropout or drop_path,
+        the attention's proj and <name>_fc run as one ``_LinearLinear`` (proj's output is not kept).
+        """
+        attn, fc = getattr(self, f"{name}_attn"), getattr(self, f"{name}_fc")
+        x = attn(x, key_mask, norm=getattr(self, f"{name}_norm1"), project=False)  # (..., L, D), before attn.proj
+        if self.training and (self.drop_path.drop_prob > 0 or attn.proj_drop.p > 0):
+            return fc(self.drop_path(attn.proj_drop(attn.proj(x))))
+        return _LinearLinear.apply(x, attn.proj.weight, attn.proj.bias, fc.weight, fc.bias)
 
     def _temporal_attention(self, patches: torch.Tensor) -> torch.Tensor:
         """One sequence of T tokens per spatial position, cls excluded: (B, T, N, D) -> (B, T, N, D)."""
-        per_position = patches.transpose(1, 2)  # (B, N, T, D)
-        temporal = self.temporal_attn(self.temporal_norm1(per_position))  # (B, N, T, D)
-        # As in the original, drop_path comes before temporal_fc.
-        temporal = self.temporal_fc(self.drop_path(temporal)).transpose(1, 2)  # (B, T, N, D)
-        return patches + temporal
+        temporal = self._extra_attention("temporal", patches.transpose(1, 2))  # (B, N, T, D)
+        return patches + temporal.transpose(1, 2)
 
     def _attention_with_cls(self, cls: torch.Tensor, sequences: torch.Tensor,
                             key_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -272,15 +417,20 @@ class Block(nn.Module):
         tokens = torch.cat([cls_copies, sequences], dim=-2)  # (B, *groups, 1 + L, D)
         if key_mask is not None:
             key_mask = torch.cat([key_mask.new_ones(*key_mask.shape[:-1], 1), key_mask], dim=-1)
-        out = self.drop_path(self.attn(self.norm1(tokens), key_mask))  # (B, *groups, 1 + L, D)
-        cls = cls + out[..., 0, :].reshape(B, -1, D).mean(dim=1, keepdim=True)  # the copies averaged: (B, 1, D)
-        return cls, out[..., 1:, :]
+        out = self.drop_path(self.attn(tokens, key_mask, norm=self.norm1))  # (B, *groups, 1 + L, D)
+        # split (its backward is one concatenation), not out[..., 0, :] and out[..., 1:, :] (two zero-filled
+        # full-size gradients, added)
+        cls_out, out = out.split([1, out.shape[-2] - 1], dim=-2)
+        cls = cls + cls_out.reshape(B, -1, D).mean(dim=1, keepdim=True)  # the copies averaged: (B, 1, D)
+        return cls, out
 
-    def _divided_attention(self, cls: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        patches = self._temporal_attention(patches)
-        # Spatial attention: one sequence per frame, the cls token prepended to each frame.
-        cls, spatial = self._attention_with_cls(cls, patches)  # spatial: (B, T, N, D)
-        return cls, patches + spatial
+    def _divided_attention(self, cls: torch.Tensor, per_position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Time, then space, on position-major patches (B, N, T, D); returns cls and patches (B, N, T, D)."""
+        per_position = per_position + self._extra_attention("temporal", per_position)  # sequences of T tokens
+        # Space: one sequence per frame, the cls token prepended to each (the concatenation makes frames contiguous;
+        # its gradient comes back frame-major: made position-major once, here).
+        cls, spatial = self._attention_with_cls(cls, _ContiguousGrad.apply(per_position).transpose(1, 2))
+        return cls, per_position + spatial.transpose(1, 2)
 
     def _sparse_local_global_attention(self, cls: torch.Tensor, patches: torch.Tensor,
                                        grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -288,10 +438,9 @@ class Block(nn.Module):
         h, w = grid
         # 1. Local: 2 × 2 windows of T × h/2 × w/2 patches, cls excluded.
         windows = (1, min(h, 2), min(w, 2))
-        local, key_mask = group_tokens(self.local_norm1(patches).reshape(B, T, h, w, D), windows, strided=False)
-        local = self.local_attn(local, key_mask)  # (B, 4, T·N/4, D)
-        local = ungroup_tokens(local, (T, h, w), windows, strided=False).reshape(B, T, N, D)
-        patches = patches + self.local_fc(self.drop_path(local))
+        local, key_mask = group_tokens(patches.reshape(B, T, h, w, D), windows, strided=False)
+        local = self._extra_attention("local", local, key_mask)  # (B, 4, T·N/4, D); padding: masked keys
+        patches = patches + ungroup_tokens(local, (T, h, w), windows, strided=False).reshape(B, T, N, D)
         # 2. Global, stride 2 along t, y and x: 8 groups of T·N/8 tokens, cls joins each.
         strides = (min(T, 2), min(h, 2), min(w, 2))
         sparse, key_mask = group_tokens(patches.reshape(B, T, h, w, D), strides, strided=True)  # (B, 8, T·N/8, D)
@@ -305,8 +454,8 @@ class Block(nn.Module):
         h, w = grid
         patches = self._temporal_attention(patches)
         # Width: one sequence per row of each frame, cls excluded.
-        rows = self.width_norm1(patches).reshape(B, T, h, w, D)
-        width = self.width_fc(self.drop_path(self.width_attn(rows)))  # (B, T, h, w, D)
+        rows = patches.reshape(B, T, h, w, D)
+        width = self._extra_attention("width", rows)  # (B, T, h, w, D)
         patches = patches + width.reshape(B, T, N, D)
         # Height: one sequence per column of each frame, the cls token prepended to each.
         columns = patches.reshape(B, T, h, w, D).transpose(2, 3)  # (B, T, w, h, D)
@@ -418,6 +567,8 @@ class TimeSformer(nn.Module):
             cls = cls.unsqueeze(1).expand(B, T, 1, -1)  # one cls per frame: (B, T, 1, D)
         else:
             patches = patches + self._time_embedding(T).unsqueeze(2)  # time embedding on patches only
+        if self.config.attention_type == "divided_space_time":  # stored position-major: see Block.forward
+            patches = patches.transpose(1, 2).contiguous().transpose(1, 2)
         return self.pos_drop(cls), self.pos_drop(patches)
 
     def forward_features(self, pixel_values: torch.Tensor) -> torch.Tensor:

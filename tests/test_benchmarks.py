@@ -1,0 +1,93 @@
+"""benchmarks/run.py runs (its --quick smoke mode), and the model's memory-saving backward passes are exact."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from timesformer import TimeSformer, TimeSformerConfig
+from timesformer.model import ATTENTION_TYPES
+from timesformer.model import timesformer as tsf
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quick_benchmark_prints_and_writes_its_tables(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("matplotlib")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = " ".join(proc.stdout.split())  # table cells are padded: compare with single spaces
+    for header in ("| case | blocks | forward s (ours / HF) | speedup | fwd+bwd s (ours / HF) | speedup | "
+                   "peak train MiB (ours / HF) | ours/HF | max abs logit diff |",
+                   "### Per block, and a full-depth model extrapolated from it",
+                   "### Training step (fwd+bwd) time, s: 1 block(s) of width 128",
+                   "### Peak training-step memory, MiB",
+                   "| attention | 4x64 | 8x64 | 4x96 |"):
+        assert header in out, f"{header!r} not in\n{out}"
+    for name in ("divided (T+S)", "space (S)", "joint (ST)", "local-global (L+G)", "axial (T+W+H)"):
+        assert f"| {name}" in out
+    for file in ("hf_comparison.md", "cost_growth.md", "cost_growth.png", "results.json"):
+        assert (tmp_path / file).stat().st_size > 0
+
+
+# -- the model's memory-saving autograd functions -------------------------------------------------------------
+def _reference(monkeypatch) -> None:
+    """Replace the memory-saving functions by the plain compositions they stand for (autograd's own backward)."""
+    def layer_norm_linear(x, norm_weight, norm_bias, weight, bias, eps, chunks):
+        y = F.linear(F.layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, eps), weight, bias)
+        return y.chunk(chunks, dim=-1)
+
+    monkeypatch.setattr(tsf._LayerNormLinear, "apply", layer_norm_linear)
+    monkeypatch.setattr(tsf._ActivationLinear, "apply",
+                        lambda x, weight, bias, act: F.linear(tsf._ACTIVATIONS[act][0](x), weight, bias))
+    monkeypatch.setattr(tsf._LinearLinear, "apply",
+                        lambda x, w1, b1, w2, b2: F.linear(F.linear(x, w1, b1), w2, b2))
+    monkeypatch.setattr(tsf._ContiguousGrad, "apply", lambda x: x)
+
+
+def _gradients(model: TimeSformer, video: torch.Tensor) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    model(video).logsumexp(-1).sum().backward()
+    return {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("attention_type, hidden_act", [(a, "gelu") for a in ATTENTION_TYPES] + [
+    ("divided_space_time", act) for act in ("gelu_tanh", "relu", "silu")])
+def test_memory_saving_backward_equals_autograd(attention_type, hidden_act, monkeypatch):
+    torch.manual_seed(0)
+    config = TimeSformerConfig(image_size=40, patch_size=8, num_frames=3, hidden_size=32, num_hidden_layers=2,
+                               num_attention_heads=4, intermediate_size=64, num_classes=5,
+                               attention_type=attention_type, hidden_act=hidden_act)
+    model = TimeSformer(config).double().train()
+    with torch.no_grad():  # nothing zero (the *_fc projections start at zero)
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.1)
+    model.blocks[0].norm1.weight.requires_grad_(False)  # a frozen parameter: its gradient is not computed
+    video = torch.randn(2, 3, 3, 40, 40, dtype=torch.double)  # odd sizes: padded L+G groups
+    ours = _gradients(model, video)
+    _reference(monkeypatch)
+    expected = _gradients(model, video)
+    assert ours.keys() == expected.keys() and "blocks.0.norm1.weight" not in ours
+    for name in expected:
+        torch.testing.assert_close(ours[name], expected[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_memory_saving_functions_pass_gradcheck():
+    torch.manual_seed(0)
+
+    def leaf(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, dtype=torch.double, requires_grad=True)
+
+    x = leaf(5, 3, 6).transpose(0, 1)  # a non-contiguous input
+    norm_weight, norm_bias, weight, bias = leaf(6), leaf(6), leaf(9, 6), leaf(9)
+    assert torch.autograd.gradcheck(lambda *a: tsf._LayerNormLinear.apply(*a, 1e-6, 3),
+                                    (x, norm_weight, norm_bias, weight, bias))
+    for act in tsf._ACTIVATIONS:
+        assert torch.autograd.gradcheck(lambda *a, act=act: tsf._ActivationLinear.apply(*a, act),
+                                        (x, leaf(4, 6), leaf(4)))
+    assert torch.autograd.gradcheck(tsf._LinearLinear.apply, (x, weight, bias, leaf(4, 9), leaf(4)))
