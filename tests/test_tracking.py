@@ -74,3 +74,35 @@ def test_local_optuna_sweep_runs_two_trials(synthetic_root, tmp_path):
     optimization = yaml.safe_load(Path(tmp_path / "optimization_results.yaml").read_text())
     assert 0.0 <= optimization["best_value"] <= 1.0
     assert len([d for d in tmp_path.iterdir() if d.is_dir() and d.name.isdigit()]) == 2
+
+
+def _tensorboard_scalars(folder: Path) -> set[str]:
+    """Tags of the scalars in TensorBoard event files (TFRecord: length, crc, Event proto, crc)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    tags = set()
+    for path in folder.rglob("events.out.tfevents.*"):
+        data, position = path.read_bytes(), 0
+        while position + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[position:position + 8])
+            event = event_pb2.Event()
+            event.ParseFromString(data[position + 12:position + 12 + length])
+            tags |= {value.tag for value in event.summary.value}
+            position += 12 + length + 4
+    return tags
+
+
+@pytest.mark.slow
+def test_tensorboard_and_csv_loggers_record_the_metrics(synthetic_root, tmp_path):
+    result = run("train.py", "experiment=demo", f"data.source.root={synthetic_root}", *TINY_DATA,
+                 "logger=tensorboard", "+logger.csv._target_=lightning.pytorch.loggers.CSVLogger",
+                 f"+logger.csv.save_dir={tmp_path / 'run'}", "trainer.max_epochs=1", "trainer.log_every_n_steps=1",
+                 "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    tags = _tensorboard_scalars(tmp_path / "run" / "tensorboard")
+    for tag in ("val/acc", "val/video_acc", "train/loss", "test/acc"):
+        assert tag in tags, sorted(tags)
+    header = next((tmp_path / "run").rglob("metrics.csv")).read_text().splitlines()[0].split(",")
+    assert "val/acc" in header and "train/loss" in header
