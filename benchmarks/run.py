@@ -1,7 +1,7 @@
 """Benchmarks: our TimeSformer against Hugging Face's, and how the attention schemes' cost grows.
 
     python benchmarks/run.py                # everything: about 10 minutes on 2 CPU cores
-    python benchmarks/run.py --quick        # every measurement at a tiny size (smoke test, ~15 s)
+    python benchmarks/run.py --quick        # every measurement at a tiny size (smoke test, ~20 s)
     python benchmarks/run.py --only hf      # part 1 only (--only growth: part 2 only)
 
 1. Ours vs Hugging Face ``TimesformerForVideoClassification``: the same weights (a random HF model saved with
@@ -74,7 +74,7 @@ class Case:
 
 # -- sizes ----------------------------------------------------------------------------------------------------
 # Part 1, (case, repeats, torch.compile it too): ViT-B width, batch 1. Divided at 1 and 2 blocks (per-block cost);
-# joint at 1 block only (HF's joint step at 16 frames takes ~6 s a block here).
+# joint at 1 block only (HF's joint step at 16 frames takes 3-7 s a block here).
 HF_PLAN = [(Case("divided_space_time", 8, 224, depth=1), 7, False),
            (Case("divided_space_time", 8, 224, depth=2), 7, True),
            (Case("joint_space_time", 16, 224, depth=1), 3, True)]
@@ -437,6 +437,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one thread, no torch.compile: a smoke test")
     parser.add_argument("--only", choices=("hf", "growth"), help="run one part only")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurements")
+    parser.add_argument("--threads", type=int, help="torch threads in the workers (default: torch's, all cores; "
+                        "--quick: 1). One thread gives steadier ratios on a machine shared with other jobs")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where tables, plot and JSON go")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -447,7 +449,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     # One thread for the tiny quick sizes: with two on a busy machine, every tiny op can wait for a descheduled
     # OpenMP thread (a 4 ms step then takes 400 ms).
-    threads = 1 if args.quick else None
+    threads = args.threads or (1 if args.quick else None)
     args.out.mkdir(parents=True, exist_ok=True)
     info = machine()
     print(f"machine: {info}\n", flush=True)
