@@ -14,6 +14,7 @@ from timesformer.data import (
     VideoClipDataset,
     VideoDataModule,
     VideoDecodeError,
+    decode_clip,
     decode_frames,
     dense_clip_indices,
     eval_transform,
@@ -21,6 +22,7 @@ from timesformer.data import (
     train_transform,
 )
 from timesformer.data.synthetic import CLASS_SCHEMES, DIRECTIONS
+from timesformer.data.video import VideoInfo
 
 # A tiny synthetic dataset: 4 classes x (2 train + 1 val) videos of 24 frames, 48x32 px.
 TINY = dict(
@@ -196,6 +198,99 @@ def test_decoded_frames_match_pyav(tmp_path, width):
         reference = np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
     indices = [11, 0, 3, 3, 7]
     assert np.array_equal(decode_frames(path, indices).numpy(), reference[indices])
+
+
+def _write_gop_video(path, codec: str = "libx264", num_frames: int = 40, gop: int = 8, seed: int = 0):
+    """A moving-texture clip with a keyframe every `gop` frames; for h264, up to 3 B-frames in a row (x264's
+    default pyramid: some B-frames are references, the others not): every path of the PyAV decoder is used."""
+    import av
+
+    rng = np.random.default_rng(seed)
+    texture = rng.integers(0, 255, size=(48, 128, 3), dtype=np.uint8)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream(codec, rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.gop_size = gop
+        if codec == "libx264":
+            stream.options = {"threads": "1", "bf": "3", "keyint_min": str(gop), "sc_threshold": "0"}
+        for t in range(num_frames):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(texture[:, t : t + 64]), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+@pytest.mark.parametrize("name, codec", [("bframes.mp4", "libx264"), ("bframes.mkv", "libx264"),
+                                         ("vp9.webm", "libvpx-vp9"), ("mpeg4.avi", "mpeg4")])
+def test_pyav_decoder_gives_the_frames_decord_gives(tmp_path, name, codec):
+    path = _write_gop_video(tmp_path / name, codec)
+    rng = random.Random(0)
+    index_sets = [[0], [39], [5, 29], [3, 3, 17, 16, 0], list(range(40)), [39, 0, 20]]
+    index_sets += [sorted(rng.sample(range(40), 8)) for _ in range(4)]
+    for indices in index_sets:
+        expected = decode_frames(path, indices)
+        assert torch.equal(decode_frames(path, indices, decoder="pyav"), expected), indices
+        assert torch.equal(decode_frames(path, indices, num_threads=2, decoder="pyav"), expected), indices
+    _, decord_info = decode_clip(path, lambda num_frames, fps: [0])
+    _, pyav_info = decode_clip(path, lambda num_frames, fps: [0], decoder="pyav")
+    assert pyav_info == decord_info == VideoInfo(num_frames=40, fps=25.0, height=48, width=64)
+
+
+class _CountingCodec:
+    """Wraps a PyAV codec context and counts the pictures it decodes."""
+
+    def __init__(self, codec) -> None:
+        self.codec, self.pictures = codec, 0
+
+    def __setattr__(self, name, value) -> None:
+        if name in ("codec", "pictures"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.codec, name, value)
+
+    def decode(self, packet):
+        pictures = self.codec.decode(packet)
+        self.pictures += len(pictures)
+        return pictures
+
+    def flush_buffers(self) -> None:
+        self.codec.flush_buffers()
+
+
+def test_pyav_decoder_skips_what_no_wanted_frame_needs(tmp_path):
+    import av
+
+    from timesformer.data.video import _decode_wanted
+
+    path = _write_gop_video(tmp_path / "bframes.mp4")
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "NONE"
+        packets = [packet for packet in container.demux(stream) if packet.size]
+        counting = _CountingCodec(stream.codec_context)
+        frames = _decode_wanted(counting, packets, [5, 29])
+    assert sorted(frames) == [5, 29]
+    # Sequentially that is 30 pictures. With a keyframe every 8 frames, frame 5 needs at most frames 0-5 and
+    # frame 29 at most 24-29: 12 pictures, fewer once unreferenced B-frames are skipped (10 for this file).
+    assert counting.pictures < 12
+
+
+def test_pyav_decoder_reports_bad_files_and_indices(tmp_path, tiny_source):
+    good = tiny_source.load().splits["train"][0][0]
+    empty, text = tmp_path / "empty.mp4", tmp_path / "text.mp4"
+    empty.write_bytes(b"")
+    text.write_text("this is not a video\n" * 20)
+    for path in (empty, text):
+        with pytest.raises(VideoDecodeError, match=path.name):
+            decode_frames(path, [0], decoder="pyav")
+    with pytest.raises(FileNotFoundError, match="missing.mp4"):
+        decode_frames(tmp_path / "missing.mp4", [0], decoder="pyav")
+    with pytest.raises(IndexError, match="24 frames"):
+        decode_frames(good, [0, 24], decoder="pyav")
+    with pytest.raises(ValueError, match="decord, pyav"):
+        decode_frames(good, [0], decoder="opencv")
 
 
 def _estimated_shift(frames: np.ndarray, gap: int) -> np.ndarray:
@@ -381,6 +476,42 @@ def test_datamodule_with_workers(tiny_source):
     assert sorted(labels.tolist()) == [0, 0, 1, 1, 2, 2, 3, 3]
 
 
+def test_datamodule_pyav_decoder_gives_the_same_batches(tiny_source):
+    batches = {}
+    for decoder in ("decord", "pyav"):
+        datamodule = _datamodule(tiny_source, decoder=decoder, horizontal_flip=True)
+        datamodule.setup("fit")
+        torch.manual_seed(0)  # num_workers=0: the clip draws come from the main process's RNG
+        batches[decoder] = [datamodule.on_before_batch_transfer(batch, 0) for batch in datamodule.train_dataloader()]
+    for decord_batch, pyav_batch in zip(batches["decord"], batches["pyav"], strict=True):
+        assert torch.equal(decord_batch["video"], pyav_batch["video"])  # same clips, same crops and flips
+        assert torch.equal(decord_batch["label"], pyav_batch["label"])
+
+
+def test_repeated_augmentation_draws_several_clips_from_one_decode(tiny_source, monkeypatch):
+    import timesformer.data.dataset as dataset_module
+
+    decodes = []
+    real_decode_clip = dataset_module.decode_clip
+    monkeypatch.setattr(dataset_module, "decode_clip", lambda *a, **k: decodes.append(1) or real_decode_clip(*a, **k))
+    datamodule = _datamodule(tiny_source, batch_size=4, repeated_augmentation=2, train_short_side_range=(16, 24),
+                             horizontal_flip=True)
+    datamodule.setup("fit")
+    loader = datamodule.train_dataloader()
+    assert loader.batch_size == 2  # videos per batch: batch_size counts clips
+    batch = datamodule.on_before_batch_transfer(next(iter(loader)), 0)
+    assert len(decodes) == 2  # two videos decoded for four clips
+    assert batch["video"].shape == (4, 4, 3, 16, 16)
+    labels, indices = batch["label"].view(2, 2), batch["index"].view(2, 2)
+    assert torch.equal(labels[:, 0], labels[:, 1]) and torch.equal(indices[:, 0], indices[:, 1])
+    assert batch["replaced"].shape == (2,)  # counts videos, not clips
+    clips = batch["video"].view(2, 2, 4, 3, 16, 16)
+    assert not torch.equal(clips[0, 0], clips[0, 1])  # the two draws of a video differ (scale / crop / flip)
+    # Evaluation is untouched: one clip per view.
+    datamodule.setup("validate")
+    assert next(iter(datamodule.val_dataloader()))["video"].shape == (4, 4, 3, 16, 16)
+
+
 def test_datamodule_validates_arguments(tiny_source):
     with pytest.raises(ValueError, match="image_size.*train_short_side_range"):
         _datamodule(tiny_source, image_size=32, train_short_side_range=(16, 20))
@@ -388,6 +519,10 @@ def test_datamodule_validates_arguments(tiny_source):
         _datamodule(tiny_source, num_frames=0)
     with pytest.raises(ValueError, match="mean and std"):
         _datamodule(tiny_source, mean=[0.5, 0.5])
+    with pytest.raises(ValueError, match="decoder='opencv'.*decord, pyav"):
+        _datamodule(tiny_source, decoder="opencv")
+    with pytest.raises(ValueError, match="repeated_augmentation=2 must .* divide batch_size=3"):
+        _datamodule(tiny_source, repeated_augmentation=2)
 
 
 def test_datamodule_from_hydra_config(tiny_source):

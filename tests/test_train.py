@@ -29,6 +29,16 @@ def test_fast_dev_run_per_attention_type(attention_type, synthetic_root, tmp_pat
     assert (tmp_path / "metrics.json").is_file()
 
 
+def test_fast_dev_run_with_pyav_decoder_and_repeated_augmentation(synthetic_root, tmp_path):
+    overrides = [*tiny_overrides(synthetic_root), "data.decoder=pyav", "data.repeated_augmentation=2",
+                 "+trainer.fast_dev_run=true"]
+    cfg = compose_config("train", overrides, tmp_path)
+    metrics = train(cfg)
+    # The model takes (B, T, C, H, W): it would fail on the dataset's (B, k, T, C, H, W) had the DataModule's
+    # on_before_batch_transfer not flattened the repeated clips.
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+
+
 def run_script(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "0"}
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from timesformer.data.dataset import SAMPLINGS, SPLITS, VideoClipDataset, VideoIndex, VideoSource
 from timesformer.data.transforms import DEFAULT_MEAN, DEFAULT_STD, EvalViewTransform, train_transform
+from timesformer.data.video import DECODERS
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,11 @@ class VideoDataModule(lightning.LightningDataModule):
     to `image_size`, crops spread along the long side (left/centre/right). Validation: the same views with
     `val_views_full`, else the centre clip only.
 
+    Decoding: `decoder` "decord" (default) or "pyav", the same frames either way (pyav skips decoding unwanted
+    non-reference frames: faster on h264 with B-frames; benchmarks/README.md part 3). `repeated_augmentation`
+    = k: each decoded training video gives k clips with their own scale / crop / flip; `batch_size` still counts
+    clips (batch_size / k videos per batch), so it must be a multiple of k.
+
     `seed` seeds the training loader's shuffling and its workers' RNGs (different per worker and epoch,
     reproducible across runs). Sequence arguments accept lists (as Hydra passes them).
     """
@@ -117,6 +123,8 @@ class VideoDataModule(lightning.LightningDataModule):
         val_views_full: bool = True,
         decode_retries: int = 1,
         max_failed_fraction: float = 0.05,
+        decoder: str = "decord",
+        repeated_augmentation: int = 1,
     ) -> None:
         super().__init__()
         source = self._build_source(source, root, split)
@@ -152,6 +160,15 @@ class VideoDataModule(lightning.LightningDataModule):
         if sampling not in SAMPLINGS:
             raise ValueError(f"VideoDataModule sampling={sampling!r} is not supported; valid values: "
                              f"{', '.join(SAMPLINGS)}")
+        if decoder not in DECODERS:
+            raise ValueError(f"VideoDataModule decoder={decoder!r} is not supported; valid values: "
+                             f"{', '.join(DECODERS)}")
+        if repeated_augmentation < 1 or batch_size % repeated_augmentation:
+            raise ValueError(
+                f"VideoDataModule repeated_augmentation={repeated_augmentation} must be >= 1 and divide "
+                f"batch_size={batch_size}: a training batch is batch_size clips, repeated_augmentation from each "
+                "decoded video"
+            )
         if decode_retries < 0:
             raise ValueError(f"VideoDataModule decode_retries must be >= 0, got {decode_retries}")
         if not 0 <= max_failed_fraction <= 1:
@@ -184,6 +201,8 @@ class VideoDataModule(lightning.LightningDataModule):
         self.test_spatial_crops = int(test_spatial_crops)
         self.val_views_full = bool(val_views_full)
         self.decode_retries = int(decode_retries)
+        self.decoder = decoder
+        self.repeated_augmentation = int(repeated_augmentation)
         self.failures = DecodeFailureMonitor(float(max_failed_fraction))
 
         # Build the transforms now so that bad mean/std fail at construction, not in a worker.
@@ -266,11 +285,14 @@ class VideoDataModule(lightning.LightningDataModule):
                     temporal_clips=temporal_clips,
                     spatial_crops=spatial_crops,
                     decode_retries=self.decode_retries,
+                    decoder=self.decoder,
+                    repeated_augmentation=self.repeated_augmentation if training else 1,
                 )
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Takes the failed-video report out of a batch (in the main process, which sees every worker's batches)
-        and hands it to the failure monitor; the batch keeps its tensors ("replaced", "valid", ...)."""
+        and hands it to the failure monitor; the batch keeps its tensors ("replaced", "valid", ...). With repeated
+        augmentation, flattens a training batch's (B, k, T, C, H, W) clips to (B*k, T, C, H, W)."""
         if not isinstance(batch, dict) or "decode_errors" not in batch:
             return batch
         error_lines = batch.pop("decode_errors")
@@ -289,7 +311,7 @@ class VideoDataModule(lightning.LightningDataModule):
         world_size = trainer.world_size if trainer is not None else 1
         split_size = len(dataset.entries) // max(world_size, 1) if dataset is not None else 0
         self.failures.update(stage, epoch, error_lines, len(batch["video"]), split_size)
-        return batch
+        return flatten_repeated_clips(batch)
 
     def teardown(self, stage: str | None = None) -> None:
         self.failures.finish_period()
@@ -305,7 +327,8 @@ class VideoDataModule(lightning.LightningDataModule):
         dataset = self._dataset(split)
         return DataLoader(
             dataset,
-            batch_size=self.batch_size,
+            # batch_size counts clips: with repeated augmentation, each video gives `repeated_augmentation`
+            batch_size=self.batch_size // dataset.repeated_augmentation,
             shuffle=shuffle,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
@@ -325,3 +348,18 @@ class VideoDataModule(lightning.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
+
+
+def flatten_repeated_clips(batch: dict[str, Any]) -> dict[str, Any]:
+    """A batch of repeatedly augmented clips, "video" (B, k, T, C, H, W), as B*k clips (T, C, H, W) in a row, with
+    "label", "index", "view" and "valid" repeated to match; "replaced" stays one entry per video (it counts
+    videos). Other batches are returned as they are."""
+    video = batch["video"]
+    if video.ndim != 6:
+        return batch
+    repeats = video.shape[1]
+    batch["video"] = video.flatten(0, 1)
+    for key in ("label", "index", "view", "valid"):
+        if key in batch:
+            batch[key] = batch[key].repeat_interleave(repeats)
+    return batch

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import Dataset
 
 from timesformer.data.sampling import dense_clip_indices, segment_clip_indices
-from timesformer.data.video import VideoDecodeError, decode_clip
+from timesformer.data.video import DECODERS, VideoDecodeError, decode_clip
 
 SPLITS = ("train", "val", "test")
 
@@ -75,6 +75,11 @@ class VideoClipDataset(Dataset):
     Every failed file is named in "decode_errors" ("<path>\t<error>" lines, "" when none) for the DataModule,
     which warns once per file, counts failures per epoch and stops a run when too many fail.
 
+    `decoder`: "decord" or "pyav" (same frames; see timesformer/data/video.py). `repeated_augmentation` = k > 1
+    (training only): each decoded clip is augmented k times with independent scale / crop / flip draws and the
+    item's "video" is (k, T, C, H, W); the DataModule flattens those into the batch. Decoding is most of a
+    clip's cost, so k clips cost little more than one (repeated augmentation, Hoffer et al. 2020).
+
     Randomness (clip start here, crop/scale/flip in the transform, replacements) comes from torch's global RNG,
     which the DataLoader seeds per worker and per epoch from its own generator (`VideoDataModule(seed=...)`
     seeds that): workers draw different clips, every epoch draws new ones, and a run is reproducible. With
@@ -95,6 +100,8 @@ class VideoClipDataset(Dataset):
         spatial_crops: int = 1,
         decode_retries: int = 1,
         max_replacements: int = 10,
+        decoder: str = "decord",
+        repeated_augmentation: int = 1,
     ) -> None:
         if sampling not in SAMPLINGS:
             raise ValueError(f"sampling={sampling!r} is not supported; valid values: {', '.join(SAMPLINGS)}")
@@ -106,6 +113,10 @@ class VideoClipDataset(Dataset):
             if spatial_crops > 1:
                 raise TypeError("several spatial crops need an EvalViewTransform (with resize() and crop())")
             transform = _WholeClipTransform(transform)
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder={decoder!r} is not supported; valid values: {', '.join(DECODERS)}")
+        if repeated_augmentation < 1 or (repeated_augmentation > 1 and not training):
+            raise ValueError(f"repeated_augmentation must be >= 1, and 1 for evaluation; got {repeated_augmentation}")
         if decode_retries < 0 or max_replacements < 0:
             raise ValueError(f"decode_retries and max_replacements must be >= 0, got {decode_retries}, "
                              f"{max_replacements}")
@@ -121,6 +132,8 @@ class VideoClipDataset(Dataset):
         self.spatial_crops = spatial_crops
         self.decode_retries = decode_retries
         self.max_replacements = max_replacements
+        self.decoder = decoder
+        self.repeated_augmentation = repeated_augmentation
         # The last decoded clip: ((video index, temporal clip), resized uint8 frames or its error line). Views
         # are neighbours and a batch goes to one DataLoader worker, so the spatial crops of a clip hit it.
         self._cached: tuple[tuple[int, int], torch.Tensor | str] | None = None
@@ -158,9 +171,8 @@ class VideoClipDataset(Dataset):
         avoid a broken stretch of the file). A missing file is not retried."""
         for attempt in range(self.decode_retries + 1):
             try:
-                frames, _ = decode_clip(
-                    path, lambda n, fps: self._choose_indices(n, fps, temporal_clip), num_threads=self.decode_threads
-                )
+                frames, _ = decode_clip(path, lambda n, fps: self._choose_indices(n, fps, temporal_clip),
+                                        num_threads=self.decode_threads, decoder=self.decoder)
                 return frames.permute(0, 3, 1, 2)  # (T, C, H, W), the layout torchvision transforms expect
             except VideoDecodeError:
                 if attempt == self.decode_retries:
@@ -179,11 +191,15 @@ class VideoClipDataset(Dataset):
         for _ in range(self.max_replacements + 1):
             path, label = self.entries[candidate]
             try:
-                video = self.transform(self._decode(path, temporal_clip=None))
+                frames = self._decode(path, temporal_clip=None)
             except (VideoDecodeError, FileNotFoundError) as error:
                 errors.append(_error_line(path, error))
                 candidate = int(torch.randint(len(self.entries), ()))
                 continue
+            if self.repeated_augmentation == 1:
+                video = self.transform(frames)
+            else:  # one decode, several draws of scale / crop / flip: (repeated_augmentation, T, C, H, W)
+                video = torch.stack([self.transform(frames) for _ in range(self.repeated_augmentation)])
             return {"video": video, "label": label, "index": candidate, "view": 0, "valid": True,
                     "replaced": candidate != video_index, "decode_errors": "\n".join(errors)}
         raise RuntimeError(
