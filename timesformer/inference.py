@@ -1,23 +1,49 @@
-"""Prediction on video files: top-k classes, pooled features and attention maps (what ``predict.py`` does)."""
+"""What ``predict.py`` does: top-k classes, pooled features and attention maps for video files (``predict``), or
+the pooled features of a dataset split as a data config defines it (``extract_features``)."""
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import hydra
+import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
 
-from timesformer.data import DEFAULT_MEAN, DEFAULT_STD, EvalViewTransform, dense_clip_indices, segment_clip_indices
+import timesformer.pipeline  # noqa: F401  (registers ${run_name:...} and ${scale:...}: predict.yaml, data configs)
+from timesformer.data import (
+    DEFAULT_MEAN,
+    DEFAULT_STD,
+    EvalViewTransform,
+    VideoClipDataset,
+    VideoDataModule,
+    dense_clip_indices,
+    segment_clip_indices,
+)
+from timesformer.data.dataset import SPLITS
 from timesformer.data.video import VideoDecodeError, decode_clip
+from timesformer.evaluation import ViewAggregator
 from timesformer.model import TimeSformer
 
 log = logging.getLogger(__name__)
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg")
+PRECISIONS = ("fp32", "bf16")
+FEATURE_FORMATS = (".pt", ".npy")
+# Options of the file mode that have a data config equivalent (or none) when features come from a split.
+_FILE_ONLY_OPTIONS = {
+    "num_clips": "set data.test_temporal_clips instead",
+    "num_crops": "set data.test_spatial_crops instead",
+    "sampling_rate": "set data.sampling_rate instead",
+    "json": "predictions over a dataset are evaluate.py's job",
+    "attention_maps": "attention maps are for input= files",
+}
 
 
 @dataclass
@@ -35,14 +61,21 @@ class ClipSettings:
     std: tuple[float, ...] = DEFAULT_STD
 
 
+def saved_data_config(ckpt: str | Path) -> dict[str, Any]:
+    """The resolved data config a train.py checkpoint was trained with; {} for other checkpoint formats."""
+    path = Path(ckpt)
+    if not path.is_file():
+        return {}
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(checkpoint, dict):
+        return {}
+    return ((checkpoint.get("hyper_parameters") or {}).get("run_config") or {}).get("data") or {}
+
+
 def clip_settings(ckpt: str | Path, model: TimeSformer, **overrides: Any) -> ClipSettings:
     """The checkpoint's saved data settings when it has them (train.py checkpoints), else the model's sizes
     and the paper's 8x32 sampling; non-None ``overrides`` win."""
-    data: dict[str, Any] = {}
-    path = Path(ckpt)
-    if path.is_file():
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        data = ((checkpoint.get("hyper_parameters") or {}).get("run_config") or {}).get("data") or {}
+    data = saved_data_config(ckpt)
     settings = ClipSettings(
         num_frames=int(data.get("num_frames", model.config.num_frames)),
         sampling_rate=int(data.get("sampling_rate", 32)),
@@ -93,9 +126,193 @@ def load_views(path: Path, settings: ClipSettings) -> torch.Tensor:
     return torch.stack(views)
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto``: CUDA when present, else the CPU; anything else is a torch device name (``cuda:1``, ``cpu``)."""
+    return torch.device(name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def embed(model: TimeSformer, video: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+    """The pooled ``forward_features`` of views (B, T, C, H, W) as float32 (B, D), without autograd; ``bf16`` runs
+    the model under a bfloat16 autocast (the features are returned in float32 all the same)."""
+    with torch.no_grad(), torch.autocast(video.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        return model.forward_features(video).float()
+
+
+def run(cfg: DictConfig) -> list[dict[str, Any]] | dict[str, Any]:
+    """What predict.py does: ``input=`` files -> ``predict``; ``data=`` / ``split=`` (a dataset split) ->
+    ``extract_features``. The options are checked before any model or video is read."""
+    check_options(cfg)
+    if cfg.get("input") is not None:
+        return predict(cfg)
+    return extract_features(cfg)
+
+
+def check_options(cfg: DictConfig) -> None:
+    """Fail early, naming the valid choices, on options that contradict each other or are unknown."""
+    precision = cfg.get("precision", "fp32")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not supported; valid values: {', '.join(PRECISIONS)}")
+    features = cfg.get("features")
+    if features and Path(features).suffix.lower() not in FEATURE_FORMATS:
+        raise ValueError(f"features={features}: the file name must end in one of {', '.join(FEATURE_FORMATS)} "
+                         "(that is the format written)")
+    from_dataset = bool(cfg.get("data")) or cfg.get("split") is not None
+    if cfg.get("input") is not None and from_dataset:
+        raise ValueError("input= (video files) and data= / split= (a dataset split) are exclusive: set one of them")
+    if cfg.get("input") is None and not from_dataset:
+        raise ValueError("set input=VIDEO_OR_FOLDER (predictions for files), or split=train|val|test with "
+                         "data=<name> (the features of a dataset split)")
+    if not from_dataset:
+        return
+    if not features:
+        raise ValueError(f"data= / split= extract features: set features=PATH ending in {' or '.join(FEATURE_FORMATS)}"
+                         " (predictions over a dataset: evaluate.py)")
+    used = [f"{name} ({hint})" for name, hint in _FILE_ONLY_OPTIONS.items() if cfg.get(name)]
+    if used:
+        raise ValueError(f"with data= / split= the views and outputs come from the data config; unset "
+                         f"{'; '.join(used)}")
+    split = cfg.get("split")
+    if split is None or str(split) not in SPLITS:
+        hint = " (an official split number, as UCF101's 1-3, is data.split=N)" if str(split).isdigit() else ""
+        raise ValueError(f"split={split}: valid choices: {', '.join(SPLITS)}{hint}")
+
+
+def dataset_config(cfg: DictConfig, model: TimeSformer) -> DictConfig:
+    """The data config of ``cfg``: ``data=<name>`` (a group choice, with ``_target_``) as it is, else the checkpoint's
+    saved one (train.py checkpoints) with ``data.<key>=<value>`` merged over it, as evaluate.py does.
+
+    The data configs size their clips from ``${model.num_frames}`` / ``${model.image_size}``: here those are the
+    loaded model's, whatever the checkpoint format."""
+    chosen = cfg.get("data") or OmegaConf.create({})
+    if "_target_" in chosen:
+        data = chosen
+    else:
+        saved = saved_data_config(cfg.ckpt)
+        if not saved:
+            raise ValueError(f"ckpt={cfg.ckpt} carries no data config (only train.py checkpoints do): choose the "
+                             "dataset with data=<name> (`python predict.py --help` lists them) and data.root=PATH")
+        data = OmegaConf.merge(saved, chosen)
+    # Evaluation views draw no random numbers; the seed only has to exist for the configs' ${seed}.
+    root = OmegaConf.create({"model": {"num_frames": model.config.num_frames, "image_size": model.config.image_size},
+                             "seed": 0, "paths": cfg.paths})
+    root.data = data
+    return root.data
+
+
+def evaluation_dataset(datamodule: VideoDataModule, entries: Sequence[tuple[str, int]]) -> VideoClipDataset:
+    """``entries`` as the datamodule builds its test split: ``test_temporal_clips`` x ``test_spatial_crops`` views
+    per video with its clip settings, whatever split they come from (the datamodule gives its train split random
+    training clips instead)."""
+    return VideoClipDataset(
+        entries,
+        num_frames=datamodule.num_frames,
+        sampling_rate=datamodule.sampling_rate,
+        transform=EvalViewTransform(datamodule.image_size, datamodule.test_spatial_crops, datamodule.mean,
+                                    datamodule.std),
+        training=False,
+        target_fps=datamodule.target_fps,
+        decode_threads=datamodule.decode_threads,
+        sampling=datamodule.sampling,
+        temporal_clips=datamodule.test_temporal_clips,
+        spatial_crops=datamodule.test_spatial_crops,
+        decode_retries=datamodule.decode_retries,
+    )
+
+
+def extract_features(cfg: DictConfig) -> dict[str, Any]:
+    """The pooled ``forward_features`` embedding of every video of a dataset split, written to ``cfg.features``.
+
+    Each video's views are its evaluation views (``data.test_temporal_clips`` x ``data.test_spatial_crops``, as in
+    evaluate.py, for the train split too), read by a DataLoader (``data.batch_size`` views a batch,
+    ``data.num_workers`` workers) and averaged per video. Rows follow the split's order. A video none of whose views
+    decodes is logged with its path, left out, and listed under "failed"; one that decodes in part averages the views
+    that do (its "num_views" says how many). Returns what was written (see ``save_features``).
+    """
+    device = resolve_device(cfg.device)
+    model = TimeSformer.from_pretrained(cfg.ckpt).to(device).eval()
+    datamodule: VideoDataModule = hydra.utils.instantiate(dataset_config(cfg, model), _convert_="all")
+    datamodule.prepare_data()
+    class_names = datamodule.class_names  # reads the index
+    entries = datamodule.index.split(str(cfg.split))  # an error naming the splits the dataset has
+    dataset = evaluation_dataset(datamodule, entries)
+    loader = DataLoader(dataset, batch_size=datamodule.batch_size, num_workers=datamodule.num_workers,
+                        pin_memory=datamodule.pin_memory and device.type == "cuda")
+    log.info("Features of %d %s videos, %d views each, on %s (%s)", len(entries), cfg.split, dataset.views_per_video,
+             device, cfg.precision)
+
+    # "logits" aggregation is a plain mean over a video's decoded views: what the embeddings need (no softmax).
+    aggregator = ViewAggregator("logits")
+    errors: dict[str, str] = {}
+    report_every = max(1, len(loader) // 10)
+    for number, batch in enumerate(loader, 1):
+        for line in filter(None, "\n".join(batch["decode_errors"]).splitlines()):
+            path, _, reason = line.partition("\t")
+            if path not in errors:  # the views of a clip fail alike: name the file once
+                errors[path] = reason
+                log.error("Could not decode %s (%s)", path, reason)
+        aggregator.update(embed(model, batch["video"].to(device, non_blocking=True), cfg.precision), batch["label"],
+                          batch["index"], batch["view"], batch["valid"])
+        if number % report_every == 0 or number == len(loader):
+            log.info("%d/%d batches", number, len(loader))
+    results = aggregator.compute()
+
+    for video, views in zip(results.indices.tolist(), results.num_views.tolist(), strict=True):
+        if views < dataset.views_per_video:
+            log.warning("%s: %d of %d views decoded; its features average those", entries[video][0], views,
+                        dataset.views_per_video)
+    failed = [{"video": entries[i][0], "label": entries[i][1], "error": errors.get(entries[i][0], "not decoded")}
+              for i in results.failed]
+    output = {
+        "videos": [entries[i][0] for i in results.indices.tolist()],
+        "labels": results.labels,
+        "features": results.scores if len(results.indices) else torch.zeros(0, model.config.hidden_size),
+        "num_views": results.num_views,
+        "class_names": class_names,
+        "checkpoint": str(cfg.ckpt),
+        "split": str(cfg.split),
+        "failed": failed,
+    }
+    save_features(cfg.features, output)
+    return output
+
+
+def features_sidecar(path: str | Path) -> Path:
+    """Where a ``.npy`` feature file's row metadata goes: ``feats.npy`` -> ``feats.videos.json``."""
+    return Path(path).with_suffix(".videos.json")
+
+
+def save_features(path: str | Path, output: dict[str, Any]) -> list[Path]:
+    """Write pooled features: ``output`` holds "videos" (ids: paths), "labels" (int64 (V,), None for files),
+    "features" float32 (V, D), "num_views" (V,), "class_names", "checkpoint", "split" (None for files) and "failed"
+    ([{"video", "label", "error"}]: videos left out).
+
+    ``.pt``: the dict as is (``torch.load``). ``.npy``: the (V, D) array, and everything else in
+    ``features_sidecar(path)`` as JSON, rows in the array's order. Returns the files written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    features = output["features"].float().cpu()
+    if path.suffix.lower() == ".pt":
+        torch.save({**output, "features": features}, path)
+        written = [path]
+    else:
+        with open(path, "wb") as file:  # np.save(path) would append ".npy" to a name ending in ".NPY"
+            np.save(file, features.numpy())
+        metadata = {key: value.tolist() if isinstance(value, torch.Tensor) else value
+                    for key, value in output.items() if key != "features"}
+        sidecar = features_sidecar(path)
+        sidecar.write_text(json.dumps({"features": path.name, "shape": list(features.shape), **metadata}, indent=1)
+                           + "\n")
+        written = [path, sidecar]
+    log.info("Wrote %d feature vectors of size %d to %s", *features.shape, " and ".join(map(str, written)))
+    if output["failed"]:
+        log.warning("%d videos could not be decoded and are left out; they are listed under \"failed\" in %s",
+                    len(output["failed"]), written[-1])
+    return written
+
+
 def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     """Top-k predictions per video (views averaged in probability); optionally features and attention maps."""
-    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(cfg.device)
     model = TimeSformer.from_pretrained(cfg.ckpt).to(device).eval()
     names = model.config.class_names or [str(c) for c in range(model.config.num_classes)]
     settings = clip_settings(cfg.ckpt, model, temporal_clips=cfg.get("num_clips"),
@@ -109,8 +326,8 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
             log.error("%s", error)
             results.append({"video": str(path), "error": str(error)})
             continue
+        embedding = embed(model, views.to(device), cfg.get("precision", "fp32"))  # (V, D)
         with torch.no_grad():
-            embedding = model.forward_features(views.to(device))  # (V, D)
             probabilities = model.head(embedding).softmax(-1).mean(0).cpu()  # views averaged
         top = probabilities.topk(min(cfg.top_k, len(names)))
         results.append({"video": str(path), "views": len(views),
@@ -132,10 +349,18 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     if cfg.get("json"):
         Path(cfg.json).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.json).write_text(json.dumps(results, indent=2) + "\n")
-    if cfg.get("features") and features:
-        torch.save({"videos": list(features), "features": torch.stack(list(features.values())),
-                    "checkpoint": str(cfg.ckpt)}, cfg.features)
-        log.info("Wrote %d feature vectors of size %d to %s", len(features), model.config.hidden_size, cfg.features)
+    if cfg.get("features"):
+        decoded = [result for result in results if "error" not in result]
+        save_features(cfg.features, {
+            "videos": list(features),
+            "labels": None,
+            "features": torch.stack(list(features.values())) if features else torch.zeros(0, model.config.hidden_size),
+            "num_views": torch.tensor([result["views"] for result in decoded], dtype=torch.int64),
+            "class_names": None,
+            "checkpoint": str(cfg.ckpt),
+            "split": None,
+            "failed": [{"video": r["video"], "label": None, "error": r["error"]} for r in results if "error" in r],
+        })
     return results
 
 
