@@ -2,7 +2,7 @@
 
     python benchmarks/run.py                # everything: about 10 minutes on 2 CPU cores
     python benchmarks/run.py --quick        # every measurement at a tiny size (smoke test, ~20 s)
-    python benchmarks/run.py --only hf      # part 1 only (--only growth: part 2 only)
+    python benchmarks/run.py --only hf      # part 1 only (--only growth: part 2, --only data: part 3)
 
 1. Ours vs Hugging Face ``TimesformerForVideoClassification``: the same weights (a random HF model saved with
    save_pretrained and read by ``TimeSformer.from_pretrained``), the same input, fp32, eager, on the CPU:
@@ -11,6 +11,8 @@
    difference is the cost of one more block, from which a 12-block model is extrapolated.
 2. Cost growth: time and peak memory of one training step against frames and resolution, for every attention
    scheme (the paper's Fig. 3, with memory-efficient attention).
+3. The data pipeline (benchmarks/data_pipeline.py, also runnable alone): decode + augment clips/s per worker,
+   ours (decord, PyAV) against a plain PyAV decode, repeated augmentation, the DataLoader, what a GPU needs.
 
 Tables are printed and written, with a plot and the raw numbers, to benchmarks/results/ (git-ignored). How
 each number is measured, and why, is in benchmarks/README.md. In short: every measurement runs in a worker
@@ -435,7 +437,7 @@ def machine() -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one thread, no torch.compile: a smoke test")
-    parser.add_argument("--only", choices=("hf", "growth"), help="run one part only")
+    parser.add_argument("--only", choices=("hf", "growth", "data"), help="run one part only")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurements")
     parser.add_argument("--threads", type=int, help="torch threads in the workers (default: torch's, all cores; "
                         "--quick: 1). One thread gives steadier ratios on a machine shared with other jobs")
@@ -499,6 +501,11 @@ def main(argv: list[str] | None = None) -> None:
         (args.out / "cost_growth.md").write_text(f"machine: {info}; {out['threads']} thread(s)\n\n{table}\n\n"
                                                  "![cost growth](cost_growth.png)\n")
         print(f"{table}\n", flush=True)
+
+    if args.only in (None, "data"):
+        print("part 3: data pipeline ...", flush=True)
+        command = [sys.executable, str(Path(__file__).with_name("data_pipeline.py")), "--out", str(args.out)]
+        subprocess.run(command + (["--quick"] if args.quick else []), check=True, cwd=ROOT)
 
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     print(f"written to {args.out} in {time.perf_counter() - start:.0f} s")
