@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,6 @@ from timesformer.data import (
     DEFAULT_MEAN,
     DEFAULT_STD,
     EvalViewTransform,
-    VideoClipDataset,
     VideoDataModule,
     dense_clip_indices,
     segment_clip_indices,
@@ -199,26 +197,6 @@ def dataset_config(cfg: DictConfig, model: TimeSformer) -> DictConfig:
     return root.data
 
 
-def evaluation_dataset(datamodule: VideoDataModule, entries: Sequence[tuple[str, int]]) -> VideoClipDataset:
-    """``entries`` as the datamodule builds its test split: ``test_temporal_clips`` x ``test_spatial_crops`` views
-    per video with its clip settings, whatever split they come from (the datamodule gives its train split random
-    training clips instead)."""
-    return VideoClipDataset(
-        entries,
-        num_frames=datamodule.num_frames,
-        sampling_rate=datamodule.sampling_rate,
-        transform=EvalViewTransform(datamodule.image_size, datamodule.test_spatial_crops, datamodule.mean,
-                                    datamodule.std),
-        training=False,
-        target_fps=datamodule.target_fps,
-        decode_threads=datamodule.decode_threads,
-        sampling=datamodule.sampling,
-        temporal_clips=datamodule.test_temporal_clips,
-        spatial_crops=datamodule.test_spatial_crops,
-        decode_retries=datamodule.decode_retries,
-    )
-
-
 def extract_features(cfg: DictConfig) -> dict[str, Any]:
     """The pooled ``forward_features`` embedding of every video of a dataset split, written to ``cfg.features``.
 
@@ -233,8 +211,8 @@ def extract_features(cfg: DictConfig) -> dict[str, Any]:
     datamodule: VideoDataModule = hydra.utils.instantiate(dataset_config(cfg, model), _convert_="all")
     datamodule.prepare_data()
     class_names = datamodule.class_names  # reads the index
-    entries = datamodule.index.split(str(cfg.split))  # an error naming the splits the dataset has
-    dataset = evaluation_dataset(datamodule, entries)
+    dataset = datamodule.evaluation_dataset(str(cfg.split))  # an error naming the splits the dataset has
+    entries = dataset.entries
     loader = DataLoader(dataset, batch_size=datamodule.batch_size, num_workers=datamodule.num_workers,
                         pin_memory=datamodule.pin_memory and device.type == "cuda")
     log.info("Features of %d %s videos, %d views each, on %s (%s)", len(entries), cfg.split, dataset.views_per_video,

@@ -270,24 +270,31 @@ class VideoDataModule(lightning.LightningDataModule):
         index = self._load_index()
         for split in SPLITS:
             if split in index.splits and split not in self.datasets:
-                training = split == "train"
-                temporal_clips, spatial_crops = self.views(split)
-                self.datasets[split] = VideoClipDataset(
-                    index.splits[split],
-                    num_frames=self.num_frames,
-                    sampling_rate=self.sampling_rate,
-                    transform=self.train_transform if training else EvalViewTransform(
-                        self.image_size, spatial_crops, self.mean, self.std),
-                    training=training,
-                    target_fps=self.target_fps,
-                    decode_threads=self.decode_threads,
-                    sampling=self.sampling,
-                    temporal_clips=temporal_clips,
-                    spatial_crops=spatial_crops,
-                    decode_retries=self.decode_retries,
-                    decoder=self.decoder,
-                    repeated_augmentation=self.repeated_augmentation if training else 1,
-                )
+                self.datasets[split] = self._clip_dataset(index.splits[split], split == "train", *self.views(split))
+
+    def evaluation_dataset(self, split: str) -> VideoClipDataset:
+        """Any split, the training split too, with the test views and no augmentation (feature extraction)."""
+        entries = self._load_index().split(split)  # an error naming the splits the dataset has
+        return self._clip_dataset(entries, False, self.test_temporal_clips, self.test_spatial_crops)
+
+    def _clip_dataset(self, entries: Sequence[tuple[str, int]], training: bool, temporal_clips: int,
+                      spatial_crops: int) -> VideoClipDataset:
+        return VideoClipDataset(
+            entries,
+            num_frames=self.num_frames,
+            sampling_rate=self.sampling_rate,
+            transform=self.train_transform if training else EvalViewTransform(
+                self.image_size, spatial_crops, self.mean, self.std),
+            training=training,
+            target_fps=self.target_fps,
+            decode_threads=self.decode_threads,
+            sampling=self.sampling,
+            temporal_clips=temporal_clips,
+            spatial_crops=spatial_crops,
+            decode_retries=self.decode_retries,
+            decoder=self.decoder,
+            repeated_augmentation=self.repeated_augmentation if training else 1,
+        )
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Takes the failed-video report out of a batch (in the main process, which sees every worker's batches)
