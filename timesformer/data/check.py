@@ -39,11 +39,14 @@ class VideoCheck:
     num_frames: int = 0
     fps: float = 0.0
     error: str | None = None
+    mpeg4_with_b_frames: bool = False
 
 
 def check_video(path: str, label: int) -> VideoCheck:
     """Open a video and decode its first, middle and last frames."""
     import decord
+
+    from timesformer.data.video import mpeg4_with_b_frames
 
     result = VideoCheck(path, label)
     try:
@@ -57,6 +60,7 @@ def check_video(path: str, label: int) -> VideoCheck:
             return result
         last = result.num_frames - 1
         reader.get_batch(sorted({0, last // 2, last})).asnumpy()
+        result.mpeg4_with_b_frames = mpeg4_with_b_frames(path)
     except FileNotFoundError:
         result.error = "missing"
     except Exception as error:  # decord raises RuntimeError / DECORDError with FFmpeg's message
@@ -182,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
               [f"{r.path}: {r.num_frames} frames, a clip spans {frames_needed(datamodule, r.fps)}"
                for r in results if r.error is None and r.num_frames < frames_needed(datamodule, r.fps)],
               args.max_listed)
+        if datamodule.decoder == "decord":  # AVIs are switched to PyAV by the decord path itself
+            _list(f"{split}: MPEG-4 part 2 with B-frames, which decord misreads after a seek: use data.decoder=pyav",
+                  [r.path for r in results if r.mpeg4_with_b_frames and not r.path.lower().endswith(".avi")],
+                  args.max_listed)
 
     if args.write_clean:
         if args.no_decode:

@@ -106,12 +106,13 @@ def decode_clip(
 
     `choose_indices(num_frames, fps)` returns the indices to decode (in order, repeats allowed).
     Returns the frames as a uint8 tensor (T, H, W, C), RGB, and the video's info. `decoder` is one of
-    `DECODERS` (see the module docstring); both give the same frames.
+    `DECODERS` (see the module docstring); both give the same frames. "decord" reads AVI files with PyAV
+    (see DECORD_UNRELIABLE_SUFFIXES).
     """
-    if decoder == "pyav":
-        return _decode_clip_pyav(path, choose_indices, num_threads)
-    if decoder != "decord":
+    if decoder not in DECODERS:
         raise ValueError(f"decoder={decoder!r} is not supported; valid values: {', '.join(DECODERS)}")
+    if decoder == "pyav" or _decord_misreads(path):
+        return _decode_clip_pyav(path, choose_indices, num_threads)
     reader = _open(path, num_threads)
     num_frames, fps = len(reader), float(reader.get_avg_fps())
     indices = list(choose_indices(num_frames, fps))  # errors here are the caller's, not the file's
@@ -123,6 +124,28 @@ def decode_clip(
         raise VideoDecodeError(f"Could not decode frames {indices} of video {os.fspath(path)}: {error}") from error
     info = VideoInfo(num_frames=num_frames, fps=fps, height=frames.shape[1], width=frames.shape[2])
     return torch.from_numpy(frames), info
+
+
+def mpeg4_with_b_frames(path: str | os.PathLike) -> bool:
+    """Whether a video is MPEG-4 part 2 (XviD / DivX) with B-frames, which decord (0.6 and decord2 3.4) misreads
+    after a seek in any container (frame 13 asked, frame 15 returned; tests/test_data.py checks both decoders
+    against the encoded frames). `python -m timesformer.data.check` lists such videos."""
+    try:
+        with av.open(os.fspath(path)) as container:
+            codec = container.streams.video[0].codec_context
+            return codec.name == "mpeg4" and bool(codec.has_b_frames)
+    except (av.FFmpegError, IndexError, OSError):
+        return False  # unreadable: the decoder will say so
+
+
+# decord seeks wrongly in AVI files that hold h264 (with or without B-frames: after a seek to the keyframe before
+# frame 20 it returned frame 8, counted from the start of the file) or MPEG-4 part 2 with B-frames, and returns no
+# frame timestamps for them; the decord path reads AVI files with PyAV, which numbers their frames right.
+DECORD_UNRELIABLE_SUFFIXES = (".avi",)
+
+
+def _decord_misreads(path: str | os.PathLike) -> bool:
+    return os.path.splitext(os.fspath(path))[1].lower() in DECORD_UNRELIABLE_SUFFIXES
 
 
 def decode_frames(
@@ -167,6 +190,10 @@ def _decode_clip_pyav(
                 raise IndexError(f"frame index {index} is out of range for {path}, which has {len(packets)} frames")
         try:
             frames = _decode_wanted(stream.codec_context, packets, indices)
+        except _DecodeOrderTimestamps:  # see _decode_wanted: number the pictures as they come out instead
+            stream.codec_context.flush_buffers()
+            stream.codec_context.skip_frame = "DEFAULT"
+            frames = _decode_sequentially(stream.codec_context, packets, indices)
         except av.FFmpegError as error:
             raise VideoDecodeError(f"Could not decode frames {indices} of video {path}: {error}") from error
         missing = sorted(set(indices) - set(frames))
@@ -177,14 +204,23 @@ def _decode_clip_pyav(
     return torch.from_numpy(clip), info
 
 
+class _DecodeOrderTimestamps(Exception):
+    """The packets' timestamps follow the decode order, not the presentation order (h264 with B-frames in AVI)."""
+
+
 def _decode_wanted(codec: av.CodecContext, packets: list[av.Packet], wanted: Sequence[int]) -> dict[int, np.ndarray]:
     """Frame number -> (H, W, 3) RGB array for the `wanted` frame numbers (presentation order) of `packets`
-    (decode order, one frame each)."""
-    if any(packet.pts is None for packet in packets):
-        return _decode_sequentially(codec, packets, wanted)  # no timestamps (some AVI files): count frames instead
-    frame_of_pts = {pts: number for number, pts in enumerate(sorted(packet.pts for packet in packets))}
-    if len(frame_of_pts) != len(packets):
-        return _decode_sequentially(codec, packets, wanted)  # repeated timestamps: ditto
+    (decode order, one frame each). Frames are numbered by their presentation timestamps, which lets whole
+    stretches be skipped; where the timestamps cannot be trusted for that, the pictures are counted as they
+    come out of a sequential decode instead (slower, always right)."""
+    timestamps = [packet.pts for packet in packets]
+    if None in timestamps or len(set(timestamps)) != len(timestamps):
+        return _decode_sequentially(codec, packets, wanted)  # missing (some AVI files) or repeated timestamps
+    if codec.has_b_frames and all(a < b for a, b in zip(timestamps, timestamps[1:], strict=False)):
+        # The codec reorders frames but the container's timestamps never do: AVI, which has no presentation
+        # timestamps, stores h264 B-frames this way. (mp4, mkv, webm, mov record the real order.)
+        return _decode_sequentially(codec, packets, wanted)
+    frame_of_pts = {pts: number for number, pts in enumerate(sorted(timestamps))}
     number = [frame_of_pts[packet.pts] for packet in packets]  # frame number of each packet, in decode order
     position = {frame: at for at, frame in enumerate(number)}  # and back
     keyframes = [at for at, packet in enumerate(packets) if packet.is_keyframe] or [0]
@@ -199,10 +235,15 @@ def _decode_wanted(codec: av.CodecContext, packets: list[av.Packet], wanted: Seq
             feed[at] = True
 
     targets, out = set(wanted), {}
+    last_out = -1  # pictures come out in presentation order: their frame numbers must grow
 
     def keep(decoded: list[av.VideoFrame]) -> None:
+        nonlocal last_out
         for picture in decoded:
             frame = frame_of_pts.get(picture.pts)
+            if frame is None or frame <= last_out:
+                raise _DecodeOrderTimestamps  # a guard for what the check above cannot see
+            last_out = frame
             if frame in targets:
                 out[frame] = picture.to_ndarray(format="rgb24")
 
@@ -214,6 +255,7 @@ def _decode_wanted(codec: av.CodecContext, packets: list[av.Packet], wanted: Seq
             codec.skip_frame = "DEFAULT"
             keep(codec.decode(None))
             codec.flush_buffers()
+            last_out = -1
         previous = at
         # Unwanted frames that no other frame references need not be decoded at all (FFmpeg skips them).
         codec.skip_frame = "DEFAULT" if number[at] in targets else "NONREF"
