@@ -1,0 +1,86 @@
+"""python -m timesformer.data.resize: a dataset copied with its videos re-encoded at a smaller size."""
+
+from __future__ import annotations
+
+import av
+import numpy as np
+import pytest
+import torch.nn.functional as F
+
+from timesformer.data import decode_frames, read_video_info
+from timesformer.data.resize import main, resize_dataset, scaled_size
+
+
+def _write_smooth_video(path, codec: str, num_frames: int = 40) -> None:
+    """64x48, a smooth pattern drifting right: detail that survives downscaling and lossy re-encoding."""
+    y, x = np.mgrid[0:48, 0:64].astype(np.float32)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream(codec, rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for t in range(num_frames):
+            phase = (x - 1.5 * t) / 9.0
+            rgb = np.stack([128 + 100 * np.sin(phase), 128 + 100 * np.cos(y / 7.0), 128 + 60 * np.sin(phase + y / 11)])
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb.transpose(1, 2, 0).astype(np.uint8)),
+                                               format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def test_scaled_size_keeps_the_aspect_ratio_with_even_sides():
+    assert scaled_size(640, 360, 256) == (456, 256)  # 455.1 -> the nearest even width
+    assert scaled_size(360, 640, 256) == (256, 456)  # portrait
+    assert scaled_size(340, 256, 128) == (170, 128)
+
+
+@pytest.fixture()
+def dataset(tmp_path):
+    """root/train/<class>/<video> (a 64x48 h264 mp4 and an MPEG-4 AVI), an annotation CSV and a broken video."""
+    src = tmp_path / "src"
+    for folder in ("train/walking", "train/running"):
+        (src / folder).mkdir(parents=True)
+    _write_smooth_video(src / "train/walking/a.mp4", "libx264")
+    _write_smooth_video(src / "train/running/b.avi", "mpeg4")
+    (src / "train.csv").write_text("label,youtube_id\nwalking,a\n")
+    (src / "train/broken.mp4").write_text("not a video\n")
+    return src
+
+
+def test_videos_are_resized_other_files_copied_and_failures_listed(dataset, tmp_path, capsys):
+    dst = tmp_path / "dst"
+    assert main([str(dataset), str(dst), "--short-side", "32", "--workers", "1"]) == 1  # one video is broken
+    for name in ("train/walking/a.mp4", "train/running/b.avi"):
+        original, resized = read_video_info(dataset / name), read_video_info(dst / name)
+        assert (resized.width, resized.height) == (42, 32)  # 64x48 -> short side 32, even width
+        assert (resized.num_frames, resized.fps) == (original.num_frames, original.fps)  # frame for frame
+        # The content is the original, downscaled, frame for frame: each frame of the copy is closest to the
+        # area-downscaled original of the same number, and close to it in absolute terms (lossy: ~7 of 255).
+        originals = F.interpolate(decode_frames(dataset / name, list(range(40))).permute(0, 3, 1, 2).float(),
+                                  size=(32, 42), mode="area")  # (40, 3, 32, 42)
+        indices = [0, 13, 39]
+        got = decode_frames(dst / name, indices).permute(0, 3, 1, 2).float()
+        errors = (got[:, None] - originals[None]).abs().mean(dim=(2, 3, 4))  # (3, 40)
+        assert errors.argmin(dim=1).tolist() == indices, name
+        assert errors[range(3), indices].max() < 9, name
+    assert (dst / "train.csv").read_bytes() == (dataset / "train.csv").read_bytes()
+    failures = (dst / "resize_failures.txt").read_text()
+    assert "broken.mp4" in failures and not (dst / "train" / "broken.mp4").exists()
+    assert "could not resize" in capsys.readouterr().err
+    assert not list(dst.rglob(".*.partial"))
+
+
+def test_small_videos_are_copied_and_a_rerun_skips_what_is_done(dataset, tmp_path):
+    dst = tmp_path / "dst"
+    first = resize_dataset(dataset, dst, short_side=48)  # the videos are 64x48: nothing to shrink
+    assert len(first["copied"]) == 3 and not first["resized"] and len(first["failed"]) == 1
+    assert (dst / "train/walking/a.mp4").read_bytes() == (dataset / "train/walking/a.mp4").read_bytes()
+    again = resize_dataset(dataset, dst, short_side=48)
+    assert len(again["skipped"]) == 3 and len(again["failed"]) == 1  # the broken one is tried again
+
+
+def test_destination_inside_the_source_is_refused(dataset):
+    with pytest.raises(ValueError, match="outside the source"):
+        resize_dataset(dataset, dataset / "small")
+    with pytest.raises(NotADirectoryError, match="missing"):
+        resize_dataset(dataset / "missing", dataset.parent / "dst")

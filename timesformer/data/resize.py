@@ -1,0 +1,166 @@
+"""Copy a dataset with its videos re-encoded at a smaller size: decoding then costs less for every epoch.
+
+    python -m timesformer.data.resize /datasets/kinetics400 /datasets/kinetics400_256 --short-side 256 --workers 16
+    python train.py data=kinetics400 data.root=/datasets/kinetics400_256
+
+Decoding is most of a training clip's cost, and it grows with the frame size: an 8 x 32 clip of a 640x360 video
+takes ~2x the decode time of the same clip at 340x256 (benchmarks/README.md, part 3). The training crops are cut
+after scaling the short side to 256-320 px, so storing more than that is decoded and thrown away every epoch.
+This is the usual preparation for Kinetics (short side 256, as mmaction2 and PySlowFast users keep it).
+
+The folder tree is mirrored: every video (by suffix) whose short side is above `--short-side` is re-encoded
+with its short side at that size (aspect ratio kept, even sides), the same frames and timestamps, as h264 (x264
+CRF 23, preset veryfast) in the same container (VP9 for .webm); smaller videos and every other file (annotation
+CSVs, split lists) are copied as they are, so the same data config reads the copy. Audio is dropped. Files
+already in the destination are skipped, so an interrupted run continues. Videos that cannot be decoded are
+listed (and written to `<dst>/resize_failures.txt`) and the command exits with status 1: nothing is dropped
+silently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import av
+
+from timesformer.data.sources import VIDEO_EXTENSIONS
+
+
+def scaled_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+    """(width, height) with the short side at `short_side`, the aspect ratio kept, both even (yuv420p)."""
+    scale = short_side / min(width, height)
+    return max(2, round(width * scale / 2) * 2), max(2, round(height * scale / 2) * 2)
+
+
+def resize_video(src: Path, dst: Path, short_side: int, crf: int = 23, preset: str = "veryfast") -> str:
+    """Re-encode `src` to `dst` with its short side at `short_side` (or copy it when it is not larger).
+    Returns "resized" or "copied"; raises av.FFmpegError (or ValueError) for a video that cannot be read."""
+    partial = dst.with_name(f".{dst.name}.partial")  # renamed when complete: a crash leaves no half file at dst
+    with av.open(str(src)) as source:
+        if not source.streams.video:
+            raise ValueError("no video stream")
+        in_stream = source.streams.video[0]
+        in_stream.thread_type = "AUTO"
+        width, height = in_stream.codec_context.width, in_stream.codec_context.height
+        if min(width, height) <= short_side:
+            shutil.copyfile(src, partial)
+            partial.replace(dst)
+            return "copied"
+        new_width, new_height = scaled_size(width, height, short_side)
+        codec = "libvpx-vp9" if dst.suffix.lower() == ".webm" else "libx264"
+        with av.open(str(partial), mode="w", format=_muxer_for(dst)) as target:
+            out_stream = target.add_stream(codec, rate=in_stream.average_rate or in_stream.guessed_rate or 30)
+            out_stream.width, out_stream.height, out_stream.pix_fmt = new_width, new_height, "yuv420p"
+            out_stream.time_base = in_stream.time_base  # the same timestamps, frame for frame
+            out_stream.options = {"crf": str(crf)} | ({"preset": preset} if codec == "libx264" else {"b": "0"})
+            if dst.suffix.lower() == ".avi":  # AVI has no presentation timestamps: B-frames would be misread
+                out_stream.options |= {"bf": "0"}
+            frames = 0
+            for frame in source.decode(in_stream):
+                small = frame.reformat(width=new_width, height=new_height, format="yuv420p", interpolation="AREA")
+                small.pts, small.time_base = frame.pts, frame.time_base
+                for packet in out_stream.encode(small):
+                    target.mux(packet)
+                frames += 1
+            for packet in out_stream.encode():
+                target.mux(packet)
+        if frames == 0:
+            partial.unlink()
+            raise ValueError("no frame could be decoded")
+    partial.replace(dst)
+    return "resized"
+
+
+def _muxer_for(path: Path) -> str:
+    """The container for a suffix; h264 in an mp4 for the suffixes whose own container cannot hold it (decoders
+    recognise the content, not the name)."""
+    muxers = {".mkv": "matroska", ".webm": "webm", ".avi": "avi", ".mov": "mov", ".flv": "flv", ".3gp": "3gp"}
+    return muxers.get(path.suffix.lower(), "mp4")
+
+
+def _job(args: tuple[Path, Path, int, int, str]) -> tuple[Path, str]:
+    src, dst, short_side, crf, preset = args
+    try:
+        return src, resize_video(src, dst, short_side, crf, preset)
+    except (av.FFmpegError, ValueError, OSError) as error:
+        dst.with_name(f".{dst.name}.partial").unlink(missing_ok=True)
+        return src, f"failed: {' '.join(str(error).split())}"
+
+
+def resize_dataset(src: Path, dst: Path, short_side: int = 256, workers: int = 1, crf: int = 23,
+                   preset: str = "veryfast") -> dict[str, list]:
+    """Mirror `src` into `dst` (see the module docstring). Returns {"resized", "copied", "skipped", "failed"}
+    lists of source paths ("failed": (path, reason) pairs)."""
+    src, dst = Path(src).resolve(), Path(dst).resolve()
+    if not src.is_dir():
+        raise NotADirectoryError(f"source folder not found: {src}")
+    if dst == src or src in dst.parents:
+        raise ValueError(f"the destination {dst} must be outside the source {src}")
+    outcome: dict[str, list] = {"resized": [], "copied": [], "skipped": [], "failed": []}
+    jobs = []
+    for path in sorted(p for p in src.rglob("*") if p.is_file()):
+        target = dst / path.relative_to(src)
+        if target.exists():
+            outcome["skipped"].append(path)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix.lower() in VIDEO_EXTENSIONS:
+            jobs.append((path, target, short_side, crf, preset))
+        else:
+            shutil.copyfile(path, target)
+            outcome["copied"].append(path)
+    with ProcessPoolExecutor(max_workers=workers) if workers > 1 else _InProcess() as pool:
+        for done, (path, result) in enumerate(pool.map(_job, jobs), start=1):
+            if result.startswith("failed: "):
+                outcome["failed"].append((path, result.removeprefix("failed: ")))
+                print(f"could not resize {path}: {outcome['failed'][-1][1]}", file=sys.stderr, flush=True)
+            else:
+                outcome[result].append(path)
+            if done % 100 == 0:
+                print(f"{done}/{len(jobs)} videos", flush=True)
+    if outcome["failed"]:
+        (dst / "resize_failures.txt").write_text("".join(f"{path}\t{reason}\n" for path, reason in outcome["failed"]))
+    return outcome
+
+
+class _InProcess:
+    """`map` in this process (for workers=1: no pool to start)."""
+
+    def __enter__(self) -> _InProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    @staticmethod
+    def map(fn: Callable, items: Iterable) -> Iterator:
+        return map(fn, items)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("src", type=Path, help="the dataset's folder")
+    parser.add_argument("dst", type=Path, help="where the copy goes (outside src)")
+    parser.add_argument("--short-side", type=int, default=256, help="short side of the re-encoded videos (256)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
+    parser.add_argument("--crf", type=int, default=23, help="x264 / VP9 quality (lower: better, larger; 23)")
+    parser.add_argument("--preset", default="veryfast", help="x264 preset (veryfast: ~3x faster to encode than "
+                        "medium, and its files decode faster)")
+    args = parser.parse_args(argv)
+    if args.short_side < 2:
+        parser.error(f"--short-side must be at least 2 pixels, got {args.short_side}")
+    outcome = resize_dataset(args.src, args.dst, args.short_side, args.workers, args.crf, args.preset)
+    print(f"{len(outcome['resized'])} videos resized, {len(outcome['copied'])} files copied, "
+          f"{len(outcome['skipped'])} already there, {len(outcome['failed'])} failed"
+          + (f" (listed in {args.dst / 'resize_failures.txt'})" if outcome["failed"] else ""))
+    return 1 if outcome["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
