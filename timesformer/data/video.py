@@ -9,6 +9,8 @@ same RGB conversion; tests/test_data.py checks it pixel for pixel). They differ 
   wanted nor referenced by other frames (h264/HEVC "non-reference" frames: most B-frames). For the 8 x 32
   recipe on x264-encoded 10 s clips that is ~1.3x less decode time than decord (benchmarks/README.md, part 3).
   decord has no way to skip a frame's decoding.
+
+decord seeks wrongly in some files (h264 in AVI, MPEG-4 part 2 with B-frames): see DECORD_UNRELIABLE_SUFFIXES.
 """
 
 from __future__ import annotations
