@@ -25,13 +25,13 @@ from timesformer.data import (
     segment_clip_indices,
 )
 from timesformer.data.dataset import SPLITS
+from timesformer.data.sources import VIDEO_EXTENSIONS
 from timesformer.data.video import VideoDecodeError, decode_clip
 from timesformer.evaluation import ViewAggregator
 from timesformer.model import TimeSformer
 
 log = logging.getLogger(__name__)
 
-VIDEO_SUFFIXES = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg")
 PRECISIONS = ("fp32", "bf16")
 FEATURE_FORMATS = (".pt", ".npy")
 # Options of the file mode that have a data config equivalent (or none) when features come from a split.
@@ -97,9 +97,9 @@ def find_videos(input_path: str | Path) -> list[Path]:
     if path.is_file():
         return [path]
     if path.is_dir():
-        videos = sorted(p for p in path.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file())
+        videos = sorted(p for p in path.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file())
         if not videos:
-            raise FileNotFoundError(f"input={path} is a folder without videos ({', '.join(VIDEO_SUFFIXES)})")
+            raise FileNotFoundError(f"input={path} is a folder without videos ({', '.join(VIDEO_EXTENSIONS)})")
         return videos
     raise FileNotFoundError(f"input={path}: no such file or folder")
 
