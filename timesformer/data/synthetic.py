@@ -27,7 +27,7 @@ import numpy as np
 from timesformer.data.dataset import VideoIndex
 
 # Bump when the rendering changes, so that cached datasets made by older code are regenerated.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: deterministic x264 encoding (cpu-independent)
 
 # Direction of motion per class, as (dx, dy) unit steps in image coordinates (y points down).
 # The first `num_classes` are used.
@@ -97,6 +97,22 @@ def render_video(
     The objects sit on one foreground layer that translates rigidly (all objects share the direction and
     speed) and wraps around the frame edges; the background stays still.
     """
+    return render_video_and_masks(direction, num_frames, height, width, rng, num_objects)[0]
+
+
+def render_video_and_masks(
+    direction: tuple[float, float],
+    num_frames: int,
+    height: int,
+    width: int,
+    rng: np.random.Generator,
+    num_objects: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`render_video`'s frames, uint8 (T, H, W, 3), and where the objects are in each, bool (T, H, W).
+
+    The masks are the ground truth for checks of what a model looks at (tests/test_attention_on_object.py);
+    they draw nothing from `rng`, so the frames are the same bytes as `render_video`'s.
+    """
     short_side = min(height, width)
 
     # Static background: a random dark base colour, smooth colour blotches and fine pixel noise.
@@ -128,14 +144,15 @@ def render_video(
     dx, dy = direction[0] * speed, direction[1] * speed
 
     frames = np.empty((num_frames, height, width, 3), dtype=np.uint8)
+    masks = np.empty((num_frames, height, width), dtype=bool)
     for t in range(num_frames):
         # np.roll is the toroidal wrap-around.
         shift = (round(t * dy), round(t * dx))
-        moved_mask = np.roll(mask, shift, axis=(0, 1))
+        masks[t] = np.roll(mask, shift, axis=(0, 1))
         moved_layer = np.roll(layer, shift, axis=(0, 1))
-        frame = np.where(moved_mask[..., None], moved_layer, background)
+        frame = np.where(masks[t][..., None], moved_layer, background)
         frames[t] = np.round(frame).astype(np.uint8)
-    return frames
+    return frames, masks
 
 
 def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: float) -> None:
@@ -152,7 +169,10 @@ def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: float) -> None:
         options = {"threads": "1"}
         if codec == "libx264":
             # Near-lossless: the moving objects must survive compression; the files stay a few KB.
-            options |= {"crf": "18", "preset": "fast"}
+            # cpu-independent: even single-threaded, x264's assembly for its lookahead rate control (mbtree) gave
+            # different bytes, and frames up to 50 levels apart, from one process to the next (35 of the demo's
+            # 256 videos between two generations); the portable code gives the same bytes every time.
+            options |= {"crf": "18", "preset": "fast", "x264-params": "cpu-independent=1"}
         stream.options = options
         for frame in frames:
             yuv = av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format="yuv420p", threads=1)
@@ -275,11 +295,7 @@ class SyntheticMotionSource:
                 folder = self.root / split / class_name
                 folder.mkdir(parents=True, exist_ok=True)
                 for video_id in range(videos_per_class):
-                    # One seed per video, so a video does not change when the number of videos does.
-                    rng = np.random.default_rng([self.seed, _SPLIT_IDS[split], label, video_id])
-                    options = CLASS_SCHEMES[self.classes][class_name]
-                    direction = options[int(rng.integers(len(options)))] if len(options) > 1 else options[0]
-                    frames = render_video(direction, self.num_video_frames, self.height, self.width, rng)
+                    frames, _ = self._render(split, label, video_id)
                     relative_path = f"{split}/{class_name}/{video_id:05d}.mp4"
                     write_mp4(self.root / relative_path, frames, self.fps)
                     splits[split].append((relative_path, label))
@@ -289,6 +305,24 @@ class SyntheticMotionSource:
         with open(temporary, "w") as f:
             json.dump(index, f, indent=1)
         os.replace(temporary, self.index_path)
+
+    def _render(self, split: str, label: int, video_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """Frames (T, H, W, 3) and object masks (T, H, W) of one video, all drawn from its own seed."""
+        # One seed per video, so a video does not change when the number of videos does.
+        rng = np.random.default_rng([self.seed, _SPLIT_IDS[split], label, video_id])
+        options = CLASS_SCHEMES[self.classes][self.class_names[label]]
+        direction = options[int(rng.integers(len(options)))] if len(options) > 1 else options[0]
+        return render_video_and_masks(direction, self.num_video_frames, self.height, self.width, rng)
+
+    def object_masks(self, path: str | os.PathLike) -> np.ndarray:
+        """Where the moving objects are in every frame of the generated video at `path` (absolute, as `load()`
+        lists it, or relative to `root`): bool (num_video_frames, height, width), re-rendered from its seed."""
+        path = Path(path)
+        relative = path.relative_to(self.root) if path.is_absolute() else path
+        split, class_name, name = relative.parts
+        if split not in _SPLIT_IDS or class_name not in self.class_names:
+            raise ValueError(f"{path} is not a video of this synthetic dataset ({self.root})")
+        return self._render(split, self.class_names.index(class_name), int(Path(name).stem))[1]
 
     def load(self) -> VideoIndex:
         """The index of the generated dataset (paths absolute). Needs `prepare()` to have run."""
