@@ -115,6 +115,7 @@ def measured(tmp_path_factory) -> AttentionOnObjects:
 
 
 def train_and_measure(tmp_path_factory: pytest.TempPathFactory) -> AttentionOnObjects:
+    """`measured`'s work: generate the data, train, then roll out both models on every validation clip."""
     # Its own data folder: the session's `synthetic_root` holds a smaller dataset that this one would replace.
     data_root = tmp_path_factory.mktemp("attention_data")
     run_dir = tmp_path_factory.mktemp("attention_run")
