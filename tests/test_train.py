@@ -39,6 +39,14 @@ def test_fast_dev_run_with_pyav_decoder_and_repeated_augmentation(synthetic_root
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
 
 
+def test_training_without_a_logger(synthetic_root, tmp_path):
+    # logger=none with the default callbacks: Lightning's LearningRateMonitor refuses a trainer without a logger.
+    overrides = [*tiny_overrides(synthetic_root), "logger=none", "trainer.max_epochs=1",
+                 "+trainer.limit_train_batches=1", "+trainer.limit_val_batches=1", "test=false"]
+    metrics = train(compose_config("train", overrides, tmp_path))
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+
+
 def run_script(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "0"}
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)

@@ -15,6 +15,7 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
@@ -178,8 +179,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     _use_wandb_offline_without_credentials(cfg)
     loggers = _instantiate_all(cfg.get("logger"))
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=_instantiate_all(cfg.get("callbacks")),
-                                                 logger=loggers or False)
+    callbacks = _instantiate_all(cfg.get("callbacks"))
+    if not loggers:  # logger=none: Lightning refuses a LearningRateMonitor without a logger to write to
+        callbacks = [callback for callback in callbacks if not isinstance(callback, LearningRateMonitor)]
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     _apply_global_batch_size(trainer, cfg.get("global_batch_size"), cfg.data.batch_size)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
