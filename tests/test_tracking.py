@@ -106,3 +106,15 @@ def test_tensorboard_and_csv_loggers_record_the_metrics(synthetic_root, tmp_path
         assert tag in tags, sorted(tags)
     header = next((tmp_path / "run").rglob("metrics.csv")).read_text().splitlines()[0].split(",")
     assert "val/acc" in header and "train/loss" in header
+
+
+def test_tensorboard_writers_opened_in_the_same_second_keep_their_events(tmp_path):
+    # Lightning closes the writer after fit and opens another for test; tensorboardX names files by the second.
+    from timesformer.loggers import TensorBoardLogger
+
+    logger = TensorBoardLogger(save_dir=str(tmp_path), name="tensorboard", version="")
+    logger.log_metrics({"val/acc": 0.5}, step=0)
+    logger.finalize("success")
+    logger.log_metrics({"test/acc": 0.5}, step=1)
+    logger.finalize("success")
+    assert {"val/acc", "test/acc"} <= _tensorboard_scalars(tmp_path / "tensorboard")
