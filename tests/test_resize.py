@@ -19,7 +19,8 @@ def _write_smooth_video(path, codec: str, num_frames: int = 40) -> None:
         stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
         for t in range(num_frames):
             phase = (x - 1.5 * t) / 9.0
-            rgb = np.stack([128 + 100 * np.sin(phase), 128 + 100 * np.cos(y / 7.0), 128 + 60 * np.sin(phase + y / 11)])
+            # red repeats every ~38 frames; blue's own period (44) keeps frames t and t + 38 apart
+            rgb = np.stack([128 + 100 * np.sin(phase), 128 + 100 * np.cos(y / 7.0), 128 + 60 * np.sin(t / 7 + y / 11)])
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb.transpose(1, 2, 0).astype(np.uint8)),
                                                format="rgb24")
             for packet in stream.encode(frame):
@@ -49,20 +50,22 @@ def dataset(tmp_path):
 
 def test_videos_are_resized_other_files_copied_and_failures_listed(dataset, tmp_path, capsys):
     dst = tmp_path / "dst"
-    assert main([str(dataset), str(dst), "--short-side", "32", "--workers", "1"]) == 1  # one video is broken
+    # CRF 12: nearly lossless, so that what is compared below is the resizing, not x264's losses
+    assert main([str(dataset), str(dst), "--short-side", "32", "--workers", "1", "--crf", "12"]) == 1  # 1 broken
     for name in ("train/walking/a.mp4", "train/running/b.avi"):
         original, resized = read_video_info(dataset / name), read_video_info(dst / name)
         assert (resized.width, resized.height) == (42, 32)  # 64x48 -> short side 32, even width
         assert (resized.num_frames, resized.fps) == (original.num_frames, original.fps)  # frame for frame
         # The content is the original, downscaled, frame for frame: each frame of the copy is closest to the
-        # area-downscaled original of the same number, and close to it in absolute terms (lossy: ~7 of 255).
+        # area-downscaled original of the same number (margin >= 0.9 over the next closest), and close to it in
+        # absolute terms (<= 5 of 255: swscale's area filter and chroma subsampling differ from torch's).
         originals = F.interpolate(decode_frames(dataset / name, list(range(40))).permute(0, 3, 1, 2).float(),
                                   size=(32, 42), mode="area")  # (40, 3, 32, 42)
-        indices = [0, 13, 39]
+        indices = list(range(40))
         got = decode_frames(dst / name, indices).permute(0, 3, 1, 2).float()
-        errors = (got[:, None] - originals[None]).abs().mean(dim=(2, 3, 4))  # (3, 40)
+        errors = (got[:, None] - originals[None]).abs().mean(dim=(2, 3, 4))  # (40, 40)
         assert errors.argmin(dim=1).tolist() == indices, name
-        assert errors[range(3), indices].max() < 9, name
+        assert errors[indices, indices].max() < 7, name
     assert (dst / "train.csv").read_bytes() == (dataset / "train.csv").read_bytes()
     failures = (dst / "resize_failures.txt").read_text()
     assert "broken.mp4" in failures and not (dst / "train" / "broken.mp4").exists()
