@@ -96,3 +96,35 @@ def test_memory_saving_functions_pass_gradcheck():
         assert torch.autograd.gradcheck(lambda *a, act=act: tsf._ActivationLinear.apply(*a, act),
                                         (x, leaf(4, 6), leaf(4)))
     assert torch.autograd.gradcheck(tsf._LinearLinear.apply, (x, weight, bias, leaf(4, 9), leaf(4)))
+
+
+@pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
+def test_memory_saving_backward_under_bfloat16_autocast_matches_autograd(attention_type, monkeypatch):
+    """bf16-mixed training (trainer=gpu) runs the model under autocast: the backward passes must cast as autograd's
+    own casts would, so that the gradients equal the plain layers' under the same autocast up to bf16 rounding,
+    and come back in the parameters' dtype (float32)."""
+    torch.manual_seed(0)
+    config = TimeSformerConfig(image_size=32, patch_size=8, num_frames=4, hidden_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, intermediate_size=128, num_classes=5,
+                               attention_type=attention_type)
+    model = TimeSformer(config).train()
+    with torch.no_grad():  # nothing zero (the *_fc projections start at zero)
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    video = torch.randn(2, 4, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = _gradients(model, video)
+    exact = _gradients(model, video)  # float32, no autocast: how far bf16 rounding alone moves the gradients
+    _reference(monkeypatch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = _gradients(model, video)
+    assert ours.keys() == expected.keys() == exact.keys()
+
+    def error(a: dict, b: dict) -> float:  # relative to the gradients' size over the whole model
+        return (sum((a[n] - b[n]).float().square().sum() for n in a) / sum(b[n].square().sum() for n in b)).sqrt()
+
+    assert all(g.dtype == torch.float32 for g in ours.values())
+    rounding = error(expected, exact)
+    assert 1e-4 < rounding < 3e-2  # autocast did run in bf16, and bf16 gradients are still gradients
+    assert error(ours, expected) < 0.3 * rounding
+    assert error(ours, exact) < 1.5 * rounding

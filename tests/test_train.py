@@ -39,6 +39,13 @@ def test_fast_dev_run_with_pyav_decoder_and_repeated_augmentation(synthetic_root
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
 
 
+def test_fast_dev_run_in_bf16_mixed_precision(synthetic_root, tmp_path):
+    # trainer=gpu and trainer=ddp train in bf16-mixed; the same Lightning precision plugin runs on the CPU.
+    overrides = [*tiny_overrides(synthetic_root), "trainer.precision=bf16-mixed", "+trainer.fast_dev_run=true"]
+    metrics = train(compose_config("train", overrides, tmp_path))
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+
+
 def test_training_without_a_logger(synthetic_root, tmp_path):
     # logger=none with the default callbacks: Lightning's LearningRateMonitor refuses a trainer without a logger.
     overrides = [*tiny_overrides(synthetic_root), "logger=none", "trainer.max_epochs=1",

@@ -46,14 +46,22 @@ _ACTIVATIONS = {
 # 15 token-sized (T·N × D) tensors for its backward pass instead of 23 (Hugging Face's keeps ~26). The forward
 # pass runs the same ops as the plain layers (same numbers); the backward computes the weight gradients first,
 # so that the recomputed tensor is freed before the input gradient is allocated.
+#
+# Under autocast the forward's matmuls run in the autocast dtype (bfloat16), and autograd hands the backward
+# gradients in that dtype; backward runs outside autocast, so it casts what it multiplies to the gradient's dtype
+# itself and returns each parameter's gradient in the parameter's dtype, as autograd's own casts would.
 
-def _linear_param_grads(ctx: Any, grad_out: torch.Tensor, x: torch.Tensor,
-                        first: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Weight and bias gradients of F.linear(x, weight, bias), inputs ``first`` and ``first + 1`` of ``ctx``."""
+def _cast(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return tensor.to(dtype) if tensor is not None else None
+
+def _linear_param_grads(ctx: Any, grad_out: torch.Tensor, x: torch.Tensor, first: int,
+                        param_dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Weight and bias gradients of F.linear(x, weight, bias), inputs ``first`` and ``first + 1`` of ``ctx``,
+    computed in grad_out's dtype (x must have it) and returned in ``param_dtype``."""
     grad_out = grad_out.reshape(-1, grad_out.shape[-1])
     grad_weight = grad_out.t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[first] else None
     grad_bias = grad_out.sum(0) if ctx.needs_input_grad[first + 1] else None
-    return grad_weight, grad_bias
+    return _cast(grad_weight, param_dtype), _cast(grad_bias, param_dtype)
 
 
 class _LayerNormLinear(torch.autograd.Function):
@@ -76,22 +84,24 @@ class _LayerNormLinear(torch.autograd.Function):
     def backward(ctx, *grad_outs):
         x, norm_weight, norm_bias, weight, mean, rstd = ctx.saved_tensors
         grad_outs = [g.reshape(-1, g.shape[-1]) for g in grad_outs]
+        dtype = grad_outs[0].dtype  # the forward matmuls' dtype (bfloat16 under autocast)
         y = torch.native_layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, ctx.eps)[0]  # as in forward
-        y = y.reshape(-1, y.shape[-1])
+        y = y.reshape(-1, y.shape[-1]).to(dtype)
         grad_weight = grad_bias = None
         if ctx.needs_input_grad[3]:
-            grad_weight = torch.empty_like(weight)
+            grad_weight = weight.new_empty(weight.shape, dtype=dtype)
             for grad_out, part in zip(grad_outs, grad_weight.chunk(ctx.chunks), strict=True):
                 torch.mm(grad_out.t(), y, out=part)
+            grad_weight = grad_weight.to(weight.dtype)
         if ctx.needs_input_grad[4]:
-            grad_bias = torch.cat([grad_out.sum(0) for grad_out in grad_outs])
+            grad_bias = torch.cat([grad_out.sum(0) for grad_out in grad_outs]).to(weight.dtype)
         del y
-        weights = weight.chunk(ctx.chunks)
+        weights = weight.to(dtype).chunk(ctx.chunks)
         grad_y = grad_outs[0] @ weights[0]
         for grad_out, w in zip(grad_outs[1:], weights[1:], strict=True):
             grad_y.addmm_(grad_out, w)
         grad_x, grad_norm_weight, grad_norm_bias = torch.ops.aten.native_layer_norm_backward(
-            grad_y.view(x.shape), x, (x.shape[-1],), mean, rstd, norm_weight, norm_bias,
+            grad_y.view(x.shape).to(x.dtype), x, (x.shape[-1],), mean, rstd, norm_weight, norm_bias,
             list(ctx.needs_input_grad[:3]))
         return grad_x, grad_norm_weight, grad_norm_bias, grad_weight, grad_bias, None, None
 
@@ -109,8 +119,9 @@ class _ActivationLinear(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         activation, activation_backward = _ACTIVATIONS[ctx.act]
-        grad_weight, grad_bias = _linear_param_grads(ctx, grad_out, activation(x), first=1)
-        return activation_backward(grad_out @ weight, x), grad_weight, grad_bias, None
+        dtype = grad_out.dtype
+        grad_weight, grad_bias = _linear_param_grads(ctx, grad_out, activation(x).to(dtype), 1, weight.dtype)
+        return activation_backward((grad_out @ weight.to(dtype)).to(x.dtype), x), grad_weight, grad_bias, None
 
 
 class _LinearLinear(torch.autograd.Function):
@@ -119,15 +130,20 @@ class _LinearLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight1, bias1, weight2, bias2):
         ctx.save_for_backward(x, weight1, bias1, weight2)
+        ctx.x_dtype = x.dtype
         return F.linear(F.linear(x, weight1, bias1), weight2, bias2)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight1, bias1, weight2 = ctx.saved_tensors
-        grad_weight2, grad_bias2 = _linear_param_grads(ctx, grad_out, F.linear(x, weight1, bias1), first=3)
-        grad_hidden = grad_out @ weight2
-        grad_weight1, grad_bias1 = _linear_param_grads(ctx, grad_hidden, x, first=1)
-        return grad_hidden @ weight1, grad_weight1, grad_bias1, grad_weight2, grad_bias2
+        dtype, param_dtype = grad_out.dtype, weight1.dtype
+        x, weight1 = x.to(dtype), weight1.to(dtype)
+        hidden = F.linear(x, weight1, _cast(bias1, dtype))
+        grad_weight2, grad_bias2 = _linear_param_grads(ctx, grad_out, hidden, 3, param_dtype)
+        del hidden
+        grad_hidden = grad_out @ weight2.to(dtype)
+        grad_weight1, grad_bias1 = _linear_param_grads(ctx, grad_hidden, x, 1, param_dtype)
+        return (grad_hidden @ weight1).to(ctx.x_dtype), grad_weight1, grad_bias1, grad_weight2, grad_bias2
 
 
 class _ContiguousGrad(torch.autograd.Function):
