@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from timesformer import TimeSformer, TimeSformerConfig
+from timesformer.model import timesformer as tsf
 from timesformer.model.timesformer import Block, group_tokens, ungroup_tokens
 
 
@@ -166,3 +167,20 @@ def test_new_schemes_start_with_zero_output_projections(attention_type, extra):
         for name in extra:
             assert torch.count_nonzero(getattr(block, f"{name}_fc").weight) == 0
             assert getattr(block, f"{name}_attn").qkv.weight.std() > 0.01
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_short_sequence_attention_equals_sdpa(masked):
+    """The GPU's path for short sequences computes what SDPA computes: outputs and gradients, with padding masks."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(5, 3, 7, 16, dtype=torch.double, requires_grad=True) for _ in range(3))
+    key_mask = torch.rand(5, 1, 1, 7) > 0.3 if masked else None
+    if key_mask is not None:
+        key_mask[..., 0] = True  # no sequence without a key
+    grad = torch.randn(5, 3, 7, 16, dtype=torch.double)
+    ours = tsf.short_sequence_attention(q, k, v, key_mask)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
+    torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(ours, (q, k, v), grad), torch.autograd.grad(expected, (q, k, v), grad),
+                    strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

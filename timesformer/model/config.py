@@ -42,6 +42,10 @@ class TimeSformerConfig:
     num_classes: int = 400
     # Recompute each block's activations in the backward pass: less memory for long clips, ~30% slower.
     gradient_checkpointing: bool = False
+    # Keep a block's inputs rather than its normed/activated tensors for the backward pass and recompute those
+    # (model.timesformer's autograd functions): ~30% less training memory in eager mode. False: PyTorch's own
+    # autograd, a little faster (configs/model/base.yaml has the figures).
+    memory_saving_backward: bool = True
     # Optional class names (index -> name); travel with checkpoints and exported HF folders.
     class_names: list[str] | None = field(default=None, repr=False)
 

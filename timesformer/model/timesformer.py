@@ -204,6 +204,25 @@ class DropPath(nn.Module):
         return f"drop_prob={self.drop_prob:.3f}"
 
 
+# On a GPU, sequences this short (divided attention's time at 8 or 16 frames, axial's width and height at 224 px)
+# run as plain matmuls and softmax: the fused SDPA kernels compute whole 64- or 128-query tiles, which for a
+# sequence of 8 is mostly padding. H200, bf16, forward + backward of 50,176 tokens: at L = 8, 1.98 ms against 3.42
+# (SDPA's default, cuDNN) and 2.82 (its best, mem-efficient); at L = 32 SDPA wins (1.15 against 1.30). A base 8x224
+# training step is 12% faster for it (benchmarks/RESULTS.md, part 4).
+SHORT_SEQUENCE = 16
+
+
+def short_sequence_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None,
+                             dropout: float = 0.0) -> torch.Tensor:
+    """``F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout)`` as matmuls and softmax:
+    (S, H, L, d) -> (S, H, L, d), the softmax in float32 at least. ``key_mask`` (bool) is False at keys to ignore."""
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (S, H, L, L)
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask, float("-inf"))
+    weights = scores.softmax(-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(v.dtype)
+    return F.dropout(weights, dropout) @ v if dropout > 0 else weights @ v
+
+
 class Attention(nn.Module):
     """Multi-head self-attention over the second-to-last axis: (..., L, D) -> (..., L, D).
 
@@ -219,22 +238,30 @@ class Attention(nn.Module):
         self.proj = nn.Linear(config.hidden_size, config.hidden_size)
         self.attn_drop = config.attention_probs_dropout_prob
         self.proj_drop = nn.Dropout(config.hidden_dropout_prob)
+        self.memory_saving = config.memory_saving_backward
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None, norm: nn.LayerNorm | None = None,
                 project: bool = True) -> torch.Tensor:
         """``key_mask`` (bool, broadcastable to (..., L)) is False at keys no query may attend to (padding).
         ``project=False`` returns the heads' outputs before ``proj`` (and its dropout)."""
         *batch, length, dim = x.shape
-        q, k, v = norm_linear(norm, self.qkv, x, chunks=3) if norm is not None else self.qkv(x).chunk(3, dim=-1)
+        if norm is not None and self.memory_saving:
+            q, k, v = norm_linear(norm, self.qkv, x, chunks=3)
+        else:
+            q, k, v = self.qkv(norm(x) if norm is not None else x).chunk(3, dim=-1)
         # Each (S, H, L, head_dim), S = all sequences: views of (S, L, D) tensors, which is the layout SDPA's
         # output and its gradients for q, k and v have (no copies either way).
         q, k, v = (t.reshape(-1, length, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
         if key_mask is not None:
             key_mask = key_mask.expand(*batch, length).reshape(-1, 1, 1, length)  # (S, 1, 1, L): every head, query
         # Scale is head_dim ** -0.5, SDPA's default.
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask,
-                                           dropout_p=self.attn_drop if self.training else 0.0)
-        # The CPU and GPU kernels return (S, H, L, head_dim) laid out as (S, L, H, head_dim): this is a view.
+        dropout = self.attn_drop if self.training else 0.0
+        if length <= SHORT_SEQUENCE and q.is_cuda:
+            x = short_sequence_attention(q, k, v, key_mask, dropout)
+        else:
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout)
+        # The SDPA kernels return (S, H, L, head_dim) laid out as (S, L, H, head_dim): this is a view (a copy after
+        # short_sequence_attention).
         x = x.transpose(1, 2).reshape(*batch, length, dim)  # (..., L, D)
         return self.proj_drop(self.proj(x)) if project else x
 
@@ -246,11 +273,16 @@ class Mlp(nn.Module):
         self.hidden_act = config.hidden_act
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
         self.drop = nn.Dropout(config.hidden_dropout_prob)
+        self.memory_saving = config.memory_saving_backward
 
     def forward(self, x: torch.Tensor, norm: nn.LayerNorm | None = None) -> torch.Tensor:
-        """mlp(norm(x)) when ``norm`` is given; keeps x and fc1's output (not the norm's or activation's)."""
-        x = norm_linear(norm, self.fc1, x) if norm is not None else self.fc1(x)
-        if self.drop.p > 0 and self.training:  # dropout between the activation and fc2: no recomputation
+        """mlp(norm(x)) when ``norm`` is given; with memory_saving_backward, keeps x and fc1's output (not the
+        norm's or activation's)."""
+        if norm is not None and self.memory_saving:
+            x = norm_linear(norm, self.fc1, x)
+        else:
+            x = self.fc1(norm(x) if norm is not None else x)
+        if not self.memory_saving or (self.drop.p > 0 and self.training):  # dropout: no recomputation
             return self.drop(self.fc2(self.drop(_ACTIVATIONS[self.hidden_act][0](x))))
         return self.drop(_ActivationLinear.apply(x, self.fc2.weight, self.fc2.bias, self.hidden_act))
 
@@ -411,7 +443,7 @@ class Block(nn.Module):
         """
         attn, fc = getattr(self, f"{name}_attn"), getattr(self, f"{name}_fc")
         x = attn(x, key_mask, norm=getattr(self, f"{name}_norm1"), project=False)  # (..., L, D), before attn.proj
-        if self.training and (self.drop_path.drop_prob > 0 or attn.proj_drop.p > 0):
+        if not attn.memory_saving or (self.training and (self.drop_path.drop_prob > 0 or attn.proj_drop.p > 0)):
             return fc(self.drop_path(attn.proj_drop(attn.proj(x))))
         return _LinearLinear.apply(x, attn.proj.weight, attn.proj.bias, fc.weight, fc.bias)
 
