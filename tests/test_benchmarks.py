@@ -1,5 +1,7 @@
 """benchmarks/run.py runs (its --quick smoke mode), and the model's memory-saving backward passes are exact."""
 
+import dataclasses
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +42,26 @@ def test_quick_benchmark_prints_and_writes_its_tables(tmp_path):
         assert (tmp_path / file).stat().st_size > 0
 
 
+def test_gpu_benchmark_quick_runs_on_the_cpu(tmp_path):
+    """benchmarks/gpu.py's smoke mode: every section runs (on the CPU here) and reports, with no errors."""
+    pytest.importorskip("transformers")
+    variants = ["HF eager", "ours eager", "ours eager, plain autograd"]
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--quick", "--no-compile",
+                           "--variants", *variants, "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = " ".join(proc.stdout.split())
+    for header in ("| L | sequences | short | SDPA math |", "| variant | clips/s | vs HF | step ms | MFU |",
+                   "| variant | clips/s | videos/s | vs HF |", "| variant | GiB per clip |",
+                   "### Training step (fwd+bwd, batch 1, bf16) ms", "| joint (ST) | HF |"):
+        assert header in out, f"{header!r} not in\n{out}"
+    results = json.loads((tmp_path / "gpu.json").read_text())
+    assert "errors" not in results and not any("error" in row for row in results["training"])
+    assert [row["variant"] for row in results["training"]] == variants
+    assert results["parity"]["fp32_max_abs_diff"] < 1e-4  # same weights, same logits
+    assert all(row["ms"]["short"] > 0 for row in results["attention"])
+
+
 # -- the model's memory-saving autograd functions -------------------------------------------------------------
 def _reference(monkeypatch) -> None:
     """Replace the memory-saving functions by the plain compositions they stand for (autograd's own backward)."""
@@ -78,6 +100,26 @@ def test_memory_saving_backward_equals_autograd(attention_type, hidden_act, monk
     _reference(monkeypatch)
     expected = _gradients(model, video)
     assert ours.keys() == expected.keys() and "blocks.0.norm1.weight" not in ours
+    for name in expected:
+        torch.testing.assert_close(ours[name], expected[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
+def test_memory_saving_backward_off_gives_the_same_gradients(attention_type):
+    """memory_saving_backward=False (PyTorch's own autograd) is the same function with the same gradients."""
+    torch.manual_seed(0)
+    config = TimeSformerConfig(image_size=40, patch_size=8, num_frames=3, hidden_size=32, num_hidden_layers=2,
+                               num_attention_heads=4, intermediate_size=64, num_classes=5,
+                               attention_type=attention_type)
+    saving = TimeSformer(config).double().train()
+    with torch.no_grad():
+        for param in saving.parameters():
+            param.add_(torch.randn_like(param) * 0.1)
+    plain = TimeSformer(dataclasses.replace(config, memory_saving_backward=False)).double().train()
+    plain.load_state_dict(saving.state_dict())
+    video = torch.randn(2, 3, 3, 40, 40, dtype=torch.double)
+    expected, ours = _gradients(plain, video), _gradients(saving, video)
+    assert ours.keys() == expected.keys()
     for name in expected:
         torch.testing.assert_close(ours[name], expected[name], rtol=1e-9, atol=1e-12, msg=name)
 

@@ -1,0 +1,89 @@
+"""The model on a CUDA GPU: bf16 autocast gradients, the SDPA kernels it reaches, torch.compile. Skipped without one.
+
+Self-contained (no Hydra fixtures), so that a GPU machine without the data/config dependencies can run it:
+``pytest --noconftest tests/test_cuda.py``.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from tests.test_benchmarks import _gradients, _reference
+from timesformer import TimeSformer, TimeSformerConfig
+from timesformer.model import ATTENTION_TYPES
+from timesformer.model import timesformer as tsf
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def model_and_video(attention_type: str, frames: int = 4, size: int = 64) -> tuple[TimeSformer, torch.Tensor]:
+    torch.manual_seed(0)
+    config = TimeSformerConfig(image_size=size, patch_size=16, num_frames=frames, hidden_size=128,
+                               num_hidden_layers=2, num_attention_heads=2, intermediate_size=256, num_classes=5,
+                               attention_type=attention_type)
+    model = TimeSformer(config).cuda().train()
+    with torch.no_grad():  # nothing zero (the *_fc projections start at zero)
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    return model, torch.randn(2, frames, 3, size, size, device="cuda")
+
+
+def relative_error(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return float((sum((a[n] - b[n]).float().square().sum() for n in b) / sum(b[n].square().sum() for n in b)).sqrt())
+
+
+@pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
+def test_bf16_autocast_gradients_match_autograd_on_cuda(attention_type, monkeypatch):
+    model, video = model_and_video(attention_type)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ours = _gradients(model, video)
+    exact = _gradients(model, video)  # float32
+    _reference(monkeypatch)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        expected = _gradients(model, video)
+    rounding = relative_error(expected, exact)
+    assert all(g.dtype == torch.float32 for g in ours.values())
+    assert 1e-4 < rounding < 3e-2
+    assert relative_error(ours, expected) < 0.3 * rounding
+
+
+@pytest.mark.parametrize("attention_type", ["divided_space_time", "joint_space_time", "space_only"])
+def test_unmasked_attention_runs_on_the_flash_kernel(attention_type):
+    # sdpa_kernel(FLASH_ATTENTION) makes SDPA raise where flash cannot take the inputs (layout, dtype, mask): the
+    # q, k, v views of the model must be ones it takes, forward and backward.
+    model, video = model_and_video(attention_type)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION), torch.autocast("cuda", dtype=torch.bfloat16):
+        flash = _gradients(model, video)
+    with sdpa_kernel(SDPBackend.MATH), torch.autocast("cuda", dtype=torch.bfloat16):
+        math = _gradients(model, video)
+    assert relative_error(flash, math) < 2e-2
+
+
+@pytest.mark.parametrize("attention_type", ["divided_space_time", "joint_space_time"])
+def test_torch_compile_training_step_matches_eager_on_cuda(attention_type):
+    model, video = model_and_video(attention_type)
+    labels = torch.tensor([1, 3], device="cuda")
+
+    def gradients(run) -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            F.cross_entropy(run(video), labels).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    eager = gradients(model)
+    compiled = gradients(torch.compile(model))
+    assert compiled.keys() == eager.keys()
+    assert relative_error(compiled, eager) < 2e-2
+
+
+@pytest.mark.parametrize("attention_type", ["divided_space_time", "axial"])
+def test_short_sequences_match_sdpa_on_cuda(attention_type, monkeypatch):
+    # Divided's time and axial's time, width and height attentions are short: they run as matmuls and softmax.
+    model, video = model_and_video(attention_type)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        short = _gradients(model, video)
+    monkeypatch.setattr(tsf, "SHORT_SEQUENCE", 0)  # every attention through SDPA
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        sdpa = _gradients(model, video)
+    assert relative_error(short, sdpa) < 2e-2
