@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # Re-installs when pyproject.toml changes.
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-quick clean-venv
+.PHONY: demo test lint bench bench-gpu bench-quick clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ lint: $(STAMP)
 # Speed and memory against Hugging Face, and cost growth per attention scheme (~10 min on 2 cores).
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py $(ARGS)
+
+# On a CUDA machine: ours vs HF training/inference throughput, MFU, largest batch (benchmarks/README.md, part 4).
+bench-gpu: $(STAMP)
+	$(BIN)/python benchmarks/gpu.py $(ARGS)
 
 bench-quick: $(STAMP)
 	$(BIN)/python benchmarks/run.py --quick $(ARGS)

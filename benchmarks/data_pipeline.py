@@ -16,7 +16,8 @@ The training recipe 8 x 32 (8 frames, 32 apart at 30 fps, a random start) with t
    The three outputs are compared element by element (the "identical" column).
 2. Repeated augmentation: clips/s of `VideoClipDataset` training items with k = 1, 2, 4 clips per decoded video.
 3. The whole `DataLoader` (batch 8, persistent workers) at 1, 2 and all cores' workers.
-4. What a GPU needs: the clips/s a GPU trains at 40% MFU (base 8x224, bf16), per CPU core of a typical node.
+4. What a GPU needs: the clips/s a GPU trains at 40% MFU (base 8x224, bf16), and what an H200 measured, per CPU
+   core of a typical node.
 Tables are printed and written to benchmarks/results/data_pipeline.md (and .json).
 """
 
@@ -50,6 +51,8 @@ NUM_FRAMES, SAMPLING_RATE, CROP = 8, 32, 224
 GPU_PEAK_TFLOPS = {"H100 / H200 SXM (bf16 dense)": 989.0}
 CORES_PER_GPU = 14
 TARGET_MFU = 0.40
+# What benchmarks/gpu.py measured (base 8x224, bf16, batch 32, torch.compile; benchmarks/RESULTS.md, part 4).
+MEASURED_GPU_CLIPS_PER_S = {"H200, measured (torch.compile)": 265.6}
 
 
 # -- videos ---------------------------------------------------------------------------------------------------
@@ -220,6 +223,8 @@ def gpu_needs() -> dict:
     needs = {}
     for gpu, peak in GPU_PEAK_TFLOPS.items():
         clips_per_s = TARGET_MFU * peak * 1e12 / train_flops
+        needs[f"{gpu} at {TARGET_MFU:.0%} MFU"] = {"clips_per_s": clips_per_s, "per_core": clips_per_s / CORES_PER_GPU}
+    for gpu, clips_per_s in MEASURED_GPU_CLIPS_PER_S.items():
         needs[gpu] = {"clips_per_s": clips_per_s, "per_core": clips_per_s / CORES_PER_GPU}
     return {"forward_gmacs": macs / 1e9, "train_tflop_per_clip": train_flops / 1e12, "gpus": needs}
 
