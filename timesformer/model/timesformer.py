@@ -54,6 +54,7 @@ _ACTIVATIONS = {
 def _cast(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return tensor.to(dtype) if tensor is not None else None
 
+
 def _linear_param_grads(ctx: Any, grad_out: torch.Tensor, x: torch.Tensor, first: int,
                         param_dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Weight and bias gradients of F.linear(x, weight, bias), inputs ``first`` and ``first + 1`` of ``ctx``,
@@ -207,8 +208,8 @@ class DropPath(nn.Module):
 # On a GPU, sequences this short (divided attention's time at 8 or 16 frames, axial's width and height at 224 px)
 # run as plain matmuls and softmax: the fused SDPA kernels compute whole 64- or 128-query tiles, which for a
 # sequence of 8 is mostly padding. H200, bf16, forward + backward of 50,176 tokens: at L = 8, 1.98 ms against 3.42
-# (SDPA's default, cuDNN) and 2.82 (its best, mem-efficient); at L = 32 SDPA wins (1.15 against 1.30). A base 8x224
-# training step is 12% faster for it (benchmarks/RESULTS.md, part 4).
+# (SDPA's default, cuDNN) and 2.82 (its best, mem-efficient); at L = 32 SDPA wins (1.15 against 1.30). A compiled
+# base 8x224 training step takes 12% less time for it, an eager one 6% (benchmarks/RESULTS.md, part 4).
 SHORT_SEQUENCE = 16
 
 
