@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,34 @@ class PreemptionCheckpoint(L.Callback):
         if self._previous_usr1 is not None:
             signal.signal(signal.SIGUSR1, self._previous_usr1)
             self._previous_usr1 = None
+
+
+class TrainingProgressBar(TQDMProgressBar):
+    """Lightning's TQDM bar, showing the training loss without a GPU sync every step.
+
+    Lightning turns every step metric logged with ``prog_bar=True`` into a Python number after each batch (and
+    again until the epoch ends), and on a GPU each conversion waits for the whole step to finish. So the module
+    logs ``train/loss`` without ``prog_bar``, and this bar reads it at the logging interval
+    (``trainer.log_every_n_steps``), when the loggers read it too.
+    """
+
+    def __init__(self, refresh_rate: int = 1, leave: bool = False) -> None:
+        super().__init__(refresh_rate=refresh_rate, leave=leave)
+        self._shown_loss: float | None = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if batch_idx % max(trainer.log_every_n_steps, 1) == 0:
+            loss = trainer.callback_metrics.get("train/loss")  # None until a step has logged one
+            if loss is not None:
+                self._shown_loss = float(loss)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, int | str | float | dict]:
+        metrics = super().get_metrics(trainer, pl_module)
+        if self._shown_loss is not None:
+            metrics["train/loss"] = f"{self._shown_loss:.4g}"
+        return metrics
 
 
 class WandbMediaLogger(L.Callback):

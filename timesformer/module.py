@@ -159,7 +159,8 @@ class VideoClassifier(L.LightningModule):
         if "replaced" in batch:  # broken videos the dataset replaced by others
             self.log("train/replaced_videos", batch["replaced"].sum().float(), on_step=False, on_epoch=True,
                      reduce_fx="sum", sync_dist=True, batch_size=len(logits))
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(logits))
+        # Not prog_bar: Lightning would read it back to the host after every step. TrainingProgressBar shows it.
+        self.log("train/loss", loss, batch_size=len(logits))
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=len(logits))
         return loss
 

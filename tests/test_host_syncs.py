@@ -1,0 +1,114 @@
+"""Host syncs in a training step, counted on the CPU.
+
+On a GPU, every call that reads a device value back to Python (``.item()``, ``bool(t)``, ``.cpu()``, a
+boolean mask, ``unique``) stops the CPU until the device has caught up, and the device then idles while the
+CPU queues the next work. CPU tensors have no such cost, but the same Python calls happen, so a
+``TorchFunctionMode`` can count them here. Issue #7 asks for none from metrics and logging.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils.data import DataLoader
+
+from tests.conftest import TINY_DATA, compose_config
+from timesformer.callbacks import TrainingProgressBar
+from timesformer.model import TimeSformer, TimeSformerConfig
+from timesformer.module import VideoClassifier
+from timesformer.pipeline import train
+
+ROOT = Path(__file__).resolve().parents[1]
+# Tensor methods and functions that wait for the device when their tensor is on it. (Not ``.to``: here the
+# batch's transfer to the device is a ``.to("cpu")``.)
+SYNCING = {"item", "__bool__", "__int__", "__float__", "__index__", "tolist", "numpy", "cpu", "nonzero", "unique",
+           "unique_consecutive", "masked_select", "bincount", "equal", "allclose"}
+# Code whose tensors stay on the CPU in a GPU run: optimizer step counters (torch.optim keeps them there unless
+# capturable/fused; the training step runs inside optimizer.step, so only the calling frame is checked) and
+# data loading (in worker processes).
+OPTIMIZER_CODE = str(Path(torch.__file__).parent / "optim")
+DATA_CODE = (str(ROOT / "timesformer" / "data"), "torchvision")
+
+
+def _is_sync(func: Any, args: tuple, kwargs: dict) -> bool:
+    name = getattr(func, "__name__", "")
+    if name in SYNCING:
+        return True
+    if name == "__getitem__":  # boolean-mask indexing: the result's size depends on the values
+        index = args[1] if len(args) > 1 else None
+        indices = index if isinstance(index, tuple) else (index,)
+        return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices)
+    return False
+
+
+class HostSyncCounter(TorchFunctionMode):
+    """Counts syncing calls by their caller: (innermost file outside torch, function, line)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: Counter[tuple[str, str, int]] = Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if _is_sync(func, args, kwargs):
+            frames = traceback.extract_stack()[:-1]
+            in_data_loading = any(part in frame.filename for frame in frames for part in DATA_CODE)
+            if not in_data_loading and not frames[-1].filename.startswith(OPTIMIZER_CODE):
+                torch_dir = str(Path(torch.__file__).parent)
+                caller = next(f for f in reversed(frames) if not f.filename.startswith(torch_dir))
+                self.calls[(Path(caller.filename).name, caller.name, caller.lineno)] += 1
+        return func(*args, **kwargs)
+
+
+def _syncs_in_training(synthetic_root: Path, output_dir: Path, steps: int) -> Counter:
+    overrides = ["experiment=demo", f"data.source.root={synthetic_root}", *TINY_DATA, "data.batch_size=1",
+                 "trainer.max_epochs=1", f"+trainer.limit_train_batches={steps}", "+trainer.limit_val_batches=0",
+                 "test=false", "trainer.log_every_n_steps=1000"]
+    cfg = compose_config("train", overrides, output_dir)
+    counter = HostSyncCounter()
+    with counter:
+        train(cfg)
+    return counter.calls
+
+
+def test_a_training_step_syncs_once_between_logging_intervals(synthetic_root, tmp_path):
+    # The full train.py path (default callbacks: progress bar, checkpoints, LR monitor; CSV logger), logging at
+    # step 0 only. The difference between a 2- and a 6-step epoch is what 4 steps cost.
+    short = _syncs_in_training(synthetic_root, tmp_path / "short", steps=2)
+    long = _syncs_in_training(synthetic_root, tmp_path / "long", steps=6)
+    per_four_steps = {site: long[site] - short[site] for site in long if long[site] != short[site]}
+    # The one left on purpose: the non-finite loss check, so no update is ever made from a NaN loss.
+    assert len(per_four_steps) == 1, per_four_steps
+    (file, function, _), count = next(iter(per_four_steps.items()))
+    assert (file, function, count) == ("module.py", "training_step", 4)
+
+
+def test_the_progress_bar_shows_the_loss_read_at_the_logging_interval(tmp_path):
+    torch.manual_seed(0)
+    config = TimeSformerConfig(image_size=32, patch_size=8, num_frames=2, hidden_size=32, num_hidden_layers=1,
+                               num_attention_heads=2, intermediate_size=64, num_classes=2)
+    module = VideoClassifier(TimeSformer(config), optimizer={"name": "sgd", "lr": 0.1, "weight_decay": 0.0},
+                             scheduler={"name": "constant"})
+    samples = [{"video": torch.randn(2, 3, 32, 32), "label": i % 2, "index": i} for i in range(5)]
+    logged: list[float] = []
+
+    class RecordLoss(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            logged.append(float(trainer.callback_metrics["train/loss"]))
+
+    bar = TrainingProgressBar()
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, log_every_n_steps=2, logger=False,
+                        enable_checkpointing=False, callbacks=[RecordLoss(), bar], default_root_dir=tmp_path)
+    trainer.fit(module, DataLoader(samples, batch_size=1))
+    assert len(set(logged)) == 5  # a new loss every step...
+    assert bar._shown_loss == logged[4]  # ...shown at batches 0, 2 and 4
+    assert bar.get_metrics(trainer, module)["train/loss"] == f"{logged[4]:.4g}"
+    # Not from the module's logging: a prog_bar step metric would be read back after every batch.
+    assert "train/loss" not in trainer.progress_bar_metrics
+
