@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from tests.conftest import ROOT, compose_config
 from timesformer import TimeSformer
 from timesformer.attention_maps import attention_rollout
-from timesformer.data import EvalViewTransform, SyntheticMotionSource, VideoClipDataset, decode_frames
+from timesformer.data import EvalViewTransform, SyntheticMotionSource, VideoClipDataset, decode_frames, normalize
 from timesformer.data.sampling import dense_clip_indices
 from timesformer.pipeline import build_model, train
 
@@ -88,8 +88,8 @@ def object_fraction(source: SyntheticMotionSource, dataset: VideoClipDataset, pa
     indices = dense_clip_indices(source.num_video_frames, dataset.num_frames, dataset.sampling_rate, source.fps,
                                  target_fps=dataset.target_fps, clip_index=0, num_clips=1)
     frames = (masks[indices].to(torch.uint8) * 255)[:, None].expand(-1, 3, -1, -1)  # as a (T, 3, H, W) video
-    view = transform.crop(transform.resize(frames), 0)  # normalised like the clip; undone below
-    pixels = view[:, 0] * transform.std[0] + transform.mean[0]
+    view = transform.crop(transform.resize(frames), 0)  # resized and cropped like the clip
+    pixels = view[:, 0].float() / 255
     return pixels, F.avg_pool2d(pixels[:, None], patch_size)[:, 0]
 
 
@@ -134,7 +134,7 @@ def train_and_measure(tmp_path_factory: pytest.TempPathFactory) -> AttentionOnOb
     trained_ratios, untrained_ratios, gaps = [], [], []
     for item_index in range(len(dataset)):
         item = dataset[item_index]
-        clip = item["video"]  # (T, C, S, S), normalised
+        clip = normalize(item["video"], datamodule.mean, datamodule.std)  # (T, C, S, S), the model's input
         pixels, fraction = object_fraction(source, dataset, dataset.entries[item["index"]][0],
                                            trained.config.patch_size)
         intensity = clip.mean(dim=1)

@@ -32,12 +32,14 @@ def test_quick_benchmark_prints_and_writes_its_tables(tmp_path):
                    "| attention | 4x64 | 8x64 | 4x96 |",
                    "| video | decoder | decode ms | augment ms | clips/s | decode speed vs baseline | "
                    "clips/s vs baseline | identical |",
-                   "| video | decoder | k | clips/s per worker |", "| video | decoder | workers | clips/s |"):
+                   "| video | decoder | k | clips/s per worker |", "| video | decoder | workers | clips/s |",
+                   "| clips | ms per clip |"):
         assert header in out, f"{header!r} not in\n{out}"
     for name in ("divided (T+S)", "space (S)", "joint (ST)", "local-global (L+G)", "axial (T+W+H)"):
         assert f"| {name}" in out
     # Same frames, same crops: the baseline's clips and ours are element for element equal.
     assert "| NO |" not in out and out.count("| yes |") == 6
+    assert "| float32 |" in out and "| uint8 |" in out
     for file in ("hf_comparison.md", "cost_growth.md", "cost_growth.png", "results.json", "data_pipeline.md"):
         assert (tmp_path / file).stat().st_size > 0
 

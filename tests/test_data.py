@@ -8,6 +8,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from torchvision.transforms import v2
 
 from timesformer.data import (
     SyntheticMotionSource,
@@ -18,6 +19,7 @@ from timesformer.data import (
     decode_frames,
     dense_clip_indices,
     eval_transform,
+    normalize,
     read_video_info,
     train_transform,
 )
@@ -117,14 +119,28 @@ def test_sampling_rejects_bad_arguments():
 # -- transforms --------------------------------------------------------------------------------------------
 
 
-def test_transform_output_shape_dtype_and_normalisation():
+def test_transforms_keep_uint8_and_normalize_makes_the_model_input():
     gray = torch.full((4, 3, 40, 50), round(0.45 * 255), dtype=torch.uint8)  # (T, C, H, W) at the mean
     white = torch.full((4, 3, 40, 50), 255, dtype=torch.uint8)
     for transform in (train_transform(32, short_side_range=(32, 40)), eval_transform(32)):
         out = transform(gray)
-        assert out.shape == (4, 3, 32, 32) and out.dtype == torch.float32
-        assert out.abs().max() < 0.01  # (0.45 - 0.45) / 0.225
-        assert torch.allclose(transform(white), torch.full_like(out, (1 - 0.45) / 0.225), atol=1e-3)
+        assert out.shape == (4, 3, 32, 32) and out.dtype == torch.uint8
+        assert normalize(out).dtype == torch.float32
+        assert normalize(out).abs().max() < 0.01  # (0.45 - 0.45) / 0.225
+        assert torch.allclose(normalize(transform(white)), torch.full(out.shape, (1 - 0.45) / 0.225), atol=1e-3)
+
+
+def test_normalize_is_what_the_transforms_did_before_and_takes_a_batch():
+    clips = torch.randint(0, 256, (2, 4, 3, 8, 8), dtype=torch.uint8)  # (B, T, C, H, W)
+    mean, std = (0.1, 0.5, 0.9), (0.2, 0.3, 0.4)
+    expected = torch.stack([v2.Normalize(mean, std)(v2.ToDtype(torch.float32, scale=True)(clip)) for clip in clips])
+    assert torch.equal(normalize(clips, mean, std), expected)  # bit for bit: the numerics did not move
+    channel = (clips[:, :, 1].float() / 255 - 0.5) / 0.3
+    torch.testing.assert_close(normalize(clips, mean, std)[:, :, 1], channel)  # per channel, any leading dims
+    with pytest.raises(TypeError, match="uint8"):
+        normalize(clips.float())  # normalising twice would be silent otherwise
+    with pytest.raises(ValueError, match="3 values"):
+        normalize(clips, mean=(0.5, 0.5))
 
 
 def test_train_transform_applies_the_same_params_to_every_frame():
@@ -162,8 +178,7 @@ def test_eval_transform_is_a_deterministic_centre_crop():
     video = torch.randint(0, 256, (3, 3, 32, 48), dtype=torch.uint8)
     out = eval_transform(32)(video)
     assert torch.equal(out, eval_transform(32)(video))
-    expected = (video[..., 8:40].float() / 255 - 0.45) / 0.225  # short side already 32: crop the middle
-    assert torch.allclose(out, expected, atol=1e-5)
+    assert torch.equal(out, video[..., 8:40])  # short side already 32: crop the middle
 
 
 def test_transform_rejects_a_crop_larger_than_the_short_side():
@@ -465,7 +480,7 @@ def test_dataset_items(tiny_source):
     dataset = VideoClipDataset(entries, num_frames=4, sampling_rate=2, transform=eval_transform(16), training=False)
     assert len(dataset) == 4
     item = dataset[2]
-    assert item["video"].shape == (4, 3, 16, 16) and item["video"].dtype == torch.float32
+    assert item["video"].shape == (4, 3, 16, 16) and item["video"].dtype == torch.uint8
     assert item["label"] == entries[2][1] and item["index"] == 2
     assert torch.equal(item["video"], dataset[2]["video"])  # evaluation is deterministic
 
@@ -505,7 +520,9 @@ def test_datamodule_batches(tiny_source):
     datamodule.setup("fit")
     batch = next(iter(datamodule.train_dataloader()))
     assert batch["video"].shape == (3, 4, 3, 16, 16)  # (B, T, C, H, W)
-    assert batch["video"].dtype == torch.float32
+    assert batch["video"].dtype == torch.uint8  # a quarter of float32's bytes to the device...
+    moved = datamodule.on_after_batch_transfer(dict(batch), 0)  # ...normalised there (what Lightning calls)
+    assert torch.equal(moved["video"], normalize(batch["video"], datamodule.mean, datamodule.std))
     assert batch["label"].shape == (3,) and batch["label"].dtype == torch.int64
     assert batch["index"].shape == (3,)
     datamodule.setup("test")

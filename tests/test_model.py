@@ -124,6 +124,9 @@ def test_wrong_input_shape_is_a_clear_error():
         model(torch.randn(4, 3, 32, 32))
     with pytest.raises(ValueError, match="divisible by patch_size=8"):
         model(torch.randn(1, 4, 3, 30, 32))
+    # The datasets' uint8 clips, not normalised: a pointer to normalize, not a conv dtype error
+    with pytest.raises(TypeError, match="timesformer.data.normalize"):
+        model(torch.zeros(1, 4, 3, 32, 32, dtype=torch.uint8))
 
 
 @pytest.mark.parametrize(

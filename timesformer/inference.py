@@ -22,6 +22,7 @@ from timesformer.data import (
     EvalViewTransform,
     VideoDataModule,
     dense_clip_indices,
+    normalize,
     segment_clip_indices,
 )
 from timesformer.data.dataset import SPLITS
@@ -106,8 +107,8 @@ def find_videos(input_path: str | Path) -> list[Path]:
 
 def load_views(path: Path, settings: ClipSettings) -> torch.Tensor:
     """The evaluation views of a video, as in evaluate.py: ``temporal_clips`` clips x ``spatial_crops`` crops
-    (V, T, C, H, W) float."""
-    transform = EvalViewTransform(settings.image_size, settings.spatial_crops, settings.mean, settings.std)
+    (V, T, C, H, W) uint8 (``normalize`` them on the model's device)."""
+    transform = EvalViewTransform(settings.image_size, settings.spatial_crops)
     views = []
     for clip in range(settings.temporal_clips):
         def choose(num_video_frames: int, fps: float, clip: int = clip) -> list[int]:
@@ -228,8 +229,9 @@ def extract_features(cfg: DictConfig) -> dict[str, Any]:
             if path not in errors:  # the views of a clip fail alike: name the file once
                 errors[path] = reason
                 log.error("Could not decode %s (%s)", path, reason)
-        aggregator.update(embed(model, batch["video"].to(device, non_blocking=True), cfg.precision), batch["label"],
-                          batch["index"], batch["view"], batch["valid"])
+        video = normalize(batch["video"].to(device, non_blocking=True), datamodule.mean, datamodule.std)
+        aggregator.update(embed(model, video, cfg.precision), batch["label"], batch["index"], batch["view"],
+                          batch["valid"])
         if number % report_every == 0 or number == len(loader):
             log.info("%d/%d batches", number, len(loader))
     results = aggregator.compute()
@@ -304,7 +306,8 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
             log.error("%s", error)
             results.append({"video": str(path), "error": str(error)})
             continue
-        embedding = embed(model, views.to(device), cfg.get("precision", "fp32"))  # (V, D)
+        views = normalize(views.to(device), settings.mean, settings.std)  # (V, T, C, H, W) float32
+        embedding = embed(model, views, cfg.get("precision", "fp32"))  # (V, D)
         with torch.no_grad():
             probabilities = model.head(embedding).softmax(-1).mean(0).cpu()  # views averaged
         top = probabilities.topk(min(cfg.top_k, len(names)))
@@ -316,9 +319,9 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
         if cfg.get("attention_maps"):
             from timesformer.attention_maps import attention_rollout, overlay_frames, save_attention_figures
 
-            heatmap = attention_rollout(model.cpu(), views[0])
+            heatmap = attention_rollout(model.cpu(), views[0].cpu())
             model.to(device)
-            overlays = overlay_frames(views[0], heatmap, settings.mean, settings.std)
+            overlays = overlay_frames(views[0].cpu(), heatmap, settings.mean, settings.std)
             title = f"{path.name}: {results[-1]['top_k'][0]['label']} ({results[-1]['top_k'][0]['probability']:.2f})"
             results[-1]["attention_maps"] = [str(p) for p in save_attention_figures(
                 overlays, output_dir / "attention" / path.stem, title)]

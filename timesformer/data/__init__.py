@@ -1,7 +1,8 @@
 """Video data: decoding, clip sampling, transforms, datasets (generated and real) and the Lightning DataModule.
 
-Knows nothing of the model: batches are {"video": float32 (B, T, C, H, W), "label": (B,), "index": (B,),
-"view": (B,), "valid": (B,), "replaced": (B,)} (see VideoDataModule).
+Knows nothing of the model: batches are {"video": (B, T, C, H, W), "label": (B,), "index": (B,), "view": (B,),
+"valid": (B,), "replaced": (B,)} (see VideoDataModule); "video" is uint8 until `normalize` makes it float32
+on the device.
 """
 
 from timesformer.data.datamodule import VideoDataModule
@@ -16,6 +17,7 @@ from timesformer.data.transforms import (
     DEFAULT_STD,
     EvalViewTransform,
     eval_transform,
+    normalize,
     train_transform,
 )
 from timesformer.data.ucf101 import UCF101Source
@@ -41,6 +43,7 @@ __all__ = [
     "decode_frames",
     "dense_clip_indices",
     "eval_transform",
+    "normalize",
     "read_video_info",
     "segment_clip_indices",
     "train_transform",

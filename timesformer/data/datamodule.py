@@ -13,7 +13,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from timesformer.data.dataset import SAMPLINGS, SPLITS, VideoClipDataset, VideoIndex, VideoSource
-from timesformer.data.transforms import DEFAULT_MEAN, DEFAULT_STD, EvalViewTransform, train_transform
+from timesformer.data.transforms import (
+    DEFAULT_MEAN,
+    DEFAULT_STD,
+    EvalViewTransform,
+    check_mean_std,
+    normalize,
+    train_transform,
+)
 from timesformer.data.video import DECODERS
 
 log = logging.getLogger(__name__)
@@ -75,11 +82,13 @@ class VideoDataModule(lightning.LightningDataModule):
     """Video classification data from any source (an object with `prepare()` and `load()`, or a factory of one
     that takes `root=` and, with `split` set, `split=`: the real-dataset configs pass data.root this way).
 
-    Batches are dicts: "video" float32 (B, T, C, H, W), "label" int64 (B,), "index" int64 (B,) (the video's
+    Batches are dicts: "video" (B, T, C, H, W), "label" int64 (B,), "index" int64 (B,) (the video's
     position in its split), "view" int64 (B,) (the view of that video), "valid" bool (B,) (False: the video
     could not be decoded, "video" is zeros), "replaced" bool (B,) (training: a broken video was replaced by
     another one). `on_before_batch_transfer` takes the names of the failed files out of the batch (see
-    `DecodeFailureMonitor`).
+    `DecodeFailureMonitor`). "video" leaves the loaders as uint8 and `on_after_batch_transfer` normalises it
+    with `mean` and `std` on the device (float32): a quarter of the bytes to move, and no work in the workers.
+    Outside a Trainer, call `timesformer.data.normalize(video, datamodule.mean, datamodule.std)`.
 
     Clips: `sampling="dense"`: `num_frames` frames `sampling_rate` apart at `target_fps` (scaled by the video's
     real fps); `"segment"`: one frame from each of `num_frames` equal segments of the whole video (TSN).
@@ -189,8 +198,7 @@ class VideoDataModule(lightning.LightningDataModule):
         self.num_workers = int(num_workers)
         self.train_short_side_range = (low, high)
         self.horizontal_flip = bool(horizontal_flip)
-        self.mean = tuple(float(m) for m in mean)
-        self.std = tuple(float(s) for s in std)
+        self.mean, self.std = (tuple(values) for values in check_mean_std(mean, std))
         self.target_fps = float(target_fps)
         self.decode_threads = int(decode_threads)
         self.pin_memory = bool(pin_memory)
@@ -205,10 +213,7 @@ class VideoDataModule(lightning.LightningDataModule):
         self.repeated_augmentation = int(repeated_augmentation)
         self.failures = DecodeFailureMonitor(float(max_failed_fraction))
 
-        # Build the transforms now so that bad mean/std fail at construction, not in a worker.
-        self.train_transform = train_transform(
-            self.image_size, self.train_short_side_range, self.horizontal_flip, self.mean, self.std
-        )
+        self.train_transform = train_transform(self.image_size, self.train_short_side_range, self.horizontal_flip)
         # The training loader's own generator: shuffling and worker seeds follow `seed` and advance every
         # epoch. Kept here so that a re-created loader continues the sequence instead of repeating it.
         self.train_generator = torch.Generator().manual_seed(self.seed)
@@ -283,8 +288,7 @@ class VideoDataModule(lightning.LightningDataModule):
             entries,
             num_frames=self.num_frames,
             sampling_rate=self.sampling_rate,
-            transform=self.train_transform if training else EvalViewTransform(
-                self.image_size, spatial_crops, self.mean, self.std),
+            transform=self.train_transform if training else EvalViewTransform(self.image_size, spatial_crops),
             training=training,
             target_fps=self.target_fps,
             decode_threads=self.decode_threads,
@@ -319,6 +323,13 @@ class VideoDataModule(lightning.LightningDataModule):
         split_size = len(dataset.entries) // max(world_size, 1) if dataset is not None else 0
         self.failures.update(stage, epoch, error_lines, len(batch["video"]), split_size)
         return flatten_repeated_clips(batch)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Normalises the batch's uint8 clips where they now are (the model's device): float32 out."""
+        video = batch.get("video") if isinstance(batch, dict) else None
+        if isinstance(video, torch.Tensor) and video.dtype == torch.uint8:
+            batch["video"] = normalize(video, self.mean, self.std)
+        return batch
 
     def teardown(self, stage: str | None = None) -> None:
         self.failures.finish_period()

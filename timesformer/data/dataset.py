@@ -55,7 +55,7 @@ SAMPLINGS = ("dense", "segment")
 
 
 class VideoClipDataset(Dataset):
-    """Clips of videos: {"video": float32 (T, C, H, W), "label", "index", "view", "valid", "replaced",
+    """Clips of videos: {"video": uint8 (T, C, H, W), "label", "index", "view", "valid", "replaced",
     "decode_errors"}.
 
     Training: one item per video, a random clip (dense: a random start; segment: a random frame per segment)
@@ -219,7 +219,8 @@ class VideoClipDataset(Dataset):
                 self._cached = (key, _error_line(path, error))  # the views of this clip fail alike, undecoded
         resized = self._cached[1]
         if isinstance(resized, str):
-            video, valid, errors = torch.zeros(self.num_frames, 3, *self._crop_shape()), False, resized
+            video = torch.zeros(self.num_frames, 3, *self._crop_shape(), dtype=torch.uint8)
+            valid, errors = False, resized
         else:
             video, valid, errors = self.transform.crop(resized, spatial_crop), True, ""
         return {"video": video, "label": label, "index": video_index, "view": view, "valid": valid,

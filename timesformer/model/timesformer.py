@@ -598,6 +598,10 @@ class TimeSformer(nn.Module):
         """(B, T, C, H, W) -> cls (B, 1, D) and patch tokens (B, T, N, D), embeddings added."""
         if pixel_values.ndim != 5:
             raise ValueError(f"expected pixel_values of shape (B, T, C, H, W), got {tuple(pixel_values.shape)}")
+        if not pixel_values.is_floating_point():
+            raise TypeError(f"expected normalised float pixel_values, got {pixel_values.dtype}: clips from "
+                            "timesformer.data are uint8 until timesformer.data.normalize (VideoDataModule runs it "
+                            "after moving a batch to the device)")
         B, T, C, H, W = pixel_values.shape
         p = self.config.patch_size
         if C != self.config.num_channels or H % p or W % p:
