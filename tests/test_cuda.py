@@ -87,3 +87,25 @@ def test_short_sequences_match_sdpa_on_cuda(attention_type, monkeypatch):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         sdpa = _gradients(model, video)
     assert relative_error(short, sdpa) < 2e-2
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_the_optimizer_is_fused_on_cuda_and_steps_as_on_the_cpu(name):
+    from timesformer.module import build_optimizer
+
+    model, video = model_and_video("divided_space_time")
+    on_cpu = TimeSformer(model.config)
+    on_cpu.load_state_dict(model.state_dict())
+    fused = build_optimizer(model, name, lr=0.01, weight_decay=0.05)
+    plain = build_optimizer(on_cpu, name, lr=0.01, weight_decay=0.05)
+    assert all(group["fused"] for group in fused.param_groups)
+    assert not any(group["fused"] for group in plain.param_groups)  # PyTorch's default off the GPU
+    for _ in range(3):
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(video), torch.tensor([1, 3], device="cuda")).backward()
+        for param, twin in zip(model.parameters(), on_cpu.parameters(), strict=True):
+            twin.grad = param.grad.cpu()
+        fused.step()
+        plain.step()
+    for (name_, param), twin in zip(model.named_parameters(), on_cpu.parameters(), strict=True):
+        torch.testing.assert_close(param.cpu(), twin, rtol=1e-5, atol=1e-6, msg=name_)
