@@ -14,6 +14,8 @@ Sections, each printed as a table when done and saved to --out (gpu.md, gpu.json
    autocast forward, cross-entropy, backward, fused AdamW) at one batch size, peak memory, and
    MFU = 3 x forward FLOPs per clip x clips/s / peak. Forward FLOPs are counted by
    ``timesformer.profile.count_flops`` (one multiply-add = 2 FLOPs here).
+3b. train.py's loop: the same model and batch through ``VideoClassifier`` in a Lightning ``Trainer``, fed uint8
+   clips by a DataLoader and normalised on the device, against the bare step: what the framework costs.
 4. Inference with 3 views (3 spatial crops per video, the paper's test protocol): clips/s and videos/s.
 5. Largest training batch (eager): predicted from the peak memory at two batch sizes, then run.
 6. Cost growth on the GPU: a training step (forward + backward, batch 1) against frames and resolution for
@@ -196,6 +198,9 @@ def training_variants(case: Case, names: list[str]) -> dict[str, tuple[Callable,
     plain = plain_autograd(ours) if any("plain" in name for name in names) else None
     every = {"HF eager": lambda: (hf, hf.model), "ours eager": lambda: (ours, ours),
              "ours torch.compile": lambda: (torch.compile(ours), ours),
+             # Inductor benchmarks GEMM and Triton configurations per shape (minutes of compilation)
+             "ours torch.compile, max-autotune": lambda: (torch.compile(ours, mode="max-autotune-no-cudagraphs"),
+                                                          ours),
              "ours eager, plain autograd": lambda: (plain, plain),
              "ours torch.compile, plain autograd": lambda: (torch.compile(plain), plain),
              "ours eager, cuDNN attention": lambda: (WithAttentionBackend(ours, SDPBackend.CUDNN_ATTENTION), ours),
@@ -302,6 +307,84 @@ def training_section(case: Case, batch: int, device: torch.device, steps: int, v
             report_error(rows, name, error)
         del trainer, step
         module.to("cpu")
+        free_memory()
+    return rows
+
+
+def lightning_section(case: Case, batch: int, device: torch.device, steps: int, compiled: bool,
+                      flops_per_clip: float, peak_tflops: float | None, quick: bool) -> list[dict[str, Any]]:
+    """What train.py's loop costs over the bare step of section 3: the same model and batch through
+    ``VideoClassifier`` in a Lightning ``Trainer`` (bf16-mixed, fused AdamW, the non-finite-loss check, accuracy
+    metrics, logging), fed uint8 clips by a DataLoader (pinned memory, 4 workers) and normalised on the device."""
+    import lightning as L
+
+    from timesformer.module import VideoClassifier
+
+    warmup = 3
+    clips = torch.randint(0, 256, (4, case.frames, 3, case.image_size, case.image_size), dtype=torch.uint8,
+                          generator=torch.Generator().manual_seed(0))
+
+    class Clips(torch.utils.data.Dataset):  # what the datasets return: uint8 (T, C, H, W), a label, an index
+        def __len__(self) -> int:
+            return batch * (warmup + steps)
+
+        def __getitem__(self, index: int) -> dict[str, Any]:
+            return {"video": clips[index % len(clips)].clone(), "label": index % 400, "index": index}
+
+    class Data(L.LightningDataModule):
+        def train_dataloader(self) -> torch.utils.data.DataLoader:
+            workers = 0 if quick else 4
+            return torch.utils.data.DataLoader(Clips(), batch_size=batch, num_workers=workers, drop_last=True,
+                                               pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+
+        def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+            # timesformer.data.normalize's work (that package imports the video decoders, absent on GPU images)
+            batch["video"] = (batch["video"].float() / 255 - 0.45) / 0.225
+            return batch
+
+    class Clock(L.Callback):
+        """Seconds from the first timed batch's start to the end of training, the GPU drained at both ends."""
+
+        def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, index: int) -> None:
+            if index == warmup:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                self.start = time.perf_counter()
+
+        def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            self.seconds = time.perf_counter() - self.start
+
+    rows = []
+    for variant in ["ours eager", *(["ours torch.compile"] if compiled else [])]:
+        model = build_pair(case)[0]
+        bare = Trainer(torch.compile(model) if "compile" in variant else model, list(model.parameters()),
+                       device, torch.bfloat16)
+        try:
+            model.to(device).train()
+            step = cycling(bare.step, inputs(batch, case, device))
+            step()
+            bare_s = median_seconds(step, steps=steps, warmup=2, device=device)
+            del bare, step
+            model.zero_grad(set_to_none=True)
+            free_memory()
+            module = VideoClassifier(model, optimizer={"name": "adamw", "lr": 1e-4, "weight_decay": 0.05},
+                                     scheduler={"name": "cosine", "warmup_epochs": 0.1}, compile="compile" in variant)
+            clock = Clock()
+            trainer = L.Trainer(accelerator=device.type, devices=1, precision="bf16-mixed", max_epochs=1,
+                                logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                                enable_model_summary=False, callbacks=[clock], limit_val_batches=0)
+            trainer.fit(module, datamodule=Data())
+            loop_s = clock.seconds / steps
+            rows.append({"variant": variant, "batch": batch, "bare_step_s": bare_s, "lightning_step_s": loop_s,
+                         "lightning_clips_per_s": batch / loop_s, "lightning_vs_bare": bare_s / loop_s,
+                         "mfu": batch / loop_s * 3 * flops_per_clip / (peak_tflops * 1e12) if peak_tflops else None})
+            print(f"  {variant}: bare step {bare_s * 1000:.1f} ms, Lightning {loop_s * 1000:.1f} ms per step",
+                  flush=True)
+        except Exception as error:  # noqa: BLE001 (one variant failing leaves the other's figures)
+            report_error(rows, variant, error)
+        model.to("cpu")
         free_memory()
     return rows
 
@@ -460,6 +543,15 @@ def report(results: dict[str, Any]) -> str:
                       [r["variant"], f"{r['clips_per_s']:.1f}", f"{r['clips_per_s'] / hf['clips_per_s']:.2f}x",
                        f"{r['step_s'] * 1000:.1f}", f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-",
                        f"{r['peak_gib']:.1f}", f"{r['first_step_s']:.1f}"] for r in rows])]
+    if results.get("lightning") and any("error" not in r for r in results["lightning"]):
+        rows = [r for r in results["lightning"] if "error" not in r]
+        parts += [f"\n### train.py's loop (Lightning, uint8 clips from 4 workers) against the bare step, batch "
+                  f"{rows[0]['batch']}\n",
+                  markdown_table(["variant", "bare step ms", "Lightning step ms", "Lightning clips/s",
+                                  "Lightning / bare speed", "MFU"], [
+                      [r["variant"], f"{r['bare_step_s'] * 1000:.1f}", f"{r['lightning_step_s'] * 1000:.1f}",
+                       f"{r['lightning_clips_per_s']:.1f}", f"{r['lightning_vs_bare']:.3f}",
+                       f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"] for r in rows])]
     if results.get("inference") and any("error" not in r for r in results["inference"]):
         rows = [r for r in results["inference"] if "error" not in r]
         hf = next((r for r in rows if r["variant"] == "HF eager"), rows[0] if rows else None)
@@ -514,10 +606,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
     parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS),
                         help="training variants (default: %(default)s; also 'ours eager, plain autograd', "
-                             "'ours torch.compile, plain autograd', 'ours eager, cuDNN attention')")
+                             "'ours torch.compile, plain autograd', 'ours torch.compile, max-autotune', "
+                             "'ours eager, cuDNN attention', 'ours eager, flash attention')")
     parser.add_argument("--profile", action="store_true", help="a kernel-time breakdown of each training variant")
-    parser.add_argument("--only", nargs="+", choices=("attention", "parity", "training", "inference", "largest_batch",
-                                                      "growth"),
+    parser.add_argument("--only", nargs="+", choices=("attention", "parity", "training", "lightning", "inference",
+                                                      "largest_batch", "growth"),
                         help="run these sections only")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="skip the sections that start after this many seconds (their results are lost)")
@@ -548,6 +641,8 @@ def main(argv: list[str] | None = None) -> None:
         "parity": lambda: parity_section(case, device),
         "training": lambda: training_section(case, batch, device, steps, variants, flops_per_clip, peak_tflops,
                                              args.profile),
+        "lightning": lambda: lightning_section(case, batch, device, steps, compile_, flops_per_clip, peak_tflops,
+                                               args.quick),
         "largest_batch": lambda: largest_batch_section(case, device, small=max(1, batch // 4), large=batch),
         "inference": lambda: inference_section(case, videos, device, steps, compile_),
         "growth": lambda: growth_section(growth_points, growth_width, growth_depth, device, steps=3),
