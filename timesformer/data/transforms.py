@@ -3,7 +3,8 @@
 Clips stay uint8 until they reach the device the model runs on, where `normalize` turns them into float32
 ((x / 255 - mean) / std; `VideoDataModule.on_after_batch_transfer` calls it). A uint8 clip is a quarter of the
 bytes through the DataLoader's collate, shared memory, pinned memory and the host-to-device copy, and a worker
-spends no time normalising (~5 ms of an 8 x 224 clip's ~60 ms on one core; a GPU does it in microseconds).
+spends no time normalising. Per 8 x 224 clip on one core that saves 3.4 ms of normalising and 3.1 ms of
+handing the batch over, of ~60 ms (benchmarks/RESULTS.md, part 3); a GPU normalises in microseconds.
 
 Built on torchvision.transforms.v2. A plain (T, C, H, W) tensor is treated by v2 as a batch of T images
 and each random transform samples its parameters once per call, so every frame of a clip gets the same
