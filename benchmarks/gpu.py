@@ -358,11 +358,10 @@ def lightning_section(case: Case, batch: int, device: torch.device, steps: int, 
 
     rows = []
     for variant in ["ours eager", *(["ours torch.compile"] if compiled else [])]:
-        model = build_pair(case)[0]
-        bare = Trainer(torch.compile(model) if "compile" in variant else model, list(model.parameters()),
-                       device, torch.bfloat16)
+        model = build_pair(case)[0].to(device).train()
         try:
-            model.to(device).train()
+            bare = Trainer(torch.compile(model) if "compile" in variant else model, list(model.parameters()),
+                           device, torch.bfloat16)
             step = cycling(bare.step, inputs(batch, case, device))
             step()
             bare_s = median_seconds(step, steps=steps, warmup=2, device=device)
