@@ -52,11 +52,8 @@ import transformers  # noqa: E402
 
 from benchmarks.run import ATTENTION_TYPES, SHORT, Case, HFModel, build_pair, markdown_table  # noqa: E402
 from timesformer.model import TimeSformer, TimeSformerConfig  # noqa: E402
-from timesformer.profile import count_flops  # noqa: E402
+from timesformer.profile import count_flops, datasheet_bf16_tflops  # noqa: E402
 
-# Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s, matched on the device name.
-DATASHEET_BF16_TFLOPS = {"H200": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.4, "GH200": 989.4,
-                         "A100": 312.0, "L40S": 362.1, "A10G": 70.0, "L4": 121.0, "RTX 4090": 165.2}
 VIEWS = 3  # spatial crops per video at test time
 DEFAULT_VARIANTS = ("HF eager", "ours eager", "ours torch.compile")
 HF_ATTENTION_TYPES = ("divided_space_time", "joint_space_time")  # the schemes HF has (space_only differs: per frame)
@@ -151,7 +148,7 @@ def device_section(device: torch.device, quick: bool) -> dict[str, Any]:
     a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
     seconds = median_seconds(lambda: a @ b, steps=10, warmup=3, device=device)
     name = props.name
-    datasheet = next((v for k, v in DATASHEET_BF16_TFLOPS.items() if k in name), None)
+    datasheet = datasheet_bf16_tflops(name)
     return {"name": name, "multiprocessors": props.multi_processor_count, "memory_gib": props.total_memory / 2**30,
             "torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
             "matmul_tflops": 2 * n**3 / seconds / 1e12, "datasheet_tflops": datasheet}

@@ -1,15 +1,24 @@
 """Experiment tracking: W&B offline runs, sweep configs that launch valid train.py commands, local sweeps."""
 
+import csv
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import lightning as L
 import pytest
+import torch
 import yaml
+from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader
 
 from tests.conftest import CONFIG_DIR, ROOT, TINY_DATA
+from tests.test_resilience import _tiny_classifier
 from tests.wandb_records import logged_keys
+from timesformer.callbacks import TrainingSpeed
+from timesformer.profile import count_flops
 
 
 def run(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -30,7 +39,7 @@ def test_wandb_offline_run_records_metrics_and_media(synthetic_root, tmp_path):
     assert len(runs) == 1, list((tmp_path / "run").rglob("*"))[:20]
     history, config = logged_keys(next(runs[0].glob("run-*.wandb")))
     for key in ("val/acc", "val/video_acc", "train/loss", "train/grad_norm", "test/acc", "lr-AdamW/pg1",
-                "val/clips/captions", "val/confusion_matrix/path"):
+                "val/clips/captions", "val/confusion_matrix/path", "perf/clips_per_s", "perf/data_wait_fraction"):
         assert key in history, sorted(history)
     assert "run_config" in config  # the resolved Hydra config
     media = [p.name for p in (runs[0] / "files" / "media").rglob("*")]
@@ -118,3 +127,53 @@ def test_tensorboard_writers_opened_in_the_same_second_keep_their_events(tmp_pat
     logger.log_metrics({"test/acc": 0.5}, step=1)
     logger.finalize("success")
     assert {"val/acc", "test/acc"} <= _tensorboard_scalars(tmp_path / "tensorboard")
+
+
+# -- TrainingSpeed: clips/s, step time, data wait, MFU ---------------------------------------------------------
+class _SlowClips(torch.utils.data.Dataset):
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def __len__(self) -> int:
+        return 7
+
+    def __getitem__(self, index: int) -> dict:
+        time.sleep(self.seconds)  # decoding
+        return {"video": torch.randn(4, 3, 32, 32), "label": index % 2, "index": index}
+
+
+class _SlowStep(L.Callback):
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        time.sleep(self.seconds)  # a slow model
+
+
+def _speed_rows(tmp_path: Path, data_s: float, step_s: float, peak_tflops: float | None = None) -> list[dict]:
+    logger = CSVLogger(tmp_path, name="speed")
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, log_every_n_steps=3, logger=logger, enable_progress_bar=False,
+                        enable_checkpointing=False, callbacks=[TrainingSpeed(peak_tflops), _SlowStep(step_s)])
+    trainer.fit(_tiny_classifier(), DataLoader(_SlowClips(data_s), batch_size=1))
+    with open(Path(logger.log_dir) / "metrics.csv") as file:
+        rows = [row for row in csv.DictReader(file) if row.get("perf/clips_per_s")]
+    return [{key: float(value) for key, value in row.items() if key.startswith("perf/") and value} for row in rows]
+
+
+def test_training_speed_tells_a_data_bound_run_from_a_model_bound_one(tmp_path):
+    data_bound = _speed_rows(tmp_path / "data", data_s=0.08, step_s=0.0)
+    model_bound = _speed_rows(tmp_path / "model", data_s=0.0, step_s=0.08)
+    assert len(data_bound) == len(model_bound) == 2  # batches 1-3 and 4-6 of 0-6 (log_every_n_steps=3)
+    for row in data_bound + model_bound:
+        assert row["perf/step_ms"] > 80
+        assert row["perf/clips_per_s"] * row["perf/step_ms"] / 1000 == pytest.approx(1.0)  # batch 1, one process
+    assert all(row["perf/data_wait_fraction"] > 0.6 for row in data_bound), data_bound  # measured 0.82-0.91
+    assert all(row["perf/data_wait_fraction"] < 0.2 for row in model_bound), model_bound  # measured 0.01
+    assert all("perf/mfu" not in row for row in data_bound)  # no peak known on the CPU
+
+
+def test_training_speed_reports_mfu_against_the_given_peak(tmp_path):
+    rows = _speed_rows(tmp_path, data_s=0.0, step_s=0.02, peak_tflops=1e-6)
+    training_flops = 6 * count_flops(_tiny_classifier().model.config)  # 3 x forward, 2 FLOPs per multiply-add
+    for row in rows:
+        assert row["perf/mfu"] == pytest.approx(row["perf/clips_per_s"] * training_flops / 1e6)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,85 @@ class TrainingProgressBar(TQDMProgressBar):
         if self._shown_loss is not None:
             metrics["train/loss"] = f"{self._shown_loss:.4g}"
         return metrics
+
+
+class TrainingSpeed(L.Callback):
+    """Logs how fast training goes and whether the GPU waits for data, at the logging interval, without a sync.
+
+    - ``perf/clips_per_s``: training clips per second over the last interval, all processes together;
+    - ``perf/step_ms``: wall time per training batch;
+    - ``perf/data_wait_fraction``: the share of that time spent between one batch's end and the next one's start,
+      which is where the loop waits for the DataLoader (and does Lightning's own work between batches). Near 0:
+      the model is the limit. Well above 0.1: the workers cannot keep up (more workers, ``data.decoder=pyav``, resized
+      videos or ``data.repeated_augmentation``; README, "Feeding the GPU");
+    - ``perf/mfu`` on a GPU in bf16: model FLOPs (3 x the forward's, ``timesformer.profile.count_flops``) per
+      second over the GPU's dense bf16 peak (``peak_tflops``, or the datasheet's for known GPUs).
+
+    Wall-clock times: the training step's one host sync keeps the CPU within a step of the GPU, so they follow
+    the GPU's pace. The first batch of an epoch (compilation, warm-up) and the intervals that validation or an
+    epoch's end interrupts are left out. Written to the loggers directly (as Lightning's LearningRateMonitor
+    does), so nothing is moved to the GPU and back. Without a logger it does nothing.
+    """
+
+    def __init__(self, peak_tflops: float | None = None) -> None:
+        self.peak_tflops = peak_tflops
+        self._flops_per_clip: float | None = None
+        self._restart()
+
+    def _restart(self) -> None:
+        self._start: float | None = None  # the end of the batch before the interval's first
+        self._last_end: float | None = None
+        self._wait = 0.0
+        self._clips = 0
+        self._batches = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import torch
+
+        from timesformer.profile import count_flops, datasheet_bf16_tflops
+
+        peak = self.peak_tflops
+        if peak is None and trainer.strategy.root_device.type == "cuda" and "bf16" in str(trainer.precision):
+            peak = datasheet_bf16_tflops(torch.cuda.get_device_name(trainer.strategy.root_device))
+        config = getattr(getattr(pl_module, "model", None), "config", None)
+        if peak and config is not None:
+            training_flops = 6 * count_flops(config)  # forward x 3 (backward: twice), 2 FLOPs per multiply-add
+            self._flops_per_clip, self.peak_tflops = training_flops, peak
+        self._restart()
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self._last_end is not None:
+            self._wait += time.perf_counter() - self._last_end
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        now = time.perf_counter()
+        if self._start is None:  # the first batch after a (re)start is not counted: compilation, warm-up
+            self._start = self._last_end = now
+            return
+        self._last_end = now
+        self._clips += len(batch["video"]) if isinstance(batch, dict) and "video" in batch else 0
+        self._batches += 1
+        if self._batches < max(trainer.log_every_n_steps, 1) * trainer.accumulate_grad_batches:
+            return
+        seconds = now - self._start
+        metrics = {"perf/clips_per_s": self._clips * trainer.world_size / seconds,
+                   "perf/step_ms": 1000 * seconds / self._batches,
+                   "perf/data_wait_fraction": self._wait / seconds}
+        if self._flops_per_clip:
+            metrics["perf/mfu"] = self._clips / seconds * self._flops_per_clip / (self.peak_tflops * 1e12)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        self._restart()
+        self._start = self._last_end = now
+
+    # Epoch ends (checkpoints) and validation are not training.
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restart()
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restart()
 
 
 class WandbMediaLogger(L.Callback):

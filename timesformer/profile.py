@@ -35,6 +35,10 @@ PAPER_MODELS = ("base", "hr", "large")  # TimeSformer, -HR, -L: 196, 1703 and 23
 # Model-config entries that are not architecture (they say where weights come from).
 _NOT_ARCHITECTURE = ("pretrained", "init_from")
 DEFAULT_NUM_CLASSES = 400
+# Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s, matched on the device name in
+# this order (the first name it contains): the denominator of model FLOPs utilisation (MFU).
+DATASHEET_BF16_TFLOPS = {"H200": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.4, "GH200": 989.4,
+                         "A100": 312.0, "L40S": 362.1, "A10G": 70.0, "L4": 121.0, "RTX 4090": 165.2}
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,11 @@ def count_flops(config: TimeSformerConfig) -> int:
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(video)
     return counter.get_total_flops() // 2  # the counter counts a multiply-add as 2 FLOPs
+
+
+def datasheet_bf16_tflops(device_name: str) -> float | None:
+    """The dense bf16 peak of a GPU named ``device_name`` (``torch.cuda.get_device_name()``); None if unknown."""
+    return next((tflops for name, tflops in DATASHEET_BF16_TFLOPS.items() if name in device_name), None)
 
 
 def _check_attention_is_counted() -> None:
