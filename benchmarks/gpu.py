@@ -314,7 +314,9 @@ def lightning_section(case: Case, batch: int, device: torch.device, steps: int, 
     ``VideoClassifier`` in a Lightning ``Trainer`` (bf16-mixed, fused AdamW, the non-finite-loss check, accuracy
     metrics, logging), fed uint8 clips by a DataLoader (pinned memory, 4 workers) and normalised on the device."""
     import lightning as L
+    from lightning.pytorch.loggers import Logger
 
+    from timesformer.callbacks import TrainingSpeed
     from timesformer.module import VideoClassifier
 
     warmup = 3
@@ -353,6 +355,21 @@ def lightning_section(case: Case, batch: int, device: torch.device, steps: int, 
                 torch.cuda.synchronize()
             self.seconds = time.perf_counter() - self.start
 
+    class Collect(Logger):
+        """Keeps what TrainingSpeed logs (its clips/s and MFU are checked against the clock here)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.rows: list[dict[str, float]] = []
+
+        name, version = "collect", 0
+
+        def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+            self.rows.append(metrics)
+
+        def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
     rows = []
     for variant in ["ours eager", *(["ours torch.compile"] if compiled else [])]:
         model = build_pair(case)[0].to(device).train()
@@ -367,15 +384,21 @@ def lightning_section(case: Case, batch: int, device: torch.device, steps: int, 
             free_memory()
             module = VideoClassifier(model, optimizer={"name": "adamw", "lr": 1e-4, "weight_decay": 0.05},
                                      scheduler={"name": "cosine", "warmup_epochs": 0.1}, compile="compile" in variant)
-            clock = Clock()
+            clock, logged = Clock(), Collect()
+            # TrainingSpeed logs once, over batches 1 to warmup + steps - 1 (it leaves the first out)
             trainer = L.Trainer(accelerator=device.type, devices=1, precision="bf16-mixed", max_epochs=1,
-                                logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                                enable_model_summary=False, callbacks=[clock], limit_val_batches=0)
+                                logger=logged, log_every_n_steps=warmup + steps - 1, enable_checkpointing=False,
+                                enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                                callbacks=[clock, TrainingSpeed(peak_tflops)])
             trainer.fit(module, datamodule=Data())
             loop_s = clock.seconds / steps
+            speed = next((r for r in logged.rows if "perf/clips_per_s" in r), {})
             rows.append({"variant": variant, "batch": batch, "bare_step_s": bare_s, "lightning_step_s": loop_s,
                          "lightning_clips_per_s": batch / loop_s, "lightning_vs_bare": bare_s / loop_s,
-                         "mfu": batch / loop_s * 3 * flops_per_clip / (peak_tflops * 1e12) if peak_tflops else None})
+                         "mfu": batch / loop_s * 3 * flops_per_clip / (peak_tflops * 1e12) if peak_tflops else None,
+                         "training_speed_clips_per_s": speed.get("perf/clips_per_s"),
+                         "training_speed_mfu": speed.get("perf/mfu"),
+                         "training_speed_data_wait": speed.get("perf/data_wait_fraction")})
             print(f"  {variant}: bare step {bare_s * 1000:.1f} ms, Lightning {loop_s * 1000:.1f} ms per step",
                   flush=True)
         except Exception as error:  # noqa: BLE001 (one variant failing leaves the other's figures)
@@ -544,10 +567,14 @@ def report(results: dict[str, Any]) -> str:
         parts += [f"\n### train.py's loop (Lightning, uint8 clips from 4 workers) against the bare step, batch "
                   f"{rows[0]['batch']}\n",
                   markdown_table(["variant", "bare step ms", "Lightning step ms", "Lightning clips/s",
-                                  "Lightning / bare speed", "MFU"], [
+                                  "Lightning / bare speed", "MFU", "TrainingSpeed clips/s, MFU, data wait"], [
                       [r["variant"], f"{r['bare_step_s'] * 1000:.1f}", f"{r['lightning_step_s'] * 1000:.1f}",
                        f"{r['lightning_clips_per_s']:.1f}", f"{r['lightning_vs_bare']:.3f}",
-                       f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"] for r in rows])]
+                       f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-",
+                       (f"{r['training_speed_clips_per_s']:.1f}, "
+                        + (f"{100 * r['training_speed_mfu']:.1f}%" if r["training_speed_mfu"] else "-")
+                        + f", {r['training_speed_data_wait']:.3f}") if r["training_speed_clips_per_s"] else "-"]
+                      for r in rows])]
     if results.get("inference") and any("error" not in r for r in results["inference"]):
         rows = [r for r in results["inference"] if "error" not in r]
         hf = next((r for r in rows if r["variant"] == "HF eager"), rows[0] if rows else None)
