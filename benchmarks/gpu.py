@@ -178,6 +178,18 @@ def plain_autograd(ours: TimeSformer) -> TimeSformer:
     return plain
 
 
+def bf16_residual_stream(ours: TimeSformer) -> TimeSformer:
+    """The same model with its embeddings (position, time, cls) in bf16: under bf16 autocast the token stream
+    then stays bf16 from the embedding on, where fp32 embeddings promote it to fp32 (what HF and timm do too).
+    Halves the bytes of the residual adds and LayerNorm inputs; an experiment, not a model option (yet)."""
+    stream = TimeSformer(ours.config)
+    stream.load_state_dict(ours.state_dict())
+    for name in ("pos_embed", "time_embed", "cls_token"):
+        if getattr(stream, name, None) is not None:
+            getattr(stream, name).data = getattr(stream, name).data.bfloat16()
+    return stream
+
+
 class WithAttentionBackend:
     """Calls ``model`` with SDPA restricted to ``backend`` (its backward then uses the same kernel family)."""
 
@@ -193,6 +205,7 @@ def training_variants(case: Case, names: list[str]) -> dict[str, tuple[Callable,
     """name -> (callable video -> logits, the module holding its parameters), for the names asked for."""
     ours, hf = build_pair(case)
     plain = plain_autograd(ours) if any("plain" in name for name in names) else None
+    stream = bf16_residual_stream(ours) if any("residual" in name for name in names) else None
     every = {"HF eager": lambda: (hf, hf.model), "ours eager": lambda: (ours, ours),
              "ours torch.compile": lambda: (torch.compile(ours), ours),
              # Inductor benchmarks GEMM and Triton configurations per shape (minutes of compilation)
@@ -200,6 +213,8 @@ def training_variants(case: Case, names: list[str]) -> dict[str, tuple[Callable,
                                                           ours),
              "ours eager, plain autograd": lambda: (plain, plain),
              "ours torch.compile, plain autograd": lambda: (torch.compile(plain), plain),
+             "ours eager, bf16 residual stream": lambda: (stream, stream),
+             "ours torch.compile, bf16 residual stream": lambda: (torch.compile(stream), stream),
              "ours eager, cuDNN attention": lambda: (WithAttentionBackend(ours, SDPBackend.CUDNN_ATTENTION), ours),
              "ours eager, flash attention": lambda: (WithAttentionBackend(ours, SDPBackend.FLASH_ATTENTION), ours)}
     unknown = sorted(set(names) - set(every))
@@ -630,6 +645,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS),
                         help="training variants (default: %(default)s; also 'ours eager, plain autograd', "
                              "'ours torch.compile, plain autograd', 'ours torch.compile, max-autotune', "
+                             "'ours eager, bf16 residual stream', 'ours torch.compile, bf16 residual stream', "
                              "'ours eager, cuDNN attention', 'ours eager, flash attention')")
     parser.add_argument("--profile", action="store_true", help="a kernel-time breakdown of each training variant")
     parser.add_argument("--only", nargs="+", choices=("attention", "parity", "training", "lightning", "inference",
