@@ -134,8 +134,10 @@ class TrainingSpeed(L.Callback):
             peak = datasheet_bf16_tflops(torch.cuda.get_device_name(trainer.strategy.root_device))
         config = getattr(getattr(pl_module, "model", None), "config", None)
         if peak and config is not None:
-            training_flops = 6 * count_flops(config)  # forward x 3 (backward: twice), 2 FLOPs per multiply-add
-            self._flops_per_clip, self.peak_tflops = training_flops, peak
+            try:  # forward x 3 (the backward is twice the forward), 2 FLOPs per multiply-add
+                self._flops_per_clip, self.peak_tflops = 6 * count_flops(config), peak
+            except RuntimeError as error:  # a PyTorch whose FLOP counter misses attention: no MFU, no crash
+                log.warning("TrainingSpeed: no perf/mfu (%s)", error)
         self._restart()
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
