@@ -8,6 +8,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 from torchvision.transforms import v2
 
 from timesformer.data import (
@@ -141,6 +142,23 @@ def test_normalize_is_what_the_transforms_did_before_and_takes_a_batch():
         normalize(clips.float())  # normalising twice would be silent otherwise
     with pytest.raises(ValueError, match="3 values"):
         normalize(clips, mean=(0.5, 0.5))
+
+
+def test_normalize_builds_no_tensor_from_python_numbers_after_its_first_call():
+    # On a GPU each such tensor is a blocking host-to-device copy: a host sync in every training step.
+    class TensorsFromNumbers(TorchFunctionMode):
+        calls = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            TensorsFromNumbers.calls += getattr(func, "__name__", "") in ("tensor", "as_tensor")
+            return func(*args, **(kwargs or {}))
+
+    clips = torch.randint(0, 256, (2, 4, 3, 8, 8), dtype=torch.uint8)
+    normalize(clips, (0.3, 0.4, 0.5), (0.2, 0.2, 0.2))
+    with TensorsFromNumbers():
+        normalize(clips, (0.3, 0.4, 0.5), (0.2, 0.2, 0.2))
+        normalize(clips[:1], [0.3, 0.4, 0.5], [0.2, 0.2, 0.2])  # lists, as Hydra passes them
+    assert TensorsFromNumbers.calls == 0
 
 
 def test_train_transform_applies_the_same_params_to_every_frame():

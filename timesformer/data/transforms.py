@@ -13,6 +13,7 @@ scale, crop and flip (tests/test_data.py checks this): the motion inside the cli
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -75,11 +76,23 @@ def eval_transform(crop_size: int) -> v2.Transform:
 
 def normalize(video: torch.Tensor, mean: Sequence[float] = DEFAULT_MEAN,
               std: Sequence[float] = DEFAULT_STD) -> torch.Tensor:
-    """uint8 clips (..., C, H, W), on any device -> float32 (x / 255 - mean) / std, the model's input."""
+    """uint8 clips (..., C, H, W), on any device -> float32 (x / 255 - mean) / std, the model's input.
+
+    torchvision's ``ToDtype(scale=True)`` and ``Normalize``, bit for bit, with the mean and std tensors made once
+    per device: a tensor built on a GPU from Python numbers is a blocking copy, i.e. a host sync every batch.
+    """
     if video.dtype != torch.uint8:
         raise TypeError(f"normalize takes uint8 clips (what the transforms return), got {video.dtype}")
-    mean, std = check_mean_std(mean, std)
-    return v2.functional.normalize(v2.functional.to_dtype(video, torch.float32, scale=True), mean, std)
+    mean_t, std_t = _statistics(*(tuple(values) for values in check_mean_std(mean, std)), video.device)
+    return v2.functional.to_dtype(video, torch.float32, scale=True).sub_(mean_t).div_(std_t)
+
+
+@functools.lru_cache(maxsize=16)
+def _statistics(mean: tuple[float, ...], std: tuple[float, ...],
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """mean and std as float32 (C, 1, 1) tensors on ``device``."""
+    return (torch.tensor(mean, dtype=torch.float32, device=device).view(-1, 1, 1),
+            torch.tensor(std, dtype=torch.float32, device=device).view(-1, 1, 1))
 
 
 def spatial_crop_offset(length: int, crop_size: int, crop_index: int, num_crops: int) -> int:
