@@ -1,8 +1,9 @@
 """Host syncs in a training step, counted on the CPU.
 
 On a GPU, every call that reads a device value back to Python (``.item()``, ``bool(t)``, ``.cpu()``, a
-boolean mask, ``unique``) stops the CPU until the device has caught up, and the device then idles while the
-CPU queues the next work. CPU tensors have no such cost, but the same Python calls happen, so a
+boolean mask, ``unique``), and every tensor built on the device from Python numbers (``torch.tensor``, a
+blocking copy), stops the CPU until the device has caught up, and the device then idles while the CPU queues
+the next work. CPU tensors have no such cost, but the same Python calls happen, so a
 ``TorchFunctionMode`` can count them here. Issue #7 asks for none from metrics and logging.
 """
 
@@ -25,15 +26,18 @@ from timesformer.module import VideoClassifier
 from timesformer.pipeline import train
 
 ROOT = Path(__file__).resolve().parents[1]
-# Tensor methods and functions that wait for the device when their tensor is on it. (Not ``.to``: here the
-# batch's transfer to the device is a ``.to("cpu")``.)
+# Tensor methods and functions that wait for the device when their tensor is on it, and the factories that do
+# when they build a tensor on it from Python numbers (a blocking host-to-device copy; here every such tensor
+# counts, since the CPU cannot tell where it would be built). (Not ``.to``: here the batch's transfer to the
+# device is a ``.to("cpu")``.)
 SYNCING = {"item", "__bool__", "__int__", "__float__", "__index__", "tolist", "numpy", "cpu", "nonzero", "unique",
-           "unique_consecutive", "masked_select", "bincount", "equal", "allclose"}
+           "unique_consecutive", "masked_select", "bincount", "equal", "allclose", "tensor", "as_tensor"}
 # Code whose tensors stay on the CPU in a GPU run: optimizer step counters (torch.optim keeps them there unless
 # capturable/fused; the training step runs inside optimizer.step, so only the calling frame is checked) and
-# data loading (in worker processes).
+# the DataLoader's fetching and collating (in worker processes; the batch's normalisation on the device, after
+# the transfer, is not in it and counts).
 OPTIMIZER_CODE = str(Path(torch.__file__).parent / "optim")
-DATA_CODE = (str(ROOT / "timesformer" / "data"), "torchvision")
+DATA_LOADING_CODE = str(Path(torch.__file__).parent / "utils" / "data")
 
 
 def _is_sync(func: Any, args: tuple, kwargs: dict) -> bool:
@@ -58,7 +62,7 @@ class HostSyncCounter(TorchFunctionMode):
         kwargs = kwargs or {}
         if _is_sync(func, args, kwargs):
             frames = traceback.extract_stack()[:-1]
-            in_data_loading = any(part in frame.filename for frame in frames for part in DATA_CODE)
+            in_data_loading = any(frame.filename.startswith(DATA_LOADING_CODE) for frame in frames)
             if not in_data_loading and not frames[-1].filename.startswith(OPTIMIZER_CODE):
                 torch_dir = str(Path(torch.__file__).parent)
                 caller = next(f for f in reversed(frames) if not f.filename.startswith(torch_dir))
