@@ -206,6 +206,7 @@ def training_variants(case: Case, names: list[str]) -> dict[str, tuple[Callable,
     ours, hf = build_pair(case)
     plain = plain_autograd(ours) if any("plain" in name for name in names) else None
     stream = bf16_residual_stream(ours) if any("residual" in name for name in names) else None
+    plain_stream = bf16_residual_stream(plain) if any("residual" in n and "plain" in n for n in names) else None
     every = {"HF eager": lambda: (hf, hf.model), "ours eager": lambda: (ours, ours),
              "ours torch.compile": lambda: (torch.compile(ours), ours),
              # Inductor benchmarks GEMM and Triton configurations per shape (minutes of compilation)
@@ -215,6 +216,8 @@ def training_variants(case: Case, names: list[str]) -> dict[str, tuple[Callable,
              "ours torch.compile, plain autograd": lambda: (torch.compile(plain), plain),
              "ours eager, bf16 residual stream": lambda: (stream, stream),
              "ours torch.compile, bf16 residual stream": lambda: (torch.compile(stream), stream),
+             "ours torch.compile, bf16 residual stream, plain autograd": lambda: (torch.compile(plain_stream),
+                                                                                  plain_stream),
              "ours eager, cuDNN attention": lambda: (WithAttentionBackend(ours, SDPBackend.CUDNN_ATTENTION), ours),
              "ours eager, flash attention": lambda: (WithAttentionBackend(ours, SDPBackend.FLASH_ATTENTION), ours)}
     unknown = sorted(set(names) - set(every))
@@ -646,6 +649,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="training variants (default: %(default)s; also 'ours eager, plain autograd', "
                              "'ours torch.compile, plain autograd', 'ours torch.compile, max-autotune', "
                              "'ours eager, bf16 residual stream', 'ours torch.compile, bf16 residual stream', "
+                             "'ours torch.compile, bf16 residual stream, plain autograd', "
                              "'ours eager, cuDNN attention', 'ours eager, flash attention')")
     parser.add_argument("--profile", action="store_true", help="a kernel-time breakdown of each training variant")
     parser.add_argument("--only", nargs="+", choices=("attention", "parity", "training", "lightning", "inference",
