@@ -46,6 +46,11 @@ class TimeSformerConfig:
     # (model.timesformer's autograd functions): ~30% less training memory in eager mode. False: PyTorch's own
     # autograd, a little faster (configs/model/base.yaml has the figures).
     memory_saving_backward: bool = True
+    # Under bf16 autocast, keep the residual stream (the tokens between blocks) in bf16 instead of float32: half
+    # the bytes for every residual add and LayerNorm input (H200, compiled training: 5% faster, 12% less memory).
+    # Off, the float32 embeddings promote the stream to float32, as in HF and the original code. No effect without
+    # autocast, nor under float16 autocast (whose range is too small for a residual stream).
+    bf16_residual_stream: bool = False
     # Optional class names (index -> name); travel with checkpoints and exported HF folders.
     class_names: list[str] | None = field(default=None, repr=False)
 

@@ -65,6 +65,11 @@ def _linear_param_grads(ctx: Any, grad_out: torch.Tensor, x: torch.Tensor, first
     return _cast(grad_weight, param_dtype), _cast(grad_bias, param_dtype)
 
 
+def _norm_input(x: torch.Tensor, norm_weight: torch.Tensor | None) -> torch.Tensor:
+    """x in the dtype a LayerNorm of x with these weights computes in: the wider of the two."""
+    return x.to(torch.promote_types(x.dtype, norm_weight.dtype)) if norm_weight is not None else x
+
+
 class _LayerNormLinear(torch.autograd.Function):
     """linear(layer_norm(x)) keeping x, the per-token mean and 1/std: the norm is recomputed in the backward.
 
@@ -75,7 +80,10 @@ class _LayerNormLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, norm_weight, norm_bias, weight, bias, eps, chunks):
-        y, mean, rstd = torch.native_layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, eps)
+        # The norm runs in float32 for a bf16 x and float32 weights, as nn.LayerNorm under autocast (CUDA's kernels
+        # take one dtype); x is kept in its own dtype.
+        y, mean, rstd = torch.native_layer_norm(_norm_input(x, norm_weight), (x.shape[-1],), norm_weight, norm_bias,
+                                                eps)
         ctx.save_for_backward(x, norm_weight, norm_bias, weight, mean, rstd)
         ctx.eps, ctx.chunks = eps, chunks
         biases = bias.chunk(chunks) if bias is not None else (None,) * chunks
@@ -86,7 +94,8 @@ class _LayerNormLinear(torch.autograd.Function):
         x, norm_weight, norm_bias, weight, mean, rstd = ctx.saved_tensors
         grad_outs = [g.reshape(-1, g.shape[-1]) for g in grad_outs]
         dtype = grad_outs[0].dtype  # the forward matmuls' dtype (bfloat16 under autocast)
-        y = torch.native_layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, ctx.eps)[0]  # as in forward
+        norm_input = _norm_input(x, norm_weight)
+        y = torch.native_layer_norm(norm_input, (x.shape[-1],), norm_weight, norm_bias, ctx.eps)[0]  # as in forward
         y = y.reshape(-1, y.shape[-1]).to(dtype)
         grad_weight = grad_bias = None
         if ctx.needs_input_grad[3]:
@@ -102,8 +111,9 @@ class _LayerNormLinear(torch.autograd.Function):
         for grad_out, w in zip(grad_outs[1:], weights[1:], strict=True):
             grad_y.addmm_(grad_out, w)
         grad_x, grad_norm_weight, grad_norm_bias = torch.ops.aten.native_layer_norm_backward(
-            grad_y.view(x.shape).to(x.dtype), x, (x.shape[-1],), mean, rstd, norm_weight, norm_bias,
-            list(ctx.needs_input_grad[:3]))
+            grad_y.view(x.shape).to(norm_input.dtype), norm_input, (x.shape[-1],), mean, rstd, norm_weight,
+            norm_bias, list(ctx.needs_input_grad[:3]))
+        grad_x = grad_x.to(x.dtype) if grad_x is not None else None
         return grad_x, grad_norm_weight, grad_norm_bias, grad_weight, grad_bias, None, None
 
 
@@ -614,12 +624,18 @@ class TimeSformer(nn.Module):
         grid_h, grid_w = patches.shape[-2:]
         patches = patches.flatten(2).transpose(1, 2)  # (B·T, N, D)
         cls_pos, patch_pos = self._position_embedding(grid_h, grid_w)
+        cls_token = self.cls_token
+        time_embed = self._time_embedding(T) if self.config.attention_type != "space_only" else None
+        if self.config.bf16_residual_stream and patches.dtype == torch.bfloat16:  # bf16 autocast ran the conv
+            # float32 embeddings would promote the tokens, and with them every block's residual adds, to float32
+            cls_pos, patch_pos, cls_token = cls_pos.bfloat16(), patch_pos.bfloat16(), cls_token.bfloat16()
+            time_embed = time_embed.bfloat16() if time_embed is not None else None
         patches = (patches + patch_pos).reshape(B, T, grid_h * grid_w, -1)  # (B, T, N, D)
-        cls = (self.cls_token + cls_pos).expand(B, -1, -1)  # (B, 1, D)
-        if self.config.attention_type == "space_only":
+        cls = (cls_token + cls_pos).expand(B, -1, -1)  # (B, 1, D)
+        if time_embed is None:  # space_only
             cls = cls.unsqueeze(1).expand(B, T, 1, -1)  # one cls per frame: (B, T, 1, D)
         else:
-            patches = patches + self._time_embedding(T).unsqueeze(2)  # time embedding on patches only
+            patches = patches + time_embed.unsqueeze(2)  # time embedding on patches only
         if self.config.attention_type == "divided_space_time":  # stored position-major: see Block.forward
             patches = patches.transpose(1, 2).contiguous().transpose(1, 2)
         return self.pos_drop(cls), self.pos_drop(patches)
