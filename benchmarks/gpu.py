@@ -43,6 +43,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+import yaml  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,23 +172,18 @@ def parity_section(case: Case, device: torch.device) -> dict[str, Any]:
     return result
 
 
-def plain_autograd(ours: TimeSformer) -> TimeSformer:
-    """The same model and weights with memory_saving_backward off (PyTorch's own autograd)."""
-    plain = TimeSformer(dataclasses.replace(ours.config, memory_saving_backward=False))
-    plain.load_state_dict(ours.state_dict())
-    return plain
+def with_config(ours: TimeSformer, **changes: Any) -> TimeSformer:
+    """The same weights in a model whose config has ``changes`` (e.g. memory_saving_backward=False)."""
+    other = TimeSformer(dataclasses.replace(ours.config, **changes))
+    other.load_state_dict(ours.state_dict())
+    return other
 
 
-def bf16_residual_stream(ours: TimeSformer) -> TimeSformer:
-    """The same model with its embeddings (position, time, cls) in bf16: under bf16 autocast the token stream
-    then stays bf16 from the embedding on, where fp32 embeddings promote it to fp32 (what HF and timm do too).
-    Halves the bytes of the residual adds and LayerNorm inputs; an experiment, not a model option (yet)."""
-    stream = TimeSformer(ours.config)
-    stream.load_state_dict(ours.state_dict())
-    for name in ("pos_embed", "time_embed", "cls_token"):
-        if getattr(stream, name, None) is not None:
-            getattr(stream, name).data = getattr(stream, name).data.bfloat16()
-    return stream
+def as_train_py_builds_it(ours: TimeSformer) -> TimeSformer:
+    """``ours`` with the speed and memory settings train.py gives it (configs/model/base.yaml; the sections after
+    the training variants measure what a user runs)."""
+    base = yaml.safe_load((ROOT / "configs" / "model" / "base.yaml").read_text())
+    return with_config(ours, **{name: base[name] for name in ("memory_saving_backward", "bf16_residual_stream")})
 
 
 class WithAttentionBackend:
@@ -204,20 +200,24 @@ class WithAttentionBackend:
 def training_variants(case: Case, names: list[str]) -> dict[str, tuple[Callable, torch.nn.Module]]:
     """name -> (callable video -> logits, the module holding its parameters), for the names asked for."""
     ours, hf = build_pair(case)
-    plain = plain_autograd(ours) if any("plain" in name for name in names) else None
-    stream = bf16_residual_stream(ours) if any("residual" in name for name in names) else None
-    plain_stream = bf16_residual_stream(plain) if any("residual" in n and "plain" in n for n in names) else None
-    every = {"HF eager": lambda: (hf, hf.model), "ours eager": lambda: (ours, ours),
-             "ours torch.compile": lambda: (torch.compile(ours), ours),
+    plain, stream = {"memory_saving_backward": False}, {"bf16_residual_stream": True}
+
+    def eager(model: TimeSformer) -> tuple[Callable, torch.nn.Module]:
+        return model, model
+
+    def compiled(model: TimeSformer, **options: Any) -> tuple[Callable, torch.nn.Module]:
+        return torch.compile(model, **options), model
+
+    every = {"HF eager": lambda: (hf, hf.model), "ours eager": lambda: eager(ours),
+             "ours torch.compile": lambda: compiled(ours),
              # Inductor benchmarks GEMM and Triton configurations per shape (minutes of compilation)
-             "ours torch.compile, max-autotune": lambda: (torch.compile(ours, mode="max-autotune-no-cudagraphs"),
-                                                          ours),
-             "ours eager, plain autograd": lambda: (plain, plain),
-             "ours torch.compile, plain autograd": lambda: (torch.compile(plain), plain),
-             "ours eager, bf16 residual stream": lambda: (stream, stream),
-             "ours torch.compile, bf16 residual stream": lambda: (torch.compile(stream), stream),
-             "ours torch.compile, bf16 residual stream, plain autograd": lambda: (torch.compile(plain_stream),
-                                                                                  plain_stream),
+             "ours torch.compile, max-autotune": lambda: compiled(ours, mode="max-autotune-no-cudagraphs"),
+             "ours eager, plain autograd": lambda: eager(with_config(ours, **plain)),
+             "ours torch.compile, plain autograd": lambda: compiled(with_config(ours, **plain)),
+             "ours eager, bf16 residual stream": lambda: eager(with_config(ours, **stream)),
+             "ours torch.compile, bf16 residual stream": lambda: compiled(with_config(ours, **stream)),
+             "ours torch.compile, bf16 residual stream, plain autograd":
+                 lambda: compiled(with_config(ours, **stream, **plain)),
              "ours eager, cuDNN attention": lambda: (WithAttentionBackend(ours, SDPBackend.CUDNN_ATTENTION), ours),
              "ours eager, flash attention": lambda: (WithAttentionBackend(ours, SDPBackend.FLASH_ATTENTION), ours)}
     unknown = sorted(set(names) - set(every))
@@ -390,7 +390,7 @@ def lightning_section(case: Case, batch: int, device: torch.device, steps: int, 
 
     rows = []
     for variant in ["ours eager", *(["ours torch.compile"] if compiled else [])]:
-        model = build_pair(case)[0].to(device).train()
+        model = as_train_py_builds_it(build_pair(case)[0]).to(device).train()
         try:
             bare = Trainer(torch.compile(model) if "compile" in variant else model, list(model.parameters()),
                            device, torch.bfloat16)
@@ -437,6 +437,7 @@ def inference_section(case: Case, videos: int, device: torch.device, steps: int,
                       compile_: bool) -> list[dict[str, Any]]:
     """Clips/s of a bf16 forward over ``videos`` x 3 views (one batch), and videos/s."""
     ours, hf = build_pair(case)
+    ours = as_train_py_builds_it(ours)
     variants = {"HF eager": (hf, hf.model), "ours eager": (ours, ours)}
     if compile_:
         variants["ours torch.compile"] = (torch.compile(ours), ours)
@@ -474,6 +475,7 @@ def largest_batch_section(case: Case, device: torch.device, small: int, large: i
     """Eager training steps: peak memory at two batch sizes gives memory per clip; the batch that fills the device
     is predicted from it, then run (5% smaller after an out-of-memory, ``tries`` times)."""
     ours, hf = build_pair(case)
+    ours = as_train_py_builds_it(ours)
     total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
     rows = []
     for name, (model, module) in {"HF eager": (hf, hf.model), "ours eager": (ours, ours)}.items():
@@ -583,7 +585,7 @@ def report(results: dict[str, Any]) -> str:
     if results.get("lightning") and any("error" not in r for r in results["lightning"]):
         rows = [r for r in results["lightning"] if "error" not in r]
         parts += [f"\n### train.py's loop (Lightning, uint8 clips from 4 workers) against the bare step, batch "
-                  f"{rows[0]['batch']}\n",
+                  f"{rows[0]['batch']}, ours as configs/model/base.yaml builds it\n",
                   markdown_table(["variant", "bare step ms", "Lightning step ms", "Lightning clips/s",
                                   "Lightning / bare speed", "MFU", "TrainingSpeed clips/s, MFU, data wait"], [
                       [r["variant"], f"{r['bare_step_s'] * 1000:.1f}", f"{r['lightning_step_s'] * 1000:.1f}",
@@ -596,13 +598,14 @@ def report(results: dict[str, Any]) -> str:
     if results.get("inference") and any("error" not in r for r in results["inference"]):
         rows = [r for r in results["inference"] if "error" not in r]
         hf = next((r for r in rows if r["variant"] == "HF eager"), rows[0] if rows else None)
-        parts += [f"\n### Inference, {VIEWS} views per video, bf16, {hf['clips']} clips per forward\n",
+        parts += [f"\n### Inference, {VIEWS} views per video, bf16, {hf['clips']} clips per forward, ours as "
+                  "configs/model/base.yaml builds it\n",
                   markdown_table(["variant", "clips/s", "videos/s", "vs HF", "peak GiB", "first call s"], [
                       [r["variant"], f"{r['clips_per_s']:.1f}", f"{r['videos_per_s']:.1f}",
                        f"{r['clips_per_s'] / hf['clips_per_s']:.2f}x", f"{r['peak_gib']:.1f}",
                        f"{r['first_call_s']:.1f}"] for r in rows])]
     if "largest_batch" in results:
-        parts += ["\n### Largest training batch (eager, bf16)\n",
+        parts += ["\n### Largest training batch (eager, bf16), ours as configs/model/base.yaml builds it\n",
                   markdown_table(["variant", "GiB per clip", "fixed GiB", "predicted", "largest run", "its peak GiB",
                                   "out of memory at"], [
                       [r["variant"], f"{r['per_clip_gib']:.3f}", f"{r['fixed_gib']:.1f}", str(r["predicted"]),
