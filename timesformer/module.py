@@ -96,8 +96,10 @@ class VideoClassifier(L.LightningModule):
         scheduler: ``lr_multiplier`` settings: ``name``, ``warmup_epochs`` (may be fractional), ``min_lr_ratio``,
             ``milestones``, ``gamma``. Stepped every optimizer step.
         label_smoothing: cross-entropy label smoothing.
-        nonfinite_loss: "error": a NaN/inf loss saves ``nonfinite-step<N>.ckpt`` beside the other checkpoints and
-            stops with an error naming the step; "skip": the batch is skipped (counted in ``train/skipped_batches``).
+        nonfinite_loss: "error": a NaN/inf loss saves ``nonfinite-step<N>.ckpt`` (the weights before that step)
+            beside the other checkpoints and stops with an error naming the step; "skip": the batch is skipped
+            (no weights, momentum or weight decay change; counted in ``train/skipped_batches``). Under DDP a
+            non-finite loss on any process counts for all (they stop, or skip that batch, together).
         compile: run the model through ``torch.compile`` (the state dict keeps its plain names).
         view_aggregation: how evaluation views of one video are combined: "softmax" (mean of probabilities,
             mmaction2) or "logits" (mean of logits; the original sums them, which ranks the same).
@@ -124,6 +126,8 @@ class VideoClassifier(L.LightningModule):
         # Kept out of the module tree so that checkpoints hold the plain model's names.
         self._compiled = [torch.compile(model)] if compile else []
         self.skipped_batches = 0
+        # Batches of the current optimizer step (gradient accumulation) and how many of them had a non-finite loss
+        self._micro_batches = self._skipped_micro_batches = 0
         num_classes = model.config.num_classes
         top_k = min(5, num_classes)
 
@@ -155,8 +159,12 @@ class VideoClassifier(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         logits = self(batch["video"])
         loss = F.cross_entropy(logits, batch["label"], label_smoothing=self.hparams.label_smoothing)
-        # One host sync per step: the price of never training on (or saving) NaN weights.
-        if not torch.isfinite(loss):
+        self._micro_batches += 1
+        # Every DDP process must take the same branch (one alone skipping or stopping would leave the others waiting
+        # in the gradient all-reduce): a NaN/inf loss anywhere counts for all. One host sync per step: the price of
+        # never training on (or saving) NaN weights.
+        nonfinite = self.trainer.strategy.reduce((~torch.isfinite(loss)).float(), reduce_op="sum")
+        if nonfinite > 0:
             return self._on_nonfinite_loss(loss)
         self.train_metrics.update(logits.detach(), batch["label"])
         if "replaced" in batch:  # broken videos the dataset replaced by others
@@ -167,19 +175,24 @@ class VideoClassifier(L.LightningModule):
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=len(logits))
         return loss
 
-    def _on_nonfinite_loss(self, loss: torch.Tensor) -> None:
+    def _on_nonfinite_loss(self, loss: torch.Tensor) -> torch.Tensor:
         step = self.trainer.global_step
         if self.hparams.nonfinite_loss == "skip":
             self.skipped_batches += 1
+            self._skipped_micro_batches += 1
             self.log("train/skipped_batches", float(self.skipped_batches), reduce_fx="max")
-            return None  # Lightning skips backward and the optimizer step
+            # A zero loss reaching every parameter: its backward gives zero gradients everywhere, so DDP's all-reduce
+            # runs as on any step (Lightning refuses a skipped training_step under DDP); on_before_optimizer_step
+            # then drops the gradients of a step whose batches were all skipped.
+            return sum(param.sum() for param in self.model.parameters() if param.requires_grad) * 0.0
         # The weights are still finite (this step's update has not happened): keep them for inspection.
         checkpoint_dir = Path(self.trainer.default_root_dir) / "checkpoints"
         checkpoint = checkpoint_dir / f"nonfinite-step{step}.ckpt"
-        self.trainer.save_checkpoint(checkpoint)
+        self.trainer.save_checkpoint(checkpoint)  # every process gets here: the checkpoint's barrier is met
         raise FloatingPointError(
-            f"non-finite training loss ({loss.item()}) at global step {step}; the weights before this step are in "
-            f"{checkpoint}. Lower the learning rate, check the data, or set module.nonfinite_loss=skip"
+            f"non-finite training loss at global step {step} (this process's: {loss.item()}); the weights before "
+            f"this step are in {checkpoint}. Lower the learning rate, check the data, or set "
+            f"module.nonfinite_loss=skip"
         )
 
     def _eval_step(self, batch: dict[str, torch.Tensor], metrics: MetricCollection, loss_metric: MeanMetric,
@@ -227,6 +240,11 @@ class VideoClassifier(L.LightningModule):
 
     # -- optimisation --------------------------------------------------------------------------------------
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._micro_batches and self._skipped_micro_batches == self._micro_batches:
+            # Every batch of this step had a non-finite loss: the optimizers leave a parameter without a gradient
+            # untouched (no update, momentum or weight decay).
+            optimizer.zero_grad(set_to_none=True)
+        self._micro_batches = self._skipped_micro_batches = 0
         # The global gradient norm, at the logging interval only (it costs a reduction over every parameter).
         if self.trainer.global_step % max(self.trainer.log_every_n_steps, 1) == 0:
             norms = [p.grad.detach().norm(2) for p in self.model.parameters() if p.grad is not None]
