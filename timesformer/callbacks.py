@@ -9,8 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from timesformer.profile import count_flops, datasheet_bf16_tflops
 
 log = logging.getLogger(__name__)
 
@@ -125,10 +128,6 @@ class TrainingSpeed(L.Callback):
         self._batches = 0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        import torch
-
-        from timesformer.profile import count_flops, datasheet_bf16_tflops
-
         peak = self.peak_tflops
         if peak is None and trainer.strategy.root_device.type == "cuda" and "bf16" in str(trainer.precision):
             peak = datasheet_bf16_tflops(torch.cuda.get_device_name(trainer.strategy.root_device))

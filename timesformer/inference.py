@@ -319,9 +319,10 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
         if cfg.get("attention_maps"):
             from timesformer.attention_maps import attention_rollout, overlay_frames, save_attention_figures
 
-            heatmap = attention_rollout(model.cpu(), views[0].cpu())
+            first_view = views[0].cpu()
+            heatmap = attention_rollout(model.cpu(), first_view)
             model.to(device)
-            overlays = overlay_frames(views[0].cpu(), heatmap, settings.mean, settings.std)
+            overlays = overlay_frames(first_view, heatmap, settings.mean, settings.std)
             title = f"{path.name}: {results[-1]['top_k'][0]['label']} ({results[-1]['top_k'][0]['probability']:.2f})"
             results[-1]["attention_maps"] = [str(p) for p in save_attention_figures(
                 overlays, output_dir / "attention" / path.stem, title)]
