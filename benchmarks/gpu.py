@@ -186,6 +186,13 @@ def as_train_py_builds_it(ours: TimeSformer) -> TimeSformer:
     return with_config(ours, **{name: base[name] for name in ("memory_saving_backward", "bf16_residual_stream")})
 
 
+def unfolded(model: TimeSformer) -> TimeSformer:
+    """``model`` running the extra attentions' proj and <name>_fc as two layers (``Block.fold_projections``)."""
+    for block in model.blocks:
+        block.fold_projections = False
+    return model
+
+
 class WithAttentionBackend:
     """Calls ``model`` with SDPA restricted to ``backend`` (its backward then uses the same kernel family)."""
 
@@ -218,6 +225,9 @@ def training_variants(case: Case, names: list[str]) -> dict[str, tuple[Callable,
              "ours torch.compile, bf16 residual stream": lambda: compiled(with_config(ours, **stream)),
              "ours torch.compile, bf16 residual stream, plain autograd":
                  lambda: compiled(with_config(ours, **stream, **plain)),
+             "ours eager, projections not folded": lambda: eager(unfolded(with_config(ours))),
+             "ours torch.compile, bf16 residual stream, projections not folded":
+                 lambda: compiled(unfolded(with_config(ours, **stream))),
              "ours eager, cuDNN attention": lambda: (WithAttentionBackend(ours, SDPBackend.CUDNN_ATTENTION), ours),
              "ours eager, flash attention": lambda: (WithAttentionBackend(ours, SDPBackend.FLASH_ATTENTION), ours)}
     unknown = sorted(set(names) - set(every))
@@ -653,6 +663,8 @@ def main(argv: list[str] | None = None) -> None:
                              "'ours torch.compile, plain autograd', 'ours torch.compile, max-autotune', "
                              "'ours eager, bf16 residual stream', 'ours torch.compile, bf16 residual stream', "
                              "'ours torch.compile, bf16 residual stream, plain autograd', "
+                             "'ours eager, projections not folded', "
+                             "'ours torch.compile, bf16 residual stream, projections not folded', "
                              "'ours eager, cuDNN attention', 'ours eager, flash attention')")
     parser.add_argument("--profile", action="store_true", help="a kernel-time breakdown of each training variant")
     parser.add_argument("--only", nargs="+", choices=("attention", "parity", "training", "lightning", "inference",

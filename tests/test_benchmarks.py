@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
 from timesformer import TimeSformer, TimeSformerConfig
 from timesformer.model import ATTENTION_TYPES
@@ -48,7 +49,8 @@ def test_quick_benchmark_prints_and_writes_its_tables(tmp_path):
 def test_gpu_benchmark_quick_runs_on_the_cpu(tmp_path):
     """benchmarks/gpu.py's smoke mode: every section runs (on the CPU here) and reports, with no errors."""
     pytest.importorskip("transformers")
-    variants = ["HF eager", "ours eager", "ours eager, plain autograd", "ours eager, bf16 residual stream"]
+    variants = ["HF eager", "ours eager", "ours eager, plain autograd", "ours eager, bf16 residual stream",
+                "ours eager, projections not folded"]
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--quick", "--no-compile",
                            "--variants", *variants, "--out", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -77,9 +79,14 @@ def _reference(monkeypatch) -> None:
     monkeypatch.setattr(tsf._LayerNormLinear, "apply", layer_norm_linear)
     monkeypatch.setattr(tsf._ActivationLinear, "apply",
                         lambda x, weight, bias, act: F.linear(tsf._ACTIVATIONS[act][0](x), weight, bias))
-    monkeypatch.setattr(tsf._LinearLinear, "apply",
-                        lambda x, w1, b1, w2, b2: F.linear(F.linear(x, w1, b1), w2, b2))
+    monkeypatch.setattr(tsf._FoldedLinear, "apply", tsf._folded_linear)
     monkeypatch.setattr(tsf._ContiguousGrad, "apply", lambda x: x)
+
+
+def _unfold(monkeypatch, model: TimeSformer) -> None:
+    """Run the extra attentions' proj and <name>_fc as the two layers they are (``Block.fold_projections``)."""
+    for block in model.blocks:
+        monkeypatch.setattr(block, "fold_projections", False)
 
 
 def _gradients(model: TimeSformer, video: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -103,6 +110,7 @@ def test_memory_saving_backward_equals_autograd(attention_type, hidden_act, monk
     video = torch.randn(2, 3, 3, 40, 40, dtype=torch.double)  # odd sizes: padded L+G groups
     ours = _gradients(model, video)
     _reference(monkeypatch)
+    _unfold(monkeypatch, model)
     expected = _gradients(model, video)
     assert ours.keys() == expected.keys() and "blocks.0.norm1.weight" not in ours
     for name in expected:
@@ -129,6 +137,52 @@ def test_memory_saving_backward_off_gives_the_same_gradients(attention_type):
         torch.testing.assert_close(ours[name], expected[name], rtol=1e-9, atol=1e-12, msg=name)
 
 
+def _matmul_multiply_adds(model: TimeSformer, video: torch.Tensor) -> int:
+    with FlopCounterMode(display=False) as counter:
+        model(video).sum().backward()
+    return counter.get_total_flops() // 2
+
+
+@pytest.mark.parametrize("attention_type", [a for a in ATTENTION_TYPES if tsf.EXTRA_ATTENTIONS[a]])
+@pytest.mark.parametrize("drop_path_rate, hidden_dropout_prob", [(0.0, 0.0), (0.5, 0.0), (0.0, 0.3)])
+def test_folded_projections_are_the_two_layers(attention_type, drop_path_rate, hidden_dropout_prob):
+    """proj and <name>_fc as one linear map: the same outputs and gradients as the two layers, drop_path included
+    (it drops whole samples between the two), and fewer multiply-adds. With the attention's output dropout between
+    them they are not one map, and the two layers run."""
+    torch.manual_seed(0)
+    config = TimeSformerConfig(image_size=32, patch_size=8, num_frames=4, hidden_size=32, num_hidden_layers=2,
+                               num_attention_heads=4, intermediate_size=64, num_classes=5,
+                               attention_type=attention_type, drop_path_rate=drop_path_rate,
+                               hidden_dropout_prob=hidden_dropout_prob)
+    model = TimeSformer(config).double().train()
+    with torch.no_grad():  # nothing zero (the *_fc projections start at zero)
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.1)
+    video = torch.randn(6, 4, 3, 32, 32, dtype=torch.double)
+
+    def run(fold: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+        for block in model.blocks:
+            block.fold_projections = fold
+        torch.manual_seed(1)  # the same drop_path masks and dropout in both
+        logits = model(video)
+        torch.manual_seed(1)
+        grads = _gradients(model, video)
+        torch.manual_seed(1)
+        return logits, grads, _matmul_multiply_adds(model, video)
+
+    two_layers, folded = run(False), run(True)
+    torch.testing.assert_close(folded[0], two_layers[0], rtol=1e-10, atol=1e-12)
+    if drop_path_rate > 0:  # the masks did drop something: some samples' logits differ from the eval model's
+        assert not torch.allclose(two_layers[0], model.eval()(video))
+    assert folded[1].keys() == two_layers[1].keys()
+    for name in two_layers[1]:
+        torch.testing.assert_close(folded[1][name], two_layers[1][name], rtol=1e-9, atol=1e-12, msg=name)
+    if hidden_dropout_prob > 0:
+        assert folded[2] == two_layers[2]
+    else:
+        assert folded[2] < two_layers[2]
+
+
 def test_memory_saving_functions_pass_gradcheck():
     torch.manual_seed(0)
 
@@ -142,7 +196,8 @@ def test_memory_saving_functions_pass_gradcheck():
     for act in tsf._ACTIVATIONS:
         assert torch.autograd.gradcheck(lambda *a, act=act: tsf._ActivationLinear.apply(*a, act),
                                         (x, leaf(4, 6), leaf(4)))
-    assert torch.autograd.gradcheck(tsf._LinearLinear.apply, (x, weight, bias, leaf(4, 9), leaf(4)))
+    for bias2 in (leaf(4), None):  # linear(9 -> 4) after linear(6 -> 9)
+        assert torch.autograd.gradcheck(tsf._FoldedLinear.apply, (x, weight, bias, leaf(4, 9), bias2))
 
 
 @pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
@@ -165,16 +220,19 @@ def test_memory_saving_backward_under_bfloat16_autocast_matches_autograd(attenti
     _reference(monkeypatch)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected = _gradients(model, video)
-    assert ours.keys() == expected.keys() == exact.keys()
+    _unfold(monkeypatch, model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        two_layers = _gradients(model, video)  # the plain model as written: proj and <name>_fc not folded
+    assert ours.keys() == expected.keys() == exact.keys() == two_layers.keys()
 
     def error(a: dict, b: dict) -> float:  # relative to the gradients' size over the whole model
         return (sum((a[n] - b[n]).float().square().sum() for n in a) / sum(b[n].square().sum() for n in b)).sqrt()
 
     assert all(g.dtype == torch.float32 for g in ours.values())
-    rounding = error(expected, exact)
+    rounding = error(two_layers, exact)
     assert 1e-4 < rounding < 3e-2  # autocast did run in bf16, and bf16 gradients are still gradients
     assert error(ours, expected) < 0.3 * rounding
-    assert error(ours, exact) < 1.5 * rounding
+    assert error(ours, exact) < 1.5 * rounding  # folding rounds differently, not more
 
 
 class OneDtypeLayerNorms(TorchDispatchMode):
