@@ -50,7 +50,7 @@ def test_gpu_benchmark_quick_runs_on_the_cpu(tmp_path):
     """benchmarks/gpu.py's smoke mode: every section runs (on the CPU here) and reports, with no errors."""
     pytest.importorskip("transformers")
     variants = ["HF eager", "ours eager", "ours eager, plain autograd", "ours eager, bf16 residual stream",
-                "ours eager, projections not folded"]
+                "ours eager, as written"]
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--quick", "--no-compile",
                            "--variants", *variants, "--out", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -183,6 +183,42 @@ def test_folded_projections_are_the_two_layers(attention_type, drop_path_rate, h
         assert folded[2] < two_layers[2]
 
 
+@pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
+@pytest.mark.parametrize("memory_saving", [True, False])
+def test_the_last_block_computes_the_class_token_only(attention_type, memory_saving):
+    """The last block's patch tokens reach nothing: computing only the class token there gives the same logits and
+    gradients (drop_path and gradient checkpointing included), with fewer multiply-adds."""
+    torch.manual_seed(0)
+    config = TimeSformerConfig(image_size=40, patch_size=8, num_frames=3, hidden_size=32, num_hidden_layers=2,
+                               num_attention_heads=4, intermediate_size=64, num_classes=5, drop_path_rate=0.5,
+                               attention_type=attention_type, memory_saving_backward=memory_saving)
+    model = TimeSformer(config).double().train()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.1)
+    video = torch.randn(4, 3, 3, 40, 40, dtype=torch.double)  # odd sizes: padded L+G groups, masked keys
+
+    def run(cls_only: bool, checkpointing: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+        model.last_block_cls_only = cls_only
+        model.config.gradient_checkpointing = checkpointing
+        torch.manual_seed(1)  # the same drop_path masks
+        logits = model(video)
+        torch.manual_seed(1)
+        grads = _gradients(model, video)
+        torch.manual_seed(1)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(video)
+        return logits, grads, counter.get_total_flops()
+
+    every_token, cls_only, checkpointed = run(False), run(True), run(True, checkpointing=True)
+    for ours in (cls_only, checkpointed):
+        torch.testing.assert_close(ours[0], every_token[0], rtol=1e-10, atol=1e-12)
+        assert ours[1].keys() == every_token[1].keys()
+        for name in every_token[1]:
+            torch.testing.assert_close(ours[1][name], every_token[1][name], rtol=1e-9, atol=1e-12, msg=name)
+    assert cls_only[2] < 0.9 * every_token[2]  # the last of two blocks: most of its patch work is gone
+
+
 def test_memory_saving_functions_pass_gradcheck():
     torch.manual_seed(0)
 
@@ -300,8 +336,8 @@ def test_bf16_residual_stream_keeps_the_tokens_in_bf16(attention_type):
             dtypes.setdefault(name, [t.dtype for t in (*inputs[:2], *outputs)])
         return hook
 
-    stream.blocks[1].register_forward_hook(record("stream"))
-    model.blocks[1].register_forward_hook(record("model"))
+    stream.blocks[0].register_forward_hook(record("stream"))  # the last block returns no patches
+    model.blocks[0].register_forward_hook(record("model"))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ours = _gradients(stream, video)
         expected = _gradients(model, video)

@@ -74,7 +74,8 @@ def count_flops(config: TimeSformerConfig) -> int:
     with torch.device("meta"):
         model = TimeSformer(config).eval()
         video = torch.empty(1, config.num_frames, config.num_channels, config.image_size, config.image_size)
-    for block in model.blocks:  # the architecture's FLOPs, not those of our folded projections
+    model.last_block_cls_only = False  # the architecture's FLOPs, not those of our shortcuts
+    for block in model.blocks:
         block.fold_projections = False
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(video)

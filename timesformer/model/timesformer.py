@@ -275,17 +275,31 @@ class Attention(nn.Module):
         self.memory_saving = config.memory_saving_backward
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None, norm: nn.LayerNorm | None = None,
-                project: bool = True) -> torch.Tensor:
+                project: bool = True, queries: torch.Tensor | None = None) -> torch.Tensor:
         """``key_mask`` (bool, broadcastable to (..., L)) is False at keys no query may attend to (padding).
-        ``project=False`` returns the heads' outputs before ``proj`` (and its dropout)."""
+        ``project=False`` returns the heads' outputs before ``proj`` (and its dropout).
+        ``queries`` (..., Q, D): only these tokens ask, and the output is theirs, (..., Q, D); x still gives all the
+        keys and values (the model's last block needs the class token's output only)."""
         *batch, length, dim = x.shape
-        if norm is not None and self.memory_saving:
-            q, k, v = norm_linear(norm, self.qkv, x, chunks=3)
-        else:
-            q, k, v = self.qkv(norm(x) if norm is not None else x).chunk(3, dim=-1)
+        if queries is None:
+            if norm is not None and self.memory_saving:
+                q, k, v = norm_linear(norm, self.qkv, x, chunks=3)
+            else:
+                q, k, v = self.qkv(norm(x) if norm is not None else x).chunk(3, dim=-1)
+        else:  # q from the queries, k and v from x: qkv's weight cut in its q and kv parts
+            q_weight, kv_weight = self.qkv.weight.split([dim, 2 * dim])
+            q_bias, kv_bias = self.qkv.bias.split([dim, 2 * dim]) if self.qkv.bias is not None else (None, None)
+            if norm is not None and self.memory_saving:
+                (q,) = _LayerNormLinear.apply(queries, norm.weight, norm.bias, q_weight, q_bias, norm.eps, 1)
+                k, v = _LayerNormLinear.apply(x, norm.weight, norm.bias, kv_weight, kv_bias, norm.eps, 2)
+            else:
+                q = F.linear(norm(queries) if norm is not None else queries, q_weight, q_bias)
+                k, v = F.linear(norm(x) if norm is not None else x, kv_weight, kv_bias).chunk(2, dim=-1)
+        num_queries = q.shape[-2]
         # Each (S, H, L, head_dim), S = all sequences: views of (S, L, D) tensors, which is the layout SDPA's
         # output and its gradients for q, k and v have (no copies either way).
-        q, k, v = (t.reshape(-1, length, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        q = q.reshape(-1, num_queries, self.num_heads, self.head_dim).transpose(1, 2)
+        k, v = (t.reshape(-1, length, self.num_heads, self.head_dim).transpose(1, 2) for t in (k, v))
         if key_mask is not None:
             key_mask = key_mask.expand(*batch, length).reshape(-1, 1, 1, length)  # (S, 1, 1, L): every head, query
         # Scale is head_dim ** -0.5, SDPA's default.
@@ -294,9 +308,9 @@ class Attention(nn.Module):
             x = short_sequence_attention(q, k, v, key_mask, dropout)
         else:
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout)
-        # The SDPA kernels return (S, H, L, head_dim) laid out as (S, L, H, head_dim): this is a view (a copy after
+        # The SDPA kernels return (S, H, Q, head_dim) laid out as (S, Q, H, head_dim): this is a view (a copy after
         # short_sequence_attention).
-        x = x.transpose(1, 2).reshape(*batch, length, dim)  # (..., L, D)
+        x = x.transpose(1, 2).reshape(*batch, num_queries, dim)  # (..., Q, D), Q = L without queries
         return self.proj_drop(self.proj(x)) if project else x
 
 
@@ -451,27 +465,32 @@ class Block(nn.Module):
         # the architecture writes them: count_flops counts those (the model's FLOPs, as Hugging Face's).
         self.fold_projections = True
 
-    def forward(self, cls: torch.Tensor, patches: torch.Tensor,
-                grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, cls: torch.Tensor, patches: torch.Tensor, grid: tuple[int, int],
+                cls_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``cls_only``: compute the class token's output only and return None for the patches (the model's last
+        block, whose patch tokens reach nothing): the patches' attention queries, projection and MLP are skipped."""
         B, T, N, D = patches.shape
         if self.attention_type == "divided_space_time":
             # Position-major, (B, N, T, D): the temporal attention's sequences and the MLP's tokens are then
             # contiguous. TimeSformer.embed stores divided patches in this order, so the transposes are views.
-            cls, per_position = self._divided_attention(cls, patches.transpose(1, 2))
-            return self._mlp(cls), self._mlp(per_position).transpose(1, 2)
-        if self.attention_type == "joint_space_time":
-            tokens = torch.cat([cls, patches.reshape(B, T * N, D)], dim=1)  # (B, 1 + T·N, D)
+            cls, per_position = self._divided_attention(cls, patches.transpose(1, 2), cls_only)
+            return self._mlp(cls), None if cls_only else self._mlp(per_position).transpose(1, 2)
+        if self.attention_type in ("joint_space_time", "space_only"):
+            if self.attention_type == "joint_space_time":  # one sequence of all tokens: (B, 1 + T·N, D)
+                tokens = torch.cat([cls, patches.reshape(B, T * N, D)], dim=1)
+            else:  # space_only: every frame is its own sequence with its own cls token: (B, T, 1 + N, D)
+                tokens = torch.cat([cls, patches], dim=2)
+            if cls_only:
+                cls = cls + self.drop_path(self.attn(tokens, norm=self.norm1, queries=cls))
+                return self._mlp(cls), None
             tokens = self._mlp(tokens + self.drop_path(self.attn(tokens, norm=self.norm1)))
-            return tokens[:, :1], tokens[:, 1:].reshape(B, T, N, D)
-        if self.attention_type == "space_only":  # every frame is its own sequence with its own cls token
-            tokens = torch.cat([cls, patches], dim=2)  # (B, T, 1 + N, D)
-            tokens = self._mlp(tokens + self.drop_path(self.attn(tokens, norm=self.norm1)))
-            return tokens[:, :, :1], tokens[:, :, 1:]
+            cls, patches = tokens.split([1, tokens.shape[-2] - 1], dim=-2)
+            return cls, patches.reshape(B, T, N, D)
         if self.attention_type == "sparse_local_global":
-            cls, patches = self._sparse_local_global_attention(cls, patches, grid)
+            cls, patches = self._sparse_local_global_attention(cls, patches, grid, cls_only)
         else:
-            cls, patches = self._axial_attention(cls, patches, grid)
-        return self._mlp(cls), self._mlp(patches)
+            cls, patches = self._axial_attention(cls, patches, grid, cls_only)
+        return self._mlp(cls), None if cls_only else self._mlp(patches)
 
     def _mlp(self, tokens: torch.Tensor) -> torch.Tensor:
         """The MLP half of the block (token-wise): tokens + mlp(norm2(tokens))."""
@@ -500,12 +519,13 @@ class Block(nn.Module):
         temporal = self._extra_attention("temporal", patches.transpose(1, 2))  # (B, N, T, D)
         return patches + temporal.transpose(1, 2)
 
-    def _attention_with_cls(self, cls: torch.Tensor, sequences: torch.Tensor,
-                            key_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _attention_with_cls(self, cls: torch.Tensor, sequences: torch.Tensor, key_mask: torch.Tensor | None = None,
+                            cls_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """norm1 -> attn over sequences (B, *groups, L, D), a copy of cls (B, 1, D) prepended to each.
 
         Returns the new cls (B, 1, D), its copies' outputs averaged, and the sequences' residual branch
-        (B, *groups, L, D). ``key_mask`` (1, *groups, L), if given, marks the real (not padding) tokens.
+        (B, *groups, L, D); None with ``cls_only`` (only the cls copies ask). ``key_mask`` (1, *groups, L), if
+        given, marks the real (not padding) tokens.
         """
         B, D = cls.shape[0], cls.shape[-1]
         num_group_dims = sequences.ndim - 3
@@ -513,23 +533,29 @@ class Block(nn.Module):
         tokens = torch.cat([cls_copies, sequences], dim=-2)  # (B, *groups, 1 + L, D)
         if key_mask is not None:
             key_mask = torch.cat([key_mask.new_ones(*key_mask.shape[:-1], 1), key_mask], dim=-1)
-        out = self.drop_path(self.attn(tokens, key_mask, norm=self.norm1))  # (B, *groups, 1 + L, D)
-        # split (its backward is one concatenation), not out[..., 0, :] and out[..., 1:, :] (two zero-filled
-        # full-size gradients, added)
-        cls_out, out = out.split([1, out.shape[-2] - 1], dim=-2)
+        if cls_only:
+            cls_out = self.drop_path(self.attn(tokens, key_mask, norm=self.norm1, queries=cls_copies))
+            out = None
+        else:
+            out = self.drop_path(self.attn(tokens, key_mask, norm=self.norm1))  # (B, *groups, 1 + L, D)
+            # split (its backward is one concatenation), not out[..., 0, :] and out[..., 1:, :] (two zero-filled
+            # full-size gradients, added)
+            cls_out, out = out.split([1, out.shape[-2] - 1], dim=-2)
         cls = cls + cls_out.reshape(B, -1, D).mean(dim=1, keepdim=True)  # the copies averaged: (B, 1, D)
         return cls, out
 
-    def _divided_attention(self, cls: torch.Tensor, per_position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _divided_attention(self, cls: torch.Tensor, per_position: torch.Tensor,
+                           cls_only: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Time, then space, on position-major patches (B, N, T, D); returns cls and patches (B, N, T, D)."""
         per_position = per_position + self._extra_attention("temporal", per_position)  # sequences of T tokens
         # Space: one sequence per frame, the cls token prepended to each (the concatenation makes frames contiguous;
         # its gradient comes back frame-major: made position-major once, here).
-        cls, spatial = self._attention_with_cls(cls, _ContiguousGrad.apply(per_position).transpose(1, 2))
-        return cls, per_position + spatial.transpose(1, 2)
+        cls, spatial = self._attention_with_cls(cls, _ContiguousGrad.apply(per_position).transpose(1, 2),
+                                                cls_only=cls_only)
+        return cls, None if cls_only else per_position + spatial.transpose(1, 2)
 
-    def _sparse_local_global_attention(self, cls: torch.Tensor, patches: torch.Tensor,
-                                       grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _sparse_local_global_attention(self, cls: torch.Tensor, patches: torch.Tensor, grid: tuple[int, int],
+                                       cls_only: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, T, N, D = patches.shape
         h, w = grid
         # 1. Local: 2 × 2 windows of T × h/2 × w/2 patches, cls excluded.
@@ -540,12 +566,14 @@ class Block(nn.Module):
         # 2. Global, stride 2 along t, y and x: 8 groups of T·N/8 tokens, cls joins each.
         strides = (min(T, 2), min(h, 2), min(w, 2))
         sparse, key_mask = group_tokens(patches.reshape(B, T, h, w, D), strides, strided=True)  # (B, 8, T·N/8, D)
-        cls, sparse = self._attention_with_cls(cls, sparse, key_mask)
+        cls, sparse = self._attention_with_cls(cls, sparse, key_mask, cls_only)
+        if cls_only:
+            return cls, None
         patches = patches + ungroup_tokens(sparse, (T, h, w), strides, strided=True).reshape(B, T, N, D)
         return cls, patches
 
-    def _axial_attention(self, cls: torch.Tensor, patches: torch.Tensor,
-                         grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _axial_attention(self, cls: torch.Tensor, patches: torch.Tensor, grid: tuple[int, int],
+                         cls_only: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, T, N, D = patches.shape
         h, w = grid
         patches = self._temporal_attention(patches)
@@ -555,7 +583,9 @@ class Block(nn.Module):
         patches = patches + width.reshape(B, T, N, D)
         # Height: one sequence per column of each frame, the cls token prepended to each.
         columns = patches.reshape(B, T, h, w, D).transpose(2, 3)  # (B, T, w, h, D)
-        cls, height = self._attention_with_cls(cls, columns)
+        cls, height = self._attention_with_cls(cls, columns, cls_only=cls_only)
+        if cls_only:
+            return cls, None
         patches = patches + height.transpose(2, 3).reshape(B, T, N, D)
         return cls, patches
 
@@ -585,6 +615,11 @@ class TimeSformer(nn.Module):
         self.norm = nn.LayerNorm(D, eps=config.layer_norm_eps)
         self.head = nn.Linear(D, config.num_classes)
         self._logged_resizes: set[tuple[int, int, int]] = set()
+        # Only the class token reaches the head, so the last block computes nothing else (its patches' attention
+        # queries, projection and MLP): 5% of a base 8x224 forward pass, ~2% of a training step, whose backward never
+        # ran through them. False computes them, as the architecture is written: count_flops does (the model's
+        # FLOPs, as Hugging Face's).
+        self.last_block_cls_only = True
         self.init_weights()
 
     # ----------------------------------------------------------------------------------------------------
@@ -682,11 +717,12 @@ class TimeSformer(nn.Module):
         cls, patches = self.embed(pixel_values)
         p = self.config.patch_size
         grid = (pixel_values.shape[-2] // p, pixel_values.shape[-1] // p)  # (h, w) patches per frame
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
+            cls_only = self.last_block_cls_only and i == len(self.blocks) - 1
             if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                cls, patches = checkpoint(block, cls, patches, grid, use_reentrant=False)
+                cls, patches = checkpoint(block, cls, patches, grid, cls_only, use_reentrant=False)
             else:
-                cls, patches = block(cls, patches, grid)
+                cls, patches = block(cls, patches, grid, cls_only)
         if self.config.attention_type == "space_only":
             # (B, T, 1, D) -> (B, 1, D): average the per-frame cls tokens, then the final norm (as the original;
             # HF returns per-frame logits instead).
