@@ -181,6 +181,15 @@ def test_folded_projections_are_the_two_layers(attention_type, drop_path_rate, h
         assert folded[2] == two_layers[2]
     else:
         assert folded[2] < two_layers[2]
+    # Folding pays from 4/3·D tokens per call (the weights' product costs D³): a one-frame clip of 16 patches at
+    # width 32 (16 tokens) runs the two layers.
+    few_tokens = torch.randn(1, 1, 3, 32, 32, dtype=torch.double)
+    counts = []
+    for fold in (False, True):
+        for block in model.blocks:
+            block.fold_projections = fold
+        counts.append(_matmul_multiply_adds(model, few_tokens))
+    assert counts[0] == counts[1]
 
 
 @pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
