@@ -228,6 +228,19 @@ def test_the_last_block_computes_the_class_token_only(attention_type, memory_sav
     assert cls_only[2] < 0.9 * every_token[2]  # the last of two blocks: most of its patch work is gone
 
 
+@pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
+def test_torch_compile_traces_the_training_model_in_one_graph(attention_type):
+    """module.compile=true compiles the model: a graph break (a Python fallback mid-model) would cost GPU speed."""
+    torch.manual_seed(0)
+    config = TimeSformerConfig(image_size=32, patch_size=8, num_frames=4, hidden_size=32, num_hidden_layers=2,
+                               num_attention_heads=4, intermediate_size=64, num_classes=5, drop_path_rate=0.1,
+                               attention_type=attention_type, bf16_residual_stream=True)
+    model = TimeSformer(config).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        explanation = torch._dynamo.explain(model)(torch.randn(2, 4, 3, 32, 32))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
 def test_memory_saving_functions_pass_gradcheck():
     torch.manual_seed(0)
 
