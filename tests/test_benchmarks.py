@@ -193,14 +193,15 @@ def test_folded_projections_are_the_two_layers(attention_type, drop_path_rate, h
 
 
 @pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
-@pytest.mark.parametrize("memory_saving", [True, False])
-def test_the_last_block_computes_the_class_token_only(attention_type, memory_saving):
+@pytest.mark.parametrize("memory_saving, qkv_bias", [(True, True), (False, True), (True, False)])
+def test_the_last_block_computes_the_class_token_only(attention_type, memory_saving, qkv_bias):
     """The last block's patch tokens reach nothing: computing only the class token there gives the same logits and
     gradients (drop_path and gradient checkpointing included), with fewer multiply-adds."""
     torch.manual_seed(0)
     config = TimeSformerConfig(image_size=40, patch_size=8, num_frames=3, hidden_size=32, num_hidden_layers=2,
                                num_attention_heads=4, intermediate_size=64, num_classes=5, drop_path_rate=0.5,
-                               attention_type=attention_type, memory_saving_backward=memory_saving)
+                               attention_type=attention_type, memory_saving_backward=memory_saving,
+                               qkv_bias=qkv_bias)
     model = TimeSformer(config).double().train()
     with torch.no_grad():
         for param in model.parameters():

@@ -619,7 +619,7 @@ class TimeSformer(nn.Module):
         self.head = nn.Linear(D, config.num_classes)
         self._logged_resizes: set[tuple[int, int, int]] = set()
         # Only the class token reaches the head, so the last block computes nothing else (its patches' attention
-        # queries, projection and MLP): 5% of a base 8x224 forward pass, ~2% of a training step, whose backward never
+        # queries, projection and MLP): 5% of a base 8x224 forward pass, 2.5% of a training step, whose backward never
         # ran through them. False computes them, as the architecture is written: count_flops does (the model's
         # FLOPs, as Hugging Face's).
         self.last_block_cls_only = True
