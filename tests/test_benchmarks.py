@@ -29,6 +29,8 @@ def test_quick_benchmark_prints_and_writes_its_tables(tmp_path):
     for header in ("| case | blocks | forward s (ours / HF) | speedup | fwd+bwd s (ours / HF) | speedup | "
                    "peak train MiB (ours / HF) | ours/HF | max abs logit diff |",
                    "### Per block, and a full-depth model extrapolated from it",
+                   "| divided (T+S) 4x64 | one more block, fastest repeats |",
+                   "| joint (ST) 8x64 | one more block (2 - 1) |",
                    "### Training step (fwd+bwd) time, s: 1 block(s) of width 128",
                    "### Peak training-step memory, MiB",
                    "| attention | 4x64 | 8x64 | 4x96 |",
