@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from tests.test_benchmarks import _gradients, _reference, _unfold
 from timesformer import TimeSformer, TimeSformerConfig
@@ -19,7 +20,9 @@ from timesformer.model import timesformer as tsf
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def model_and_video(attention_type: str, frames: int = 4, size: int = 64) -> tuple[TimeSformer, torch.Tensor]:
+def model_and_video(attention_type: str, frames: int = 4, size: int = 64,
+                    batch: int = 2) -> tuple[TimeSformer, torch.Tensor]:
+    """A 2-block width-128 model; at batch 4 or more its extra attentions fold proj and <name>_fc (Block)."""
     torch.manual_seed(0)
     config = TimeSformerConfig(image_size=size, patch_size=16, num_frames=frames, hidden_size=128,
                                num_hidden_layers=2, num_attention_heads=2, intermediate_size=256, num_classes=5,
@@ -28,7 +31,7 @@ def model_and_video(attention_type: str, frames: int = 4, size: int = 64) -> tup
     with torch.no_grad():  # nothing zero (the *_fc projections start at zero)
         for param in model.parameters():
             param.add_(torch.randn_like(param) * 0.05)
-    return model, torch.randn(2, frames, 3, size, size, device="cuda")
+    return model, torch.randn(batch, frames, 3, size, size, device="cuda")
 
 
 def relative_error(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -37,7 +40,7 @@ def relative_error(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> fl
 
 @pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
 def test_bf16_autocast_gradients_match_autograd_on_cuda(attention_type, monkeypatch):
-    model, video = model_and_video(attention_type)
+    model, video = model_and_video(attention_type, batch=4)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         ours = _gradients(model, video)
     exact = _gradients(model, video)  # float32
@@ -108,6 +111,30 @@ def test_short_sequences_match_sdpa_on_cuda(attention_type, monkeypatch):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         sdpa = _gradients(model, video)
     assert relative_error(short, sdpa) < 2e-2
+
+
+@pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
+def test_the_shortcuts_match_the_model_as_written_on_cuda(attention_type, monkeypatch):
+    # Folded projections and the class-token-only last block (its attention has one query per sequence, which
+    # reaches other SDPA kernels than L queries do): same logits and gradients in float32 as without them.
+    model, video = model_and_video(attention_type, batch=4)
+    flops = []
+
+    def logits() -> torch.Tensor:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            out = model(video)
+        flops.append(counter.get_total_flops())
+        return out
+
+    ours, ours_grads = logits(), _gradients(model, video)
+    _unfold(monkeypatch, model)
+    torch.testing.assert_close(logits(), ours, rtol=1e-4, atol=1e-5)
+    monkeypatch.setattr(model, "last_block_cls_only", False)
+    torch.testing.assert_close(logits(), ours, rtol=1e-4, atol=1e-5)
+    assert relative_error(ours_grads, _gradients(model, video)) < 1e-4
+    if tsf.EXTRA_ATTENTIONS[attention_type]:
+        assert flops[0] < flops[1]  # folded at this size
+    assert flops[1] < flops[2]
 
 
 @pytest.mark.parametrize("name", ["adamw", "sgd"])
