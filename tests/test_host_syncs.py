@@ -116,3 +116,41 @@ def test_the_progress_bar_shows_the_loss_read_at_the_logging_interval(tmp_path):
     # Not from the module's logging: a prog_bar step metric would be read back after every batch.
     assert "train/loss" not in trainer.progress_bar_metrics
 
+
+
+def test_metrics_and_logging_wait_until_the_backward_is_queued(tmp_path):
+    """The non-finite check's sync leaves the GPU with nothing to do until backward() queues work: a training step
+    must not spend that time on metrics and logging (on_after_backward does them, overlapping the backward)."""
+    torch.manual_seed(0)
+    config = TimeSformerConfig(image_size=32, patch_size=8, num_frames=2, hidden_size=32, num_hidden_layers=1,
+                               num_attention_heads=2, intermediate_size=64, num_classes=2)
+    module = VideoClassifier(TimeSformer(config), optimizer={"name": "sgd", "lr": 0.1, "weight_decay": 0.0},
+                             scheduler={"name": "constant"})
+    samples = [{"video": torch.randn(2, 3, 32, 32), "label": i % 2, "index": i, "replaced": 0} for i in range(3)]
+    events: list[str] = []
+
+    def recorded(name: str, function):
+        def wrapper(*args, **kwargs):
+            out = function(*args, **kwargs)
+            events.append(name if name != "log" else f"log {args[0] if args else kwargs['name']}")
+            return out
+        return wrapper
+
+    class Record(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            trainer.strategy.reduce = recorded("sync", trainer.strategy.reduce)  # the check's sync follows it
+
+        def on_before_backward(self, trainer, pl_module, loss):
+            events.append("backward")
+
+    module.train_metrics.update = recorded("metrics", module.train_metrics.update)
+    module.log = recorded("log", module.log)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, callbacks=[Record()], default_root_dir=tmp_path)
+    trainer.fit(module, DataLoader(samples, batch_size=1))
+    steps = " ".join(events).split("sync")[1:]
+    assert len(steps) == 3
+    for step in steps:  # each: backward, then the metrics and the logs
+        words = step.split()
+        assert words[0] == "backward" and "metrics" in words, step
+        assert "log train/loss" in step and "log train/replaced_videos" in step, step
