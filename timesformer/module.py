@@ -168,8 +168,9 @@ class VideoClassifier(L.LightningModule):
         nonfinite = self.trainer.strategy.reduce((~torch.isfinite(loss)).float(), reduce_op="sum")
         if nonfinite > 0:
             return self._on_nonfinite_loss(loss)
-        # The sync above left the GPU with nothing queued: host work here (metrics, logging: 1.7 ms a step, measured
-        # on the CPU) would keep it idle, where after backward() (on_after_backward) it overlaps the backward pass.
+        # The sync above left the GPU with nothing queued: host work here (metrics, logging: ~1.5 ms a step on the CPU,
+        # benchmarks/gpu.py's "sync to backward ms") would keep it idle, where after backward() (on_after_backward)
+        # it overlaps the backward pass.
         self._to_log = (logits.detach(), batch["label"], loss.detach(), batch.get("replaced"))
         return loss
 
