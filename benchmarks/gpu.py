@@ -186,15 +186,6 @@ def as_train_py_builds_it(ours: TimeSformer) -> TimeSformer:
     return with_config(ours, **{name: base[name] for name in ("memory_saving_backward", "bf16_residual_stream")})
 
 
-def as_written(model: TimeSformer) -> TimeSformer:
-    """``model`` without the shortcuts that skip work: the extra attentions' proj and <name>_fc run as two layers
-    (``Block.fold_projections``) and the last block computes every token (``TimeSformer.last_block_cls_only``)."""
-    model.last_block_cls_only = False
-    for block in model.blocks:
-        block.fold_projections = False
-    return model
-
-
 class WithAttentionBackend:
     """Calls ``model`` with SDPA restricted to ``backend`` (its backward then uses the same kernel family)."""
 
@@ -227,9 +218,9 @@ def training_variants(case: Case, names: list[str]) -> dict[str, tuple[Callable,
              "ours torch.compile, bf16 residual stream": lambda: compiled(with_config(ours, **stream)),
              "ours torch.compile, bf16 residual stream, plain autograd":
                  lambda: compiled(with_config(ours, **stream, **plain)),
-             "ours eager, as written": lambda: eager(as_written(with_config(ours))),
+             "ours eager, as written": lambda: eager(with_config(ours).use_shortcuts(False)),
              "ours torch.compile, bf16 residual stream, as written":
-                 lambda: compiled(as_written(with_config(ours, **stream))),
+                 lambda: compiled(with_config(ours, **stream).use_shortcuts(False)),
              "ours eager, cuDNN attention": lambda: (WithAttentionBackend(ours, SDPBackend.CUDNN_ATTENTION), ours),
              "ours eager, flash attention": lambda: (WithAttentionBackend(ours, SDPBackend.FLASH_ATTENTION), ours)}
     unknown = sorted(set(names) - set(every))

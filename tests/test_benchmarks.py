@@ -31,6 +31,7 @@ def test_quick_benchmark_prints_and_writes_its_tables(tmp_path):
                    "### Per block, and a full-depth model extrapolated from it",
                    "| divided (T+S) 4x64 | one more block, fastest repeats |",
                    "| joint (ST) 8x64 | one more block (2 - 1) |",
+                   "| case | blocks | fwd+bwd s (ours / as written) | speedup |",
                    "### Training step (fwd+bwd) time, s: 1 block(s) of width 128",
                    "### Peak training-step memory, MiB",
                    "| attention | 4x64 | 8x64 | 4x96 |",

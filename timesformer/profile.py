@@ -74,9 +74,7 @@ def count_flops(config: TimeSformerConfig) -> int:
     with torch.device("meta"):
         model = TimeSformer(config).eval()
         video = torch.empty(1, config.num_frames, config.num_channels, config.image_size, config.image_size)
-    model.last_block_cls_only = False  # the architecture's FLOPs, not those of our shortcuts
-    for block in model.blocks:
-        block.fold_projections = False
+    model.use_shortcuts(False)  # the architecture's FLOPs, not those of our shortcuts
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(video)
     return counter.get_total_flops() // 2  # the counter counts a multiply-add as 2 FLOPs

@@ -736,6 +736,15 @@ class TimeSformer(nn.Module):
         """(B, T, C, H, W) -> logits (B, num_classes)."""
         return self.head(self.forward_features(pixel_values))
 
+    def use_shortcuts(self, enabled: bool = True) -> TimeSformer:
+        """Turn on or off the two ways the model skips work without changing its function: the extra attentions'
+        folded projections (``Block.fold_projections``) and the class-token-only last block
+        (``last_block_cls_only``). Off, the model computes what the architecture writes (FLOP counts, A/B runs)."""
+        self.last_block_cls_only = enabled
+        for block in self.blocks:
+            block.fold_projections = enabled
+        return self
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
