@@ -5,8 +5,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from timesformer import TimeSformerConfig
+from timesformer import TimeSformer, TimeSformerConfig
 from timesformer.profile import compose_model_config, count_flops, main, profile
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,6 +22,25 @@ def divided_multiply_adds(c: TimeSformerConfig) -> int:
     spatial = T * (N + 1) * 4 * D * D + T * 2 * (N + 1) ** 2 * D  # qkv, proj; T sequences of 1 + N (cls joins)
     mlp = (T * N + 1) * 2 * D * I
     return patch_embed + c.num_hidden_layers * (temporal + spatial + mlp) + D * c.num_classes
+
+
+@pytest.mark.parametrize("attention_type, training_saving, forward_saving",
+                         [("divided_space_time", 0.087, 0.105), ("axial", 0.116, 0.125)])
+def test_the_shortcuts_save_what_the_readme_says(attention_type, training_saving, forward_saving):
+    """Base 8x224, batch 32, on the meta device: the multiply-adds the shortcuts (folded projections, class-token-only
+    last block) save in a training step and in a forward pass (README, "Less work for the same function")."""
+    def multiply_adds(shortcuts: bool, train: bool) -> int:
+        with torch.device("meta"):
+            model = TimeSformer(TimeSformerConfig(attention_type=attention_type)).use_shortcuts(shortcuts)
+            video = torch.empty(32, 8, 3, 224, 224)
+        with FlopCounterMode(display=False) as counter, torch.set_grad_enabled(train):
+            logits = model.train(train)(video)
+            if train:
+                logits.sum().backward()
+        return counter.get_total_flops()
+
+    for train, saving in ((True, training_saving), (False, forward_saving)):
+        assert 1 - multiply_adds(True, train) / multiply_adds(False, train) == pytest.approx(saving, abs=0.001)
 
 
 def test_meta_device_count_includes_attention_and_matches_the_layer_by_layer_count():
