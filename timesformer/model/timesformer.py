@@ -461,8 +461,9 @@ class Block(nn.Module):
         # of two in the forward and two instead of four in the backward (five with memory_saving_backward, which
         # recomputed proj's output). Same function and gradients up to rounding; the parameters stay the two layers.
         # A base 8x224 training step (batch 32) does 6% fewer multiply-adds with divided attention, 10% with axial;
-        # on the CPU at batch 1, a divided block's training step takes 3.5% less time. False runs the two layers as
-        # the architecture writes them: count_flops counts those (the model's FLOPs, as Hugging Face's).
+        # on the CPU at batch 1 a divided block's training step takes 3.5-5% less time (benchmarks/run.py, "ours as
+        # written"). False runs the two layers as the architecture writes them (``TimeSformer.use_shortcuts``):
+        # count_flops counts those (the model's FLOPs, as Hugging Face's).
         self.fold_projections = True
 
     def forward(self, cls: torch.Tensor, patches: torch.Tensor, grid: tuple[int, int],
