@@ -197,36 +197,48 @@ class WithAttentionBackend:
             return self.model(video)
 
 
+# What a training variant's name may add after "ours eager" or "ours torch.compile", comma-separated, in any
+# combination: "ours torch.compile, bf16 residual stream, plain autograd, max-autotune".
+VARIANT_OPTIONS = {
+    "bf16 residual stream": "bf16_residual_stream=True (train.py's setting)",
+    "plain autograd": "memory_saving_backward=False",
+    "as written": "both shortcuts off: proj and <name>_fc as two layers, every token in the last block",
+    "max-autotune": "torch.compile(mode='max-autotune-no-cudagraphs'): Inductor benchmarks GEMM and Triton "
+                    "configurations per shape (minutes of compilation)",
+    "cuDNN attention": "SDPA restricted to cuDNN's kernel",
+    "flash attention": "SDPA restricted to the flash kernel",
+}
+
+
+def training_variant(name: str, ours: TimeSformer, hf: HFModel) -> tuple[Callable, torch.nn.Module]:
+    """(callable video -> logits, the module holding its parameters) for a variant's name: "HF eager", or "ours
+    eager" / "ours torch.compile" followed by options from VARIANT_OPTIONS."""
+    if name == "HF eager":
+        return hf, hf.model
+    base, *options = [part.strip() for part in name.split(",")]
+    unknown = [option for option in options if option not in VARIANT_OPTIONS]
+    if base not in ("ours eager", "ours torch.compile") or unknown:
+        raise ValueError(f"unknown training variant {name!r}: 'HF eager', or 'ours eager' / 'ours torch.compile' "
+                         f"followed by any of {sorted(VARIANT_OPTIONS)}, comma-separated")
+    model = with_config(ours, bf16_residual_stream="bf16 residual stream" in options,
+                        memory_saving_backward="plain autograd" not in options)
+    model.use_shortcuts("as written" not in options)
+    if "max-autotune" in options and base == "ours eager":
+        raise ValueError(f"{name!r}: max-autotune is a torch.compile mode")
+    run: Callable = model
+    if base == "ours torch.compile":
+        run = torch.compile(model, mode="max-autotune-no-cudagraphs" if "max-autotune" in options else None)
+    for option, backend in (("cuDNN attention", SDPBackend.CUDNN_ATTENTION),
+                            ("flash attention", SDPBackend.FLASH_ATTENTION)):
+        if option in options:
+            run = WithAttentionBackend(run, backend)
+    return run, model
+
+
 def training_variants(case: Case, names: list[str]) -> dict[str, tuple[Callable, torch.nn.Module]]:
     """name -> (callable video -> logits, the module holding its parameters), for the names asked for."""
     ours, hf = build_pair(case)
-    plain, stream = {"memory_saving_backward": False}, {"bf16_residual_stream": True}
-
-    def eager(model: TimeSformer) -> tuple[Callable, torch.nn.Module]:
-        return model, model
-
-    def compiled(model: TimeSformer, **options: Any) -> tuple[Callable, torch.nn.Module]:
-        return torch.compile(model, **options), model
-
-    every = {"HF eager": lambda: (hf, hf.model), "ours eager": lambda: eager(ours),
-             "ours torch.compile": lambda: compiled(ours),
-             # Inductor benchmarks GEMM and Triton configurations per shape (minutes of compilation)
-             "ours torch.compile, max-autotune": lambda: compiled(ours, mode="max-autotune-no-cudagraphs"),
-             "ours eager, plain autograd": lambda: eager(with_config(ours, **plain)),
-             "ours torch.compile, plain autograd": lambda: compiled(with_config(ours, **plain)),
-             "ours eager, bf16 residual stream": lambda: eager(with_config(ours, **stream)),
-             "ours torch.compile, bf16 residual stream": lambda: compiled(with_config(ours, **stream)),
-             "ours torch.compile, bf16 residual stream, plain autograd":
-                 lambda: compiled(with_config(ours, **stream, **plain)),
-             "ours eager, as written": lambda: eager(with_config(ours).use_shortcuts(False)),
-             "ours torch.compile, bf16 residual stream, as written":
-                 lambda: compiled(with_config(ours, **stream).use_shortcuts(False)),
-             "ours eager, cuDNN attention": lambda: (WithAttentionBackend(ours, SDPBackend.CUDNN_ATTENTION), ours),
-             "ours eager, flash attention": lambda: (WithAttentionBackend(ours, SDPBackend.FLASH_ATTENTION), ours)}
-    unknown = sorted(set(names) - set(every))
-    if unknown:
-        raise ValueError(f"unknown variant(s) {unknown}; valid: {sorted(every)}")
-    return {name: every[name]() for name in names}
+    return {name: training_variant(name, ours, hf) for name in names}
 
 
 def kernel_profile(step: Callable[[], Any], steps: int = 2, top: int = 12) -> dict[str, Any]:
@@ -670,13 +682,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--videos", type=int, default=32, help=f"inference batch, videos of {VIEWS} views")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
     parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS),
-                        help="training variants (default: %(default)s; also 'ours eager, plain autograd', "
-                             "'ours torch.compile, plain autograd', 'ours torch.compile, max-autotune', "
-                             "'ours eager, bf16 residual stream', 'ours torch.compile, bf16 residual stream', "
-                             "'ours torch.compile, bf16 residual stream, plain autograd', "
-                             "'ours eager, as written', 'ours torch.compile, bf16 residual stream, as written' "
-                             "(proj and <name>_fc as two layers, every token in the last block), "
-                             "'ours eager, cuDNN attention', 'ours eager, flash attention')")
+                        help="training variants (default: %(default)s): 'HF eager', or 'ours eager' / 'ours "
+                             "torch.compile' followed by comma-separated options: "
+                             + "; ".join(f"'{k}': {v}" for k, v in VARIANT_OPTIONS.items()))
     parser.add_argument("--profile", action="store_true", help="a kernel-time breakdown of each training variant")
     parser.add_argument("--only", nargs="+", choices=("attention", "parity", "training", "lightning", "inference",
                                                       "largest_batch", "growth"),

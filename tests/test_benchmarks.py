@@ -53,7 +53,7 @@ def test_gpu_benchmark_quick_runs_on_the_cpu(tmp_path):
     """benchmarks/gpu.py's smoke mode: every section runs (on the CPU here) and reports, with no errors."""
     pytest.importorskip("transformers")
     variants = ["HF eager", "ours eager", "ours eager, plain autograd", "ours eager, bf16 residual stream",
-                "ours eager, as written"]
+                "ours eager, as written", "ours eager, bf16 residual stream, plain autograd, as written"]
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--quick", "--no-compile",
                            "--variants", *variants, "--out", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -72,6 +72,26 @@ def test_gpu_benchmark_quick_runs_on_the_cpu(tmp_path):
     assert all(row["ms"]["short"] > 0 for row in results["attention"])
     assert [row["variant"] for row in results["lightning"]] == ["ours eager"]  # train.py's loop ran, no error
     assert 0 < results["lightning"][0]["sync_to_backward_s"] < results["lightning"][0]["lightning_step_s"]
+
+
+def test_gpu_benchmark_variant_names_combine_options_and_reject_unknown_ones():
+    """A training variant's name is 'ours eager' / 'ours torch.compile' and comma-separated options, in any
+    combination; an unknown option or base names the valid ones."""
+    pytest.importorskip("transformers")
+    from benchmarks.gpu import training_variant
+    from benchmarks.run import Case, build_pair
+
+    ours, hf = build_pair(Case("divided_space_time", 2, 32, depth=1, width=128))
+    run, model = training_variant("ours torch.compile, plain autograd, as written, bf16 residual stream", ours, hf)
+    assert model is not ours and run is not model  # a copy with its own config, compiled
+    assert (model.config.memory_saving_backward, model.config.bf16_residual_stream) == (False, True)
+    assert not model.last_block_cls_only and not model.blocks[0].fold_projections
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ours.state_dict().values(), strict=True))
+    run, model = training_variant("ours eager", ours, hf)
+    assert run is model and model.config.memory_saving_backward and model.last_block_cls_only
+    for bad in ("ours eager, max-autotune", "ours eager, fast", "theirs eager"):
+        with pytest.raises(ValueError, match="max-autotune"):
+            training_variant(bad, ours, hf)
 
 
 # -- the model's memory-saving autograd functions -------------------------------------------------------------
