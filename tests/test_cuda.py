@@ -84,10 +84,9 @@ def test_unmasked_attention_runs_on_the_flash_kernel(attention_type):
     assert relative_error(flash, math) < 2e-2
 
 
-@pytest.mark.parametrize("attention_type", ["divided_space_time", "joint_space_time"])
-def test_torch_compile_training_step_matches_eager_on_cuda(attention_type):
-    model, video = model_and_video(attention_type)
-    labels = torch.tensor([1, 3], device="cuda")
+def assert_compiled_training_step_matches_eager(model: TimeSformer, video: torch.Tensor) -> None:
+    """bf16 autocast, cross-entropy: the same parameter gradients from torch.compile(model) as from model."""
+    labels = torch.arange(len(video), device="cuda") % model.config.num_classes
 
     def gradients(run) -> dict[str, torch.Tensor]:
         model.zero_grad(set_to_none=True)
@@ -99,6 +98,11 @@ def test_torch_compile_training_step_matches_eager_on_cuda(attention_type):
     compiled = gradients(torch.compile(model))
     assert compiled.keys() == eager.keys()
     assert relative_error(compiled, eager) < 2e-2
+
+
+@pytest.mark.parametrize("attention_type", ["divided_space_time", "joint_space_time"])
+def test_torch_compile_training_step_matches_eager_on_cuda(attention_type):
+    assert_compiled_training_step_matches_eager(*model_and_video(attention_type))
 
 
 @pytest.mark.parametrize("attention_type", ["divided_space_time", "axial"])
@@ -157,3 +161,56 @@ def test_the_optimizer_is_fused_on_cuda_and_steps_as_on_the_cpu(name):
         plain.step()
     for (name_, param), twin in zip(model.named_parameters(), on_cpu.parameters(), strict=True):
         torch.testing.assert_close(param.cpu(), twin, rtol=1e-5, atol=1e-6, msg=name_)
+
+
+def with_fused_short_attention(model: TimeSformer) -> TimeSformer:
+    fused = TimeSformer(dataclasses.replace(model.config, fused_short_attention=True)).cuda().train()
+    fused.load_state_dict(model.state_dict())
+    return fused
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("length", [8, 15, 16])
+def test_the_fused_short_attention_kernel_matches_float64_sdpa_on_cuda(length, dtype):
+    from timesformer.model.triton_short_attention import short_attention
+
+    torch.manual_seed(0)
+    S, H, d = 6272 // length, 12, 64  # many programs, the last one partly outside the rows
+    qkv = torch.randn(S, length, 3 * H * d, device="cuda", dtype=dtype)
+    q, k, v = (t.reshape(S, length, H, d).transpose(1, 2).detach().requires_grad_() for t in qkv.chunk(3, dim=-1))
+    out = short_attention(q, k, v, d ** -0.5)
+    grad = torch.randn_like(out)
+    ours = dict(zip("oqkv", [out, *torch.autograd.grad(out, (q, k, v), grad)], strict=True))
+    exact_inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    exact_out = F.scaled_dot_product_attention(*exact_inputs)
+    exact = dict(zip("oqkv", [exact_out, *torch.autograd.grad(exact_out, exact_inputs, grad.double())], strict=True))
+    assert out.dtype == dtype and out.transpose(1, 2).is_contiguous()
+    for name in "oqkv":
+        error = relative_error({name: ours[name].double()}, {name: exact[name]})
+        assert error < (1e-5 if dtype == torch.float32 else 1e-2), (name, error)
+
+
+@pytest.mark.parametrize("attention_type", ["divided_space_time", "axial", "sparse_local_global"])
+def test_fused_short_attention_matches_the_matmul_path_on_cuda(attention_type):
+    # The model with the kernel against the model without (matmuls and softmax) in float32, and under bf16
+    # autocast within bf16 rounding of float32; the kernel really ran (its op in the profile).
+    model, video = model_and_video(attention_type, batch=4)
+    fused = with_fused_short_attention(model)
+    exact = _gradients(model, video)  # float32, the matmul path
+    torch.testing.assert_close(fused(video), model(video), rtol=1e-4, atol=1e-5)
+    assert relative_error(_gradients(fused, video), exact) < 1e-4
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        unfused_bf16 = _gradients(model, video)
+        with torch.profiler.profile() as profile:
+            fused_bf16 = _gradients(fused, video)
+    assert any("short_attention" in event.name for event in profile.events())
+    assert relative_error(fused_bf16, exact) < 2 * relative_error(unfused_bf16, exact)
+
+
+def test_fused_short_attention_compiles_in_one_graph_and_matches_eager_on_cuda():
+    model, video = model_and_video("divided_space_time")
+    fused = with_fused_short_attention(model)
+    explained = torch._dynamo.explain(fused)(video)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+    torch._dynamo.reset()
+    assert_compiled_training_step_matches_eager(fused, video)

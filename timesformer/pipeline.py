@@ -44,7 +44,7 @@ OmegaConf.register_new_resolver("run_name", run_name, replace=True)
 _WEIGHT_SOURCES = ("pretrained", "init_from")
 # Fields a pretrained checkpoint may have changed for fine-tuning; its architecture fields are kept.
 _FINETUNE_FIELDS = ("drop_path_rate", "hidden_dropout_prob", "attention_probs_dropout_prob", "gradient_checkpointing",
-                    "memory_saving_backward", "bf16_residual_stream")
+                    "memory_saving_backward", "bf16_residual_stream", "fused_short_attention")
 
 
 def build_model(model_cfg: DictConfig, class_names: list[str]) -> TimeSformer:

@@ -51,6 +51,10 @@ class TimeSformerConfig:
     # Off, the float32 embeddings promote the stream to float32, as in HF and the original code. No effect without
     # autocast, nor under float16 autocast (whose range is too small for a residual stream).
     bf16_residual_stream: bool = False
+    # On a CUDA GPU, attention over sequences of at most 16 tokens (the time attention at 8 and 16 frames, axial's
+    # rows and columns) as one Triton kernel per pass (model.triton_short_attention) instead of batched matmuls and
+    # a softmax. Off by default until it has been timed on a GPU (benchmarks/RESULTS.md, part 4). Needs Triton.
+    fused_short_attention: bool = False
     # Optional class names (index -> name); travel with checkpoints and exported HF folders.
     class_names: list[str] | None = field(default=None, repr=False)
 

@@ -246,6 +246,16 @@ class DropPath(nn.Module):
 SHORT_SEQUENCE = 16
 
 
+def _triton_short_attention() -> Any:
+    """The module of the fused short-sequence kernel (imports Triton, so only when a config asks for it)."""
+    try:
+        from timesformer.model import triton_short_attention
+    except ImportError as error:
+        raise ImportError(f"fused_short_attention=True needs Triton ({error}); it comes with PyTorch's CUDA builds "
+                          f"on Linux (pip install triton), or set fused_short_attention=False") from error
+    return triton_short_attention
+
+
 def short_sequence_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None,
                              dropout: float = 0.0) -> torch.Tensor:
     """``F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout)`` as matmuls and softmax:
@@ -273,6 +283,9 @@ class Attention(nn.Module):
         self.attn_drop = config.attention_probs_dropout_prob
         self.proj_drop = nn.Dropout(config.hidden_dropout_prob)
         self.memory_saving = config.memory_saving_backward
+        self.fused_short = config.fused_short_attention
+        if self.fused_short:
+            _triton_short_attention()  # fails here, with what to do, where Triton is missing
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None, norm: nn.LayerNorm | None = None,
                 project: bool = True, queries: torch.Tensor | None = None) -> torch.Tensor:
@@ -304,12 +317,15 @@ class Attention(nn.Module):
             key_mask = key_mask.expand(*batch, length).reshape(-1, 1, 1, length)  # (S, 1, 1, L): every head, query
         # Scale is head_dim ** -0.5, SDPA's default.
         dropout = self.attn_drop if self.training else 0.0
-        if length <= SHORT_SEQUENCE and q.is_cuda:
+        if (length <= SHORT_SEQUENCE and self.fused_short and key_mask is None and dropout == 0
+                and _triton_short_attention().supports(q, k, v)):
+            x = _triton_short_attention().short_attention(q, k, v, self.head_dim ** -0.5)
+        elif length <= SHORT_SEQUENCE and q.is_cuda:
             x = short_sequence_attention(q, k, v, key_mask, dropout)
         else:
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout)
-        # The SDPA kernels return (S, H, Q, head_dim) laid out as (S, Q, H, head_dim): this is a view (a copy after
-        # short_sequence_attention).
+        # SDPA's kernels and the fused short-sequence kernel return (S, H, Q, head_dim) laid out as
+        # (S, Q, H, head_dim): this is a view (a copy after short_sequence_attention).
         x = x.transpose(1, 2).reshape(*batch, num_queries, dim)  # (..., Q, D), Q = L without queries
         return self.proj_drop(self.proj(x)) if project else x
 

@@ -1,0 +1,71 @@
+"""The fused short-sequence attention kernel (``fused_short_attention``), run through Triton's interpreter on the
+CPU: the same kernels a GPU compiles, checked against float64 SDPA and against the model without them.
+tests/test_cuda.py runs them compiled on a GPU."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from timesformer import TimeSformer, TimeSformerConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> dict:
+    pytest.importorskip("triton")
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "triton_interpreted.py")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_the_kernel_matches_float64_sdpa_forward_and_backward(interpreted):
+    """Output, dq, dk and dv for L = 3..16 (padded to a power of two inside), head sizes 32..64 (48: padded), inputs
+    that are strided views of one qkv projection, in float32, bfloat16 and float16."""
+    bounds = {"torch.float32": 1e-6, "torch.float16": 1e-3, "torch.bfloat16": 1e-2}
+    assert {case["dtype"] for case in interpreted["kernels"]} == set(bounds)
+    for case in interpreted["kernels"]:
+        assert case["out_dtype"] == case["dtype"]
+        assert case["largest_reference_gradient"] > 0.1  # the gradients checked are not all ~0
+        assert max(case["errors"]) < bounds[case["dtype"]], case
+        # laid out as SDPA's outputs are, so that the model's reshape after attention is a view
+        assert case["sdpa_layout"], case
+
+
+def test_the_model_with_the_kernel_matches_the_model_without(interpreted):
+    """Logits and every parameter gradient of a small model, with fused_short_attention on (the kernel, wherever
+    a sequence has at most 16 tokens) and off (SDPA), against the model in float32 without the kernel."""
+    models = {(m["attention_type"], m["autocast"], tuple(m["changes"])): m for m in interpreted["models"]}
+    for attention_type in ("divided_space_time", "axial", "sparse_local_global"):
+        case = models[(attention_type, False, ())]
+        assert case["kernel_calls"] > 0 and case["kernel_dtypes"] == ["torch.float32"], case
+        assert max(case["fused_errors"]) < 1e-5, case
+    assert models[("joint_space_time", False, ())]["kernel_calls"] == 0  # one long sequence: nothing short
+    plain = models[("divided_space_time", False, ("memory_saving_backward",))]
+    assert plain["kernel_calls"] > 0 and max(plain["fused_errors"]) < 1e-5
+    # Gradient checkpointing recomputes each block's forward in the backward pass, through the kernel again.
+    checkpointed = models[("divided_space_time", False, ("gradient_checkpointing",))]
+    assert checkpointed["kernel_calls"] == 2 * models[("divided_space_time", False, ())]["kernel_calls"]
+    assert max(checkpointed["fused_errors"]) < 1e-5
+    # Under bf16 autocast the kernel gets bf16 q, k and v; the result is within bf16 rounding of float32, as the
+    # model without the kernel is.
+    bf16 = models[("divided_space_time", True, ("bf16_residual_stream",))]
+    assert bf16["kernel_dtypes"] == ["torch.bfloat16"]
+    for fused, unfused in zip(bf16["fused_errors"], bf16["unfused_errors"], strict=True):
+        assert 0 < fused < 2 * unfused, bf16
+
+
+def test_fused_short_attention_without_triton_says_what_to_do(monkeypatch):
+    monkeypatch.setitem(sys.modules, "timesformer.model.triton_short_attention", None)  # import fails
+    config = TimeSformerConfig(image_size=32, patch_size=16, num_frames=2, hidden_size=32, num_hidden_layers=1,
+                               num_attention_heads=2, intermediate_size=64, num_classes=3)
+    TimeSformer(config)  # off by default: Triton not needed
+    with pytest.raises(ImportError, match="fused_short_attention=True needs Triton"):
+        TimeSformer(dataclasses.replace(config, fused_short_attention=True))
