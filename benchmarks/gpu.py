@@ -202,6 +202,8 @@ class WithAttentionBackend:
 VARIANT_OPTIONS = {
     "bf16 residual stream": "bf16_residual_stream=True (train.py's setting)",
     "plain autograd": "memory_saving_backward=False",
+    "fused short attention": "fused_short_attention=True: sequences of at most 16 tokens (the time attention) as "
+                             "one Triton kernel per pass",
     "as written": "both shortcuts off: proj and <name>_fc as two layers, every token in the last block",
     "max-autotune": "torch.compile(mode='max-autotune-no-cudagraphs'): Inductor benchmarks GEMM and Triton "
                     "configurations per shape (minutes of compilation)",
@@ -221,7 +223,8 @@ def training_variant(name: str, ours: TimeSformer, hf: HFModel) -> tuple[Callabl
         raise ValueError(f"unknown training variant {name!r}: 'HF eager', or 'ours eager' / 'ours torch.compile' "
                          f"followed by any of {sorted(VARIANT_OPTIONS)}, comma-separated")
     model = with_config(ours, bf16_residual_stream="bf16 residual stream" in options,
-                        memory_saving_backward="plain autograd" not in options)
+                        memory_saving_backward="plain autograd" not in options,
+                        fused_short_attention="fused short attention" in options)
     model.use_shortcuts("as written" not in options)
     if "max-autotune" in options and base == "ours eager":
         raise ValueError(f"{name!r}: max-autotune is a torch.compile mode")
@@ -270,13 +273,20 @@ def kernel_profile(step: Callable[[], Any], steps: int = 2, top: int = 12) -> di
 def attention_section(device: torch.device, quick: bool, steps: int) -> list[dict[str, Any]]:
     """Forward + backward of one attention call, bf16, in the model's layout, per kernel: the temporal attention
     of 50,176 tokens (32 clips x 196 positions x 8 frames) as sequences of L, and the spatial attention (L = 197).
-    "short" is the model's ``short_sequence_attention``."""
+    "short" is the model's ``short_sequence_attention``, "short fused" the Triton kernel of
+    ``fused_short_attention`` (model.triton_short_attention)."""
     from timesformer.model.timesformer import short_sequence_attention
+
+    def fused_short(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        from timesformer.model.triton_short_attention import short_attention
+
+        return short_attention(q, k, v, q.shape[-1] ** -0.5)
 
     heads, head_dim, tokens = (2, 64, 2048) if quick else (12, 64, 32 * 196 * 8)
     lengths = (8, 16, 197) if quick else (8, 15, 16, 32, 64, 96, 197)
-    kernels = {"short": None, "SDPA math": SDPBackend.MATH, "SDPA flash": SDPBackend.FLASH_ATTENTION,
-               "SDPA efficient": SDPBackend.EFFICIENT_ATTENTION, "SDPA cuDNN": SDPBackend.CUDNN_ATTENTION}
+    kernels = {"short": None, "short fused": "fused", "SDPA math": SDPBackend.MATH,
+               "SDPA flash": SDPBackend.FLASH_ATTENTION, "SDPA efficient": SDPBackend.EFFICIENT_ATTENTION,
+               "SDPA cuDNN": SDPBackend.CUDNN_ATTENTION}
     rows = []
     for length in lengths:
         sequences = tokens // length
@@ -288,6 +298,8 @@ def attention_section(device: torch.device, quick: bool, steps: int) -> list[dic
             def step(backend=backend, q=q, k=k, v=v, grad=grad) -> None:
                 if backend is None:
                     out = short_sequence_attention(q, k, v)
+                elif backend == "fused":
+                    out = fused_short(q, k, v)
                 else:
                     with sdpa_kernel(backend):
                         out = F.scaled_dot_product_attention(q, k, v)

@@ -59,7 +59,8 @@ def test_gpu_benchmark_quick_runs_on_the_cpu(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = " ".join(proc.stdout.split())
-    for header in ("| L | sequences | short | SDPA math |", "| variant | clips/s | vs HF | step ms | MFU |",
+    for header in ("| L | sequences | short | short fused | SDPA math |",
+                   "| variant | clips/s | vs HF | step ms | MFU |",
                    "| variant | clips/s | videos/s | vs HF |", "| variant | GiB per clip |",
                    "### Training step (fwd+bwd, batch 1, bf16) ms", "| joint (ST) | HF |",
                    "| variant | bare step ms | Lightning step ms | Lightning clips/s | Lightning / bare speed | "
