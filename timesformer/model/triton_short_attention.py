@@ -3,7 +3,7 @@
 Why: TimeSformer's time attention at 8 frames is 75,264 sequences of 8 tokens per head and batch of 32 clips. On
 an H200 the model's matmul + softmax path (``short_sequence_attention``) runs it as cuBLAS batched GEMMs of 8 × 64
 matrices: ≥ 13.9 ms of a 110 ms compiled training step (benchmarks/RESULTS.md, part 4, run 6), where its memory
-traffic (q, k, v, the output and their gradients: ~1 GB a block) needs ~0.2 ms a block. Here each program loads
+traffic (q, k, v, the output and their gradients: ~0.85 GB a block) needs ~0.18 ms. Here each program loads
 the q, k and v of a few (sequence, head) rows once, keeps the L × L scores in registers, and writes the output
 (forward) or the three gradients (backward, which recomputes the softmax from q and k): nothing but q, k and v is
 kept for the backward pass.
