@@ -109,11 +109,13 @@ def _unit_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _like_sdpa_output(q: torch.Tensor) -> torch.Tensor:
-    """An empty (S, H, L, d) tensor laid out as (S, L, H, d), the layout SDPA's outputs have: the model's
-    ``transpose(1, 2).reshape(..., L, D)`` after attention is then a view."""
+def _like_sdpa_output(q: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """An empty contiguous (S, L, H, d) tensor, the layout SDPA's outputs have (the model's ``transpose(1, 2)
+    .reshape(..., L, D)`` after attention is then a view), and its (sequence, head, token) strides for the
+    kernels, which write it as (S, H, L, d)."""
     S, H, L, d = q.shape
-    return q.new_empty(S, L, H, d).transpose(1, 2)
+    out = q.new_empty(S, L, H, d)
+    return out, (out.stride(0), out.stride(2), out.stride(1))
 
 
 @triton_op("timesformer::short_attention", mutates_args=())
@@ -123,12 +125,12 @@ def short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     (S, L, H, d)."""
     q, k, v = (_unit_stride(t) for t in (q, k, v))
     S, H, L, d = q.shape
-    out = _like_sdpa_output(q)
+    out, out_strides = _like_sdpa_output(q)
     config = _launch(L, d)
     grid = (triton.cdiv(S * H, config["ROWS"]),)
     wrap_triton(_forward_kernel)[grid](q, k, v, out, S * H, H, L, d, scale, *q.stride()[:3], *k.stride()[:3],
-                                       *v.stride()[:3], *out.stride()[:3], **config)
-    return out
+                                       *v.stride()[:3], *out_strides, **config)
+    return out.transpose(1, 2)  # (S, H, L, d)
 
 
 @triton_op("timesformer::short_attention_backward", mutates_args=())
@@ -138,13 +140,12 @@ def short_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tenso
     SDPA's gradients are ((S, H, L, d) as (S, L, H, d))."""
     grad, q, k, v = (_unit_stride(t) for t in (grad, q, k, v))
     S, H, L, d = q.shape
-    dq, dk, dv = _like_sdpa_output(q), _like_sdpa_output(q), _like_sdpa_output(q)
+    (dq, strides), (dk, _), (dv, _) = _like_sdpa_output(q), _like_sdpa_output(q), _like_sdpa_output(q)
     config = _launch(L, d)
     grid = (triton.cdiv(S * H, config["ROWS"]),)
     wrap_triton(_backward_kernel)[grid](grad, q, k, v, dq, dk, dv, S * H, H, L, d, scale, *grad.stride()[:3],
-                                        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dq.stride()[:3],
-                                        **config)
-    return dq, dk, dv
+                                        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *strides, **config)
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)  # each (S, H, L, d)
 
 
 def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001 (torch.library's signature)
