@@ -52,8 +52,9 @@ NUM_FRAMES, SAMPLING_RATE, CROP = 8, 32, 224
 GPU_PEAK_TFLOPS = {"H100 / H200 SXM (bf16 dense)": 989.0}
 CORES_PER_GPU = 14
 TARGET_MFU = 0.40
-# What benchmarks/gpu.py measured (base 8x224, bf16, batch 32, torch.compile; benchmarks/RESULTS.md, part 4).
-MEASURED_GPU_CLIPS_PER_S = {"H200, measured (torch.compile)": 265.6}
+# What benchmarks/gpu.py measured through train.py's loop (base 8x224, bf16, batch 32, torch.compile, train.py's
+# model settings; benchmarks/RESULTS.md, part 4, run 6).
+MEASURED_GPU_CLIPS_PER_S = {"H200, measured (train.py, torch.compile)": 283.2}
 
 
 # -- videos ---------------------------------------------------------------------------------------------------
