@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils.data import DataLoader
@@ -87,10 +88,11 @@ def test_a_training_step_syncs_once_between_logging_intervals(synthetic_root, tm
     short = _syncs_in_training(synthetic_root, tmp_path / "short", steps=2)
     long = _syncs_in_training(synthetic_root, tmp_path / "long", steps=6)
     per_four_steps = {site: long[site] - short[site] for site in long if long[site] != short[site]}
-    # The one left on purpose: the non-finite loss check, so no update is ever made from a NaN loss.
+    # The one left on purpose: the non-finite loss check, so no update is ever made from a NaN loss (read once the
+    # backward pass is queued, so that the GPU has work while the host waits).
     assert len(per_four_steps) == 1, per_four_steps
     (file, function, _), count = next(iter(per_four_steps.items()))
-    assert (file, function, count) == ("module.py", "training_step", 4)
+    assert (file, function, count) == ("module.py", "on_after_backward", 4)
 
 
 def test_the_progress_bar_shows_the_loss_read_at_the_logging_interval(tmp_path):
@@ -118,14 +120,31 @@ def test_the_progress_bar_shows_the_loss_read_at_the_logging_interval(tmp_path):
 
 
 
-def test_metrics_and_logging_wait_until_the_backward_is_queued(tmp_path):
-    """The non-finite check's sync leaves the GPU with nothing to do until backward() queues work: a training step
-    must not spend that time on metrics and logging (on_after_backward does them, overlapping the backward)."""
+class SyncRecorder(TorchFunctionMode):
+    """Appends "sync" to ``events`` at every syncing call made from timesformer/module.py."""
+
+    def __init__(self, events: list[str]) -> None:
+        super().__init__()
+        self.events = events
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if _is_sync(func, args, kwargs) and Path(traceback.extract_stack()[-2].filename).name == "module.py":
+            self.events.append("sync")
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("nonfinite_loss", ["error", "skip"])
+def test_the_host_waits_for_the_device_only_once_the_backward_is_queued(nonfinite_loss, tmp_path):
+    """A host sync leaves the GPU idle from the moment its value is ready until the host queues more work. With
+    nonfinite_loss="error" (the default), the non-finite check reads its flag after backward() has queued the
+    backward pass, and the metrics and logs run there too. With "skip" the check must come before backward() (a
+    skipped batch runs its backward on another graph): there the sync precedes it."""
     torch.manual_seed(0)
     config = TimeSformerConfig(image_size=32, patch_size=8, num_frames=2, hidden_size=32, num_hidden_layers=1,
                                num_attention_heads=2, intermediate_size=64, num_classes=2)
     module = VideoClassifier(TimeSformer(config), optimizer={"name": "sgd", "lr": 0.1, "weight_decay": 0.0},
-                             scheduler={"name": "constant"})
+                             scheduler={"name": "constant"}, nonfinite_loss=nonfinite_loss)
     samples = [{"video": torch.randn(2, 3, 32, 32), "label": i % 2, "index": i, "replaced": 0} for i in range(3)]
     events: list[str] = []
 
@@ -137,20 +156,27 @@ def test_metrics_and_logging_wait_until_the_backward_is_queued(tmp_path):
         return wrapper
 
     class Record(L.Callback):
-        def on_train_start(self, trainer, pl_module):
-            trainer.strategy.reduce = recorded("sync", trainer.strategy.reduce)  # the check's sync follows it
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            events.append("step")
 
         def on_before_backward(self, trainer, pl_module, loss):
             events.append("backward")
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            events.append("end")
 
     module.train_metrics.update = recorded("metrics", module.train_metrics.update)
     module.log = recorded("log", module.log)
     trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, callbacks=[Record()], default_root_dir=tmp_path)
-    trainer.fit(module, DataLoader(samples, batch_size=1))
-    steps = " ".join(events).split("sync")[1:]
+    with SyncRecorder(events):
+        trainer.fit(module, DataLoader(samples, batch_size=1))
+    steps = [step.split(" end")[0].split() for step in " ".join(events).split("step")[1:]]
     assert len(steps) == 3
-    for step in steps:  # each: backward, then the metrics and the logs
-        words = step.split()
-        assert words[0] == "backward" and "metrics" in words, step
-        assert "log train/loss" in step and "log train/replaced_videos" in step, step
+    for words in steps:
+        assert words.count("sync") == 1 and words.count("backward") == 1, words
+        first = ["backward", "sync"] if nonfinite_loss == "error" else ["sync", "backward"]
+        assert [w for w in words if w in first] == first, words
+        metrics, logs = words.index("metrics"), " ".join(words).index("log train/loss")
+        assert words.index("backward") < metrics and " ".join(words).index("backward") < logs, words
+        assert "log train/replaced_videos" in " ".join(words), words

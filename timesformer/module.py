@@ -128,8 +128,9 @@ class VideoClassifier(L.LightningModule):
         self.skipped_batches = 0
         # Batches of the current optimizer step (gradient accumulation) and how many of them had a non-finite loss
         self._micro_batches = self._skipped_micro_batches = 0
-        # The last training batch's logits, labels, loss and replaced-video count: metrics and logs, after backward()
-        self._to_log: tuple[torch.Tensor, ...] | None = None
+        # The last training batch's logits, labels, loss, replaced-video count and non-finite flag (a device tensor):
+        # metrics, logs and, with nonfinite_loss="error", the check, after backward() has queued the backward pass
+        self._after_backward: tuple[torch.Tensor, ...] | None = None
         num_classes = model.config.num_classes
         top_k = min(5, num_classes)
 
@@ -166,19 +167,22 @@ class VideoClassifier(L.LightningModule):
         # in the gradient all-reduce): a NaN/inf loss anywhere counts for all. One host sync per step: the price of
         # never training on (or saving) NaN weights.
         nonfinite = self.trainer.strategy.reduce((~torch.isfinite(loss)).float(), reduce_op="sum")
-        if nonfinite > 0:
-            return self._on_nonfinite_loss(loss)
-        # The sync above left the GPU with nothing queued: host work here (metrics, logging: ~1.5 ms a step on the CPU,
-        # benchmarks/gpu.py's "sync to backward ms") would keep it idle, where after backward() (on_after_backward)
-        # it overlaps the backward pass.
-        self._to_log = (logits.detach(), batch["label"], loss.detach(), batch.get("replaced"))
+        # "skip" must know now: a skipped batch runs its backward on another graph. "error" reads the flag in
+        # on_after_backward, once backward() has queued the backward pass: read here, the GPU would idle from the
+        # forward's end until backward() launches (1.4-1.7 ms a step on an H200, benchmarks/gpu.py's "sync to
+        # backward ms"). The optimizer step comes after either check, so no update is ever made from a NaN loss.
+        if self.hparams.nonfinite_loss == "skip" and nonfinite > 0:
+            return self._skip_nonfinite_batch()
+        self._after_backward = (logits.detach(), batch["label"], loss.detach(), batch.get("replaced"), nonfinite)
         return loss
 
     def on_after_backward(self) -> None:
-        if self._to_log is None:  # a skipped batch
+        if self._after_backward is None:  # a skipped batch
             return
-        logits, labels, loss, replaced = self._to_log
-        self._to_log = None
+        logits, labels, loss, replaced, nonfinite = self._after_backward
+        self._after_backward = None
+        if self.hparams.nonfinite_loss == "error" and nonfinite > 0:  # the step's one host sync
+            self._stop_on_nonfinite_loss(loss)
         self.train_metrics.update(logits, labels)
         if replaced is not None:  # broken videos the dataset replaced by others
             self.log("train/replaced_videos", replaced.sum().float(), on_step=False, on_epoch=True, reduce_fx="sum",
@@ -187,20 +191,23 @@ class VideoClassifier(L.LightningModule):
         self.log("train/loss", loss, batch_size=len(logits))
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=len(logits))
 
-    def _on_nonfinite_loss(self, loss: torch.Tensor) -> torch.Tensor:
+    def _skip_nonfinite_batch(self) -> torch.Tensor:
+        self.skipped_batches += 1
+        self._skipped_micro_batches += 1
+        self.log("train/skipped_batches", float(self.skipped_batches), reduce_fx="max")
+        # A zero loss reaching every parameter: its backward gives zero gradients everywhere, so DDP's all-reduce
+        # runs as on any step (Lightning refuses a skipped training_step under DDP); on_before_optimizer_step
+        # then drops the gradients of a step whose batches were all skipped.
+        return sum(param.sum() for param in self.model.parameters() if param.requires_grad) * 0.0
+
+    def _stop_on_nonfinite_loss(self, loss: torch.Tensor) -> None:
         step = self.trainer.global_step
-        if self.hparams.nonfinite_loss == "skip":
-            self.skipped_batches += 1
-            self._skipped_micro_batches += 1
-            self.log("train/skipped_batches", float(self.skipped_batches), reduce_fx="max")
-            # A zero loss reaching every parameter: its backward gives zero gradients everywhere, so DDP's all-reduce
-            # runs as on any step (Lightning refuses a skipped training_step under DDP); on_before_optimizer_step
-            # then drops the gradients of a step whose batches were all skipped.
-            return sum(param.sum() for param in self.model.parameters() if param.requires_grad) * 0.0
-        # The weights are still finite (this step's update has not happened): keep them for inspection.
+        # The weights are still finite (this step's update has not happened; its gradients are not kept): keep
+        # them for inspection. Under DDP every process gets here (the flag is all-reduced): the checkpoint's
+        # barrier is met.
         checkpoint_dir = Path(self.trainer.default_root_dir) / "checkpoints"
         checkpoint = checkpoint_dir / f"nonfinite-step{step}.ckpt"
-        self.trainer.save_checkpoint(checkpoint)  # every process gets here: the checkpoint's barrier is met
+        self.trainer.save_checkpoint(checkpoint)
         raise FloatingPointError(
             f"non-finite training loss at global step {step} (this process's: {loss.item()}); the weights before "
             f"this step are in {checkpoint}. Lower the learning rate, check the data, or set "
