@@ -169,8 +169,8 @@ class VideoClassifier(L.LightningModule):
         nonfinite = self.trainer.strategy.reduce((~torch.isfinite(loss)).float(), reduce_op="sum")
         # "skip" must know now: a skipped batch runs its backward on another graph. "error" reads the flag in
         # on_after_backward, once backward() has queued the backward pass: read here, the GPU would idle from the
-        # forward's end until backward() launches (1.4-1.7 ms a step on an H200, benchmarks/gpu.py's "sync to
-        # backward ms"). The optimizer step comes after either check, so no update is ever made from a NaN loss.
+        # forward's end until backward() launches (1.4-1.7 ms a step on an H200; benchmarks/gpu.py's "GPU idle
+        # before backward ms"). The optimizer step comes after either check: no update is ever made from a NaN loss.
         if self.hparams.nonfinite_loss == "skip" and nonfinite > 0:
             return self._skip_nonfinite_batch()
         self._after_backward = (logits.detach(), batch["label"], loss.detach(), batch.get("replaced"), nonfinite)
