@@ -18,6 +18,7 @@ through Triton's interpreter (the tests check them that way when no GPU is prese
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 import triton
@@ -148,13 +149,13 @@ def short_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tenso
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)  # each (S, H, L, d)
 
 
-def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001 (torch.library's signature)
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
     q, k, v, scale = inputs
     ctx.save_for_backward(q, k, v)
     ctx.scale = scale
 
 
-def _backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN202
+def _backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     q, k, v = ctx.saved_tensors
     return (*short_attention_backward(grad, q, k, v, ctx.scale), None)
 
