@@ -222,12 +222,12 @@ def training_variant(name: str, ours: TimeSformer, hf: HFModel) -> tuple[Callabl
     if base not in ("ours eager", "ours torch.compile") or unknown:
         raise ValueError(f"unknown training variant {name!r}: 'HF eager', or 'ours eager' / 'ours torch.compile' "
                          f"followed by any of {sorted(VARIANT_OPTIONS)}, comma-separated")
+    if "max-autotune" in options and base == "ours eager":
+        raise ValueError(f"{name!r}: max-autotune is a torch.compile mode")
     model = with_config(ours, bf16_residual_stream="bf16 residual stream" in options,
                         memory_saving_backward="plain autograd" not in options,
                         fused_short_attention="fused short attention" in options)
     model.use_shortcuts("as written" not in options)
-    if "max-autotune" in options and base == "ours eager":
-        raise ValueError(f"{name!r}: max-autotune is a torch.compile mode")
     run: Callable = model
     if base == "ours torch.compile":
         run = torch.compile(model, mode="max-autotune-no-cudagraphs" if "max-autotune" in options else None)
@@ -282,11 +282,17 @@ def attention_section(device: torch.device, quick: bool, steps: int) -> list[dic
 
         return short_attention(q, k, v, q.shape[-1] ** -0.5)
 
+    def sdpa(backend: SDPBackend) -> Callable[..., torch.Tensor]:
+        def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v)
+        return attention
+
     heads, head_dim, tokens = (2, 64, 2048) if quick else (12, 64, 32 * 196 * 8)
     lengths = (8, 16, 197) if quick else (8, 15, 16, 32, 64, 96, 197)
-    kernels = {"short": None, "short fused": "fused", "SDPA math": SDPBackend.MATH,
-               "SDPA flash": SDPBackend.FLASH_ATTENTION, "SDPA efficient": SDPBackend.EFFICIENT_ATTENTION,
-               "SDPA cuDNN": SDPBackend.CUDNN_ATTENTION}
+    kernels = {"short": short_sequence_attention, "short fused": fused_short, "SDPA math": sdpa(SDPBackend.MATH),
+               "SDPA flash": sdpa(SDPBackend.FLASH_ATTENTION), "SDPA efficient": sdpa(SDPBackend.EFFICIENT_ATTENTION),
+               "SDPA cuDNN": sdpa(SDPBackend.CUDNN_ATTENTION)}
     rows = []
     for length in lengths:
         sequences = tokens // length
@@ -294,16 +300,9 @@ def attention_section(device: torch.device, quick: bool, steps: int) -> list[dic
                    .transpose(1, 2).requires_grad_() for _ in range(3))  # (S, H, L, d) views, as in the model
         grad = torch.randn(sequences, heads, length, head_dim, device=device, dtype=torch.bfloat16)
         row = {"length": length, "sequences": sequences, "ms": {}}
-        for name, backend in kernels.items():
-            def step(backend=backend, q=q, k=k, v=v, grad=grad) -> None:
-                if backend is None:
-                    out = short_sequence_attention(q, k, v)
-                elif backend == "fused":
-                    out = fused_short(q, k, v)
-                else:
-                    with sdpa_kernel(backend):
-                        out = F.scaled_dot_product_attention(q, k, v)
-                torch.autograd.grad(out, (q, k, v), grad)
+        for name, attention in kernels.items():
+            def step(attention=attention, q=q, k=k, v=v, grad=grad) -> None:
+                torch.autograd.grad(attention(q, k, v), (q, k, v), grad)
 
             try:
                 row["ms"][name] = 1000 * median_seconds(step, steps=steps, warmup=2, device=device)
