@@ -7,6 +7,7 @@ import torch
 
 from timesformer import TimeSformer, TimeSformerConfig
 from timesformer.model import ATTENTION_TYPES
+from timesformer.model.timesformer import Block
 
 
 def tiny_config(**overrides) -> TimeSformerConfig:
@@ -102,6 +103,26 @@ def test_drop_path_rises_linearly_and_is_per_video():
     # every video is either entirely dropped or entirely kept (scaled by 1/keep)
     assert torch.all((per_video == 0).all(1) | torch.isclose(per_video, torch.tensor(1 / 0.6)).all(1))
     assert 0 < (per_video == 0).all(1).sum() < 64
+
+
+@pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
+def test_drop_path_drops_a_videos_whole_mlp_branch(attention_type):
+    """Stochastic depth drops a residual branch for a whole video. Where a block keeps the cls token and the patches
+    in separate tensors (divided, L+G, axial), its MLP runs on each: one draw must decide for both."""
+    torch.manual_seed(0)
+    block = Block(tiny_config(attention_type=attention_type), drop_path=0.5).train()
+    with torch.no_grad():  # the attention branches add nothing, so a block's output is x + drop_path(mlp(x))
+        for name, module in block.named_modules():
+            if name == "attn.proj" or name.endswith("_fc"):
+                module.weight.zero_(), module.bias.zero_()
+    B, T, N, D = 32, 4, 16, 32
+    cls_shape = (B, T, 1, D) if attention_type == "space_only" else (B, 1, D)  # space_only: a cls token per frame
+    cls, patches = torch.randn(cls_shape), torch.randn(B, T, N, D)
+    new_cls, new_patches = block(cls, patches, grid=(4, 4))
+    cls_kept = (new_cls != cls).flatten(1).any(1)
+    patches_kept = (new_patches != patches).flatten(1).any(1)
+    assert torch.equal(cls_kept, patches_kept)
+    assert 0 < cls_kept.sum() < B  # some videos kept the branch, some lost it
 
 
 @pytest.mark.parametrize(

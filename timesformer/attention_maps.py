@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from timesformer.model import TimeSformer
+from timesformer.model.timesformer import layer_norm
 
 SUPPORTED = ("divided_space_time", "joint_space_time", "space_only")
 
@@ -52,7 +53,7 @@ def attention_rollout(model: TimeSformer, video: torch.Tensor) -> torch.Tensor:
     def record(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
         # The attention's own input: the block may hand over the pre-norm tokens with the norm to fold in.
         x, norm = args[0].detach(), kwargs.get("norm")
-        inputs[module] = norm(x) if norm is not None else x
+        inputs[module] = layer_norm(norm, x) if norm is not None else x
 
     hooks = [module.register_forward_hook(record, with_kwargs=True)
              for block in model.blocks for module in (getattr(block, "temporal_attn", None), block.attn) if module]

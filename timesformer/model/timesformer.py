@@ -193,6 +193,12 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+def layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)``, in float32 for a bf16 x and float32 weights, as ``norm_linear`` computes it: CUDA's autocast
+    runs nn.LayerNorm in float32, the CPU's in x's dtype (with the bf16 residual stream, 7x the gradient error)."""
+    return F.layer_norm(_norm_input(x, norm.weight), norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+
 def norm_linear(norm: nn.LayerNorm, linear: nn.Linear, x: torch.Tensor,
                 chunks: int = 1) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """``linear(norm(x))``, keeping x rather than norm(x) for the backward pass; ``chunks`` > 1: the output
@@ -227,12 +233,20 @@ class DropPath(nn.Module):
         super().__init__()
         self.drop_prob = drop_prob
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def draw(self, x: torch.Tensor) -> torch.Tensor | None:
+        """One keep (1) or drop (0) per sample of x, (B,) in x's dtype; None when nothing is dropped (eval, rate 0)."""
+        if self.drop_prob == 0.0 or not self.training:
+            return None
+        return x.new_empty(x.shape[0]).bernoulli_(1.0 - self.drop_prob)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, ...) with whole samples dropped, the others scaled by 1/keep_prob. ``keep``: a ``draw`` to apply
+        (one residual branch computed as several tensors, e.g. the MLP on the cls token and on the patches, must
+        drop a video from all of them or none); drawn here if not given."""
         if self.drop_prob == 0.0 or not self.training:
             return x
-        keep_prob = 1.0 - self.drop_prob
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep_prob)
-        return x * mask / keep_prob
+        keep = self.draw(x) if keep is None else keep
+        return x * keep.view(-1, *(1,) * (x.ndim - 1)) / (1.0 - self.drop_prob)
 
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob:.3f}"
@@ -298,7 +312,7 @@ class Attention(nn.Module):
             if norm is not None and self.memory_saving:
                 q, k, v = norm_linear(norm, self.qkv, x, chunks=3)
             else:
-                q, k, v = self.qkv(norm(x) if norm is not None else x).chunk(3, dim=-1)
+                q, k, v = self.qkv(layer_norm(norm, x) if norm is not None else x).chunk(3, dim=-1)
         else:  # q from the queries, k and v from x: qkv's weight cut in its q and kv parts
             q_weight, kv_weight = self.qkv.weight.split([dim, 2 * dim])
             q_bias, kv_bias = self.qkv.bias.split([dim, 2 * dim]) if self.qkv.bias is not None else (None, None)
@@ -306,8 +320,8 @@ class Attention(nn.Module):
                 (q,) = _LayerNormLinear.apply(queries, norm.weight, norm.bias, q_weight, q_bias, norm.eps, 1)
                 k, v = _LayerNormLinear.apply(x, norm.weight, norm.bias, kv_weight, kv_bias, norm.eps, 2)
             else:
-                q = F.linear(norm(queries) if norm is not None else queries, q_weight, q_bias)
-                k, v = F.linear(norm(x) if norm is not None else x, kv_weight, kv_bias).chunk(2, dim=-1)
+                q = F.linear(layer_norm(norm, queries) if norm is not None else queries, q_weight, q_bias)
+                k, v = F.linear(layer_norm(norm, x) if norm is not None else x, kv_weight, kv_bias).chunk(2, dim=-1)
         num_queries = q.shape[-2]
         # Each (S, H, L, head_dim), S = all sequences: views of (S, L, D) tensors, which is the layout SDPA's
         # output and its gradients for q, k and v have (no copies either way).
@@ -345,7 +359,7 @@ class Mlp(nn.Module):
         if norm is not None and self.memory_saving:
             x = norm_linear(norm, self.fc1, x)
         else:
-            x = self.fc1(norm(x) if norm is not None else x)
+            x = self.fc1(layer_norm(norm, x) if norm is not None else x)
         if not self.memory_saving or (self.drop.p > 0 and self.training):  # dropout: no recomputation
             return self.drop(self.fc2(self.drop(_ACTIVATIONS[self.hidden_act][0](x))))
         return self.drop(_ActivationLinear.apply(x, self.fc2.weight, self.fc2.bias, self.hidden_act))
@@ -491,7 +505,10 @@ class Block(nn.Module):
             # Position-major, (B, N, T, D): the temporal attention's sequences and the MLP's tokens are then
             # contiguous. TimeSformer.embed stores divided patches in this order, so the transposes are views.
             cls, per_position = self._divided_attention(cls, patches.transpose(1, 2), cls_only)
-            return self._mlp(cls), None if cls_only else self._mlp(per_position).transpose(1, 2)
+            if cls_only:
+                return self._mlp(cls)[0], None
+            cls, per_position = self._mlp(cls, per_position)
+            return cls, per_position.transpose(1, 2)
         if self.attention_type in ("joint_space_time", "space_only"):
             if self.attention_type == "joint_space_time":  # one sequence of all tokens: (B, 1 + T·N, D)
                 tokens = torch.cat([cls, patches.reshape(B, T * N, D)], dim=1)
@@ -499,19 +516,25 @@ class Block(nn.Module):
                 tokens = torch.cat([cls, patches], dim=2)
             if cls_only:
                 cls = cls + self.drop_path(self.attn(tokens, norm=self.norm1, queries=cls))
-                return self._mlp(cls), None
-            tokens = self._mlp(tokens + self.drop_path(self.attn(tokens, norm=self.norm1)))
+                return self._mlp(cls)[0], None
+            (tokens,) = self._mlp(tokens + self.drop_path(self.attn(tokens, norm=self.norm1)))
             cls, patches = tokens.split([1, tokens.shape[-2] - 1], dim=-2)
             return cls, patches.reshape(B, T, N, D)
         if self.attention_type == "sparse_local_global":
             cls, patches = self._sparse_local_global_attention(cls, patches, grid, cls_only)
         else:
             cls, patches = self._axial_attention(cls, patches, grid, cls_only)
-        return self._mlp(cls), None if cls_only else self._mlp(patches)
+        if cls_only:
+            return self._mlp(cls)[0], None
+        cls, patches = self._mlp(cls, patches)
+        return cls, patches
 
-    def _mlp(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The MLP half of the block (token-wise): tokens + mlp(norm2(tokens))."""
-        return tokens + self.drop_path(self.mlp(tokens, norm=self.norm2))
+    def _mlp(self, *parts: torch.Tensor) -> list[torch.Tensor]:
+        """The MLP half of the block, x + mlp(norm2(x)) (token-wise), on each part of the tokens: (B, ..., D) tensors,
+        e.g. the cls token and the patches where they are kept apart. One residual branch, so one stochastic-depth
+        draw per video for all parts (drawn apart, a video could keep its cls token's MLP and lose its patches')."""
+        keep = self.drop_path.draw(parts[0])
+        return [x + self.drop_path(self.mlp(x, norm=self.norm2), keep) for x in parts]
 
     def _extra_attention(self, name: str, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The residual branch <name>_fc(drop_path(<name>_attn(<name>_norm1(x)))) of an ``EXTRA_ATTENTIONS`` entry.
@@ -747,7 +770,7 @@ class TimeSformer(nn.Module):
             # (B, T, 1, D) -> (B, 1, D): average the per-frame cls tokens, then the final norm (as the original;
             # HF returns per-frame logits instead).
             cls = cls.mean(dim=1)
-        return self.norm(cls[:, 0])
+        return layer_norm(self.norm, cls[:, 0])
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, T, C, H, W) -> logits (B, num_classes)."""
