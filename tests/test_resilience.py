@@ -116,6 +116,12 @@ def test_global_batch_size_sets_gradient_accumulation():
     assert trainer.accumulate_grad_batches == 8
     with pytest.raises(ValueError, match="global_batch_size=60 is not a multiple of data.batch_size=8"):
         _apply_global_batch_size(trainer, 60, batch_size=8)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        accumulate_grad_batches=4)
+    with pytest.raises(ValueError, match="trainer.accumulate_grad_batches=4; set only one of them"):
+        _apply_global_batch_size(trainer, 16, batch_size=8)  # 2 accumulation steps: which one was meant?
+    _apply_global_batch_size(trainer, 32, batch_size=8)  # the two agree
+    assert trainer.accumulate_grad_batches == 4
 
 
 def _nan_loader(drop_poisoned: bool = False):
@@ -208,9 +214,15 @@ def test_a_skipped_batch_under_gradient_accumulation_leaves_the_step_to_the_othe
 
 
 def test_every_experiment_composes(tmp_path):
-    for experiment in ("demo", "k400_paper", "k400_adamw"):
+    for experiment in ("demo", "k400_paper", "k400_adamw", "k400_hr", "k400_large"):
         cfg = compose_config("train", [f"experiment={experiment}"], tmp_path)
         assert cfg.model.num_frames == cfg.data.num_frames
+    # DESIGN.md section 4: HR 16x16 @ 448 with jitter [448, 512], L 96x4 @ 224, the rest as the paper's recipe.
+    hr, large = (compose_config("train", [f"experiment={name}"], tmp_path) for name in ("k400_hr", "k400_large"))
+    assert (hr.data.num_frames, hr.data.sampling_rate, hr.data.image_size) == (16, 16, 448)
+    assert list(hr.data.train_short_side_range) == [448, 512]
+    assert (large.data.num_frames, large.data.sampling_rate, large.data.image_size) == (96, 4, 224)
+    assert hr.optimizer.lr == large.optimizer.lr == 0.005 and hr.global_batch_size == large.global_batch_size == 64
     paper = compose_config("train", ["experiment=k400_paper"], tmp_path)
     assert (paper.optimizer.name, paper.optimizer.lr, paper.optimizer.nesterov) == ("sgd", 0.005, True)
     assert paper.global_batch_size == 64 and paper.trainer.max_epochs == 15

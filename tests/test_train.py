@@ -96,6 +96,13 @@ def test_train_then_evaluate_the_checkpoint(synthetic_root, tmp_path):
     assert [row["class"] for row in per_class] == report["class_names"]
     assert sum(int(row["videos"]) for row in per_class) == num_videos
     assert (eval_dir / "confusion_matrix.png").stat().st_size > 1000
+    assert report["view_aggregation"] == "softmax"  # the run's setting
+
+    result = run_script("evaluate.py", f"ckpt={metrics['best_checkpoint']}", "data.batch_size=2",
+                        "module.view_aggregation=logits", "trainer.enable_progress_bar=false",
+                        f"hydra.run.dir={tmp_path / 'eval_logits'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "eval_logits" / "eval.json").read_text())["view_aggregation"] == "logits"
 
 
 def test_invalid_attention_type_names_the_valid_choices(synthetic_root, tmp_path):

@@ -77,6 +77,9 @@ def lr_multiplier(step: int, name: str, total_steps: int, warmup_steps: int = 0,
     """
     if name not in SCHEDULERS:
         raise ValueError(f"scheduler.name={name!r} is not supported; valid values: {', '.join(SCHEDULERS)}")
+    if not all(0 < m < 1 for m in milestones):
+        raise ValueError(f"scheduler.milestones={list(milestones)}: milestones are fractions of training in (0, 1) "
+                         f"(epoch 11 of 15 is 0.7333), not epochs or steps")
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     if name == "cosine":
@@ -273,9 +276,21 @@ class VideoClassifier(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = build_optimizer(self.model, **self.hparams.optimizer)
         settings = dict(self.hparams.scheduler)
-        total_steps = max(int(self.trainer.estimated_stepping_batches), 1)
-        steps_per_epoch = total_steps / max(self.trainer.max_epochs or 1, 1)
-        warmup_steps = int(round(settings.pop("warmup_epochs", 0.0) * steps_per_epoch))
+        trainer = self.trainer
+        total_steps = trainer.estimated_stepping_batches
+        if not math.isfinite(total_steps):
+            raise ValueError("The learning-rate schedule needs a finite length: set trainer.max_epochs or "
+                             "trainer.max_steps (max_epochs=-1 without max_steps trains forever)")
+        total_steps = max(int(total_steps), 1)
+        if trainer.train_dataloader is None:  # max_epochs=-1: Lightning's estimate did not load the data
+            trainer.fit_loop.setup_data()
+        batches = trainer.num_training_batches  # per epoch and process (limit_train_batches applied)
+        # Warmup is counted in real epochs, whatever stops training (max_epochs, or max_steps first).
+        steps_per_epoch = math.ceil(batches / trainer.accumulate_grad_batches) if math.isfinite(batches) else None
+        warmup_epochs = settings.pop("warmup_epochs", 0.0)
+        if warmup_epochs and steps_per_epoch is None:
+            raise ValueError("scheduler.warmup_epochs needs a dataset with a length (an epoch of known size)")
+        warmup_steps = int(round(warmup_epochs * steps_per_epoch)) if warmup_epochs else 0
         settings["milestones"] = tuple(settings.get("milestones", ()))
 
         def factor(step: int) -> float:

@@ -152,7 +152,13 @@ def _apply_global_batch_size(trainer: L.Trainer, global_batch_size: int | None, 
             raise ValueError(
                 f"global_batch_size={global_batch_size} is not a multiple of data.batch_size={batch_size} x "
                 f"{trainer.world_size} processes = {per_step}; change one of them")
-        trainer.accumulate_grad_batches = global_batch_size // per_step
+        accumulation = global_batch_size // per_step
+        if trainer.accumulate_grad_batches not in (1, accumulation):
+            raise ValueError(
+                f"global_batch_size={global_batch_size} means {accumulation} accumulation steps (data.batch_size="
+                f"{batch_size} x {trainer.world_size} processes), but trainer.accumulate_grad_batches="
+                f"{trainer.accumulate_grad_batches}; set only one of them")
+        trainer.accumulate_grad_batches = accumulation
     log.info("Global batch %d = %d per device x %d processes x %d accumulation steps",
              per_step * trainer.accumulate_grad_batches, batch_size, trainer.world_size,
              trainer.accumulate_grad_batches)
@@ -250,6 +256,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     model = TimeSformer.from_pretrained(cfg.ckpt)
     module_settings = {k: v for k, v in OmegaConf.to_container(saved.get("module") or {}).items()
                        if k in ("view_aggregation",)}
+    if cfg.get("module", {}).get("view_aggregation") is not None:  # evaluate.py module.view_aggregation=...
+        module_settings["view_aggregation"] = cfg.module.view_aggregation
     module = VideoClassifier(model, optimizer=OmegaConf.to_container(saved.optimizer),
                              scheduler=OmegaConf.to_container(saved.scheduler), **module_settings)
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=False)

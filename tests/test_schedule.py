@@ -1,0 +1,63 @@
+"""The learning-rate schedule as the optimizer sees it, step by step, however training is bounded."""
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from timesformer import TimeSformer, TimeSformerConfig
+from timesformer.module import VideoClassifier, lr_multiplier
+
+
+class RecordLearningRate(L.Callback):
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def _fit(tmp_path, scheduler: dict, batches: int = 4, **trainer_kwargs) -> list[float]:
+    torch.manual_seed(0)
+    config = TimeSformerConfig(image_size=16, patch_size=8, num_frames=2, hidden_size=16, num_hidden_layers=1,
+                               num_attention_heads=2, intermediate_size=32, num_classes=2)
+    module = VideoClassifier(TimeSformer(config), optimizer={"name": "sgd", "lr": 1.0, "weight_decay": 0.0},
+                             scheduler=scheduler)
+    samples = [{"video": torch.randn(2, 3, 16, 16), "label": i % 2, "index": i} for i in range(batches)]
+    recorder = RecordLearningRate()
+    trainer = L.Trainer(accelerator="cpu", default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        callbacks=[recorder], **trainer_kwargs)
+    trainer.fit(module, DataLoader(samples, batch_size=1))
+    return recorder.lrs
+
+
+@pytest.mark.parametrize("bounds", [dict(max_epochs=-1, max_steps=8), dict(max_epochs=15, max_steps=8),
+                                    dict(max_epochs=2)])
+def test_warmup_lasts_the_epochs_asked_whatever_bounds_training(bounds, tmp_path):
+    """warmup_epochs=1 with 4 batches an epoch is 4 steps, whether max_epochs or max_steps ends training (it was
+    total_steps / max_epochs: 8 steps of warmup with max_epochs=-1, 1 step with max_epochs=15 and max_steps=8)."""
+    lrs = _fit(tmp_path, {"name": "cosine", "warmup_epochs": 1.0}, **bounds)
+    assert len(lrs) == 8
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert lrs[4:] == pytest.approx([lr_multiplier(step, "cosine", total_steps=8, warmup_steps=4)
+                                     for step in range(4, 8)])
+    assert lrs[7] < lrs[5] < lrs[4]  # the cosine decay ran
+
+
+def test_warmup_counts_optimizer_steps_under_gradient_accumulation(tmp_path):
+    lrs = _fit(tmp_path, {"name": "cosine", "warmup_epochs": 1.0}, batches=8, max_epochs=2,
+               accumulate_grad_batches=2)  # 4 optimizer steps an epoch
+    assert lrs[:8:2] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+
+
+def test_an_unbounded_run_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="set trainer.max_epochs or trainer.max_steps"):
+        _fit(tmp_path, {"name": "cosine"}, max_epochs=-1)
+
+
+def test_multistep_milestones_are_fractions_of_training(tmp_path):
+    lrs = _fit(tmp_path, {"name": "multistep", "milestones": [0.5, 0.75], "gamma": 0.1}, max_epochs=2)
+    assert lrs == pytest.approx([1.0] * 4 + [0.1] * 2 + [0.01] * 2)
+    with pytest.raises(ValueError, match=r"milestones=\[11, 14\]: milestones are fractions of training"):
+        _fit(tmp_path, {"name": "multistep", "milestones": [11, 14]}, max_epochs=2)  # epochs: never reached
