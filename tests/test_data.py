@@ -25,7 +25,7 @@ from timesformer.data import (
     train_transform,
 )
 from timesformer.data.synthetic import CLASS_SCHEMES, DIRECTIONS
-from timesformer.data.video import VideoInfo
+from timesformer.data.video import VideoInfo, decord_misreads
 
 # A tiny synthetic dataset: 4 classes x (2 train + 1 val) videos of 24 frames, 48x32 px.
 TINY = dict(
@@ -285,11 +285,16 @@ def _pattern(t: int) -> np.ndarray:
     ("h264.avi", "libx264", {"bf": "0"}),
     ("mpeg4_bframes.avi", "mpeg4", {"bf": "2"}),  # XviD-style
     ("mpeg4_bframes.mp4", "mpeg4", {"bf": "2"}),
+    # open GOP: the leading B-frames after a keyframe (decode order) are shown before it
+    ("h264_open_gop.mp4", "libx264", {"x264-params": "open-gop=1:keyint=10"}),
+    ("h264_open_gop.mkv", "libx264", {"x264-params": "open-gop=1:keyint=30"}),
+    ("hevc_open_gop.mp4", "libx265", {"x265-params": "log-level=none:keyint=20:open-gop=1"}),
+    ("hevc_closed_gop.mp4", "libx265", {"x265-params": "log-level=none:keyint=20:open-gop=0"}),
 ])
 def test_decoders_return_the_frames_that_were_encoded(tmp_path, name, codec, options):
     import av
 
-    from timesformer.data.check import check_video
+    from timesformer.data.check import VideoCheck, check_video
 
     path = tmp_path / name
     with av.open(str(path), mode="w") as container:
@@ -305,14 +310,13 @@ def test_decoders_return_the_frames_that_were_encoded(tmp_path, name, codec, opt
     def frame_numbers(frames: torch.Tensor) -> list[int]:  # the encoded frame each decoded one is closest to
         return [int(np.abs(encoded - frame.numpy()).mean(axis=(1, 2, 3)).argmin()) for frame in frames]
 
-    # decord alone misreads all but the mp4 h264 after a seek; the decord path hands AVIs to PyAV, and
-    # `python -m timesformer.data.check` names the other MPEG-4 part 2 videos with B-frames
-    assert check_video(str(path), 0).mpeg4_with_b_frames == name.startswith("mpeg4")
-    misread_by_decord = name == "mpeg4_bframes.mp4"
+    # decord alone misreads all but the closed-GOP mp4/mkv h264 after a seek (or, HEVC, cannot decode it); the
+    # decord path reads those files with PyAV
+    assert decord_misreads(path) == (name not in ("h264_bframes.mp4", "hevc_closed_gop.mp4"))
     for indices in ([0, 13, 29, 41, 59], [7, 8, 50], list(range(60))):
         assert frame_numbers(decode_frames(path, indices, decoder="pyav")) == indices
-        if not misread_by_decord:
-            assert frame_numbers(decode_frames(path, indices)) == indices
+        assert frame_numbers(decode_frames(path, indices)) == indices
+    assert check_video(str(path), 0) == VideoCheck(str(path), 0, num_frames=60, fps=25.0)
 
 
 class _CountingCodec:
@@ -631,3 +635,27 @@ def test_datamodule_from_hydra_config(tiny_source):
     datamodule.setup("validate")
     batch = next(iter(datamodule.val_dataloader()))
     assert batch["video"].shape == (2, 4, 3, 16, 16)
+
+
+def test_a_frame_size_change_mid_stream_is_a_decode_error(tmp_path):
+    """Two MPEG-PS files joined (cat a.mpg b.mpg): PyAV's frames change size mid-way. A clip across the change is
+    reported as an undecodable video (replaced in training), not a ValueError that kills the DataLoader worker."""
+    import av
+
+    parts = []
+    for name, (width, height) in (("a.mpg", (64, 48)), ("b.mpg", (96, 64))):
+        with av.open(str(tmp_path / name), mode="w", format="mpeg") as container:
+            stream = container.add_stream("mpeg2video", rate=25)
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            for t in range(30):
+                frame = av.VideoFrame.from_ndarray(np.full((height, width, 3), 8 * t, np.uint8), format="rgb24")
+                for packet in stream.encode(frame):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+        parts.append((tmp_path / name).read_bytes())
+    path = tmp_path / "joined.mpg"
+    path.write_bytes(b"".join(parts))
+    assert decode_frames(path, [0, 10], decoder="pyav").shape == (2, 48, 64, 3)  # within the first part: fine
+    with pytest.raises(VideoDecodeError, match=r"joined.mpg: their sizes differ \[\(48, 64\), \(64, 96\)\]"):
+        decode_frames(path, [0, 45], decoder="pyav")

@@ -494,3 +494,12 @@ def test_evaluate_reads_moved_data_and_lists_failed_videos(tmp_path):
     assert report["views"] == {"test_temporal_clips": 1, "test_spatial_crops": 3}
     assert report["videos_total"] == 2 and report["videos_evaluated"] == 1
     assert report["failed_videos"] == [str(moved / "test" / "dog" / "broken.mp4")]
+
+
+@pytest.mark.parametrize("header", ["clip,class", "video_id,label", "name,category", None])
+def test_csv_header_rows_are_not_videos(tmp_path, header):
+    """A header row is skipped whatever the first column is called: read as a video, "class" became a class and
+    moved "dog" from id 1 to id 2."""
+    lines = ([header] if header else []) + ["a.mp4,cat", "b.mp4,dog"]
+    (tmp_path / "train.csv").write_text("\n".join(lines) + "\n")
+    assert CsvSource.read_rows(tmp_path / "train.csv") == [("a.mp4", "cat"), ("b.mp4", "dog")]

@@ -33,7 +33,8 @@ class PreemptionCheckpoint(L.Callback):
     Lightning already catches SIGTERM (``trainer.received_sigterm``, broadcast from rank 0 every step) and
     handles SIGUSR1 itself on SLURM with auto-requeue; elsewhere SIGUSR1 would kill the process, so this
     callback installs a handler for it. The checkpoint is a full one (optimizer, schedulers, loops), written
-    atomically by Lightning, so ``resume=auto`` continues from the very next batch.
+    atomically by Lightning, so ``resume=auto`` continues from the next step (the rest of that epoch reshuffled:
+    the data order is only restored at epoch boundaries).
     """
 
     def __init__(self, dirpath: str | Path, filename: str = "last.ckpt") -> None:

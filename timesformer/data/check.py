@@ -39,31 +39,28 @@ class VideoCheck:
     num_frames: int = 0
     fps: float = 0.0
     error: str | None = None
-    mpeg4_with_b_frames: bool = False
 
 
-def check_video(path: str, label: int) -> VideoCheck:
-    """Open a video and decode its first, middle and last frames."""
-    import decord
-
-    from timesformer.data.video import mpeg4_with_b_frames
+def check_video(path: str, label: int, decoder: str = "decord") -> VideoCheck:
+    """Read a video as the data loading does (`decode_clip` with ``decoder``): its first, middle and last frames."""
+    from timesformer.data.video import decode_clip
 
     result = VideoCheck(path, label)
+
+    def first_middle_last(num_frames: int, fps: float) -> list[int]:
+        result.num_frames, result.fps = num_frames, fps
+        if num_frames == 0:
+            raise ValueError("no frames")
+        return sorted({0, (num_frames - 1) // 2, num_frames - 1})
+
     try:
         if os.path.getsize(path) == 0:
             result.error = "empty file (0 bytes)"
             return result
-        reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
-        result.num_frames, result.fps = len(reader), float(reader.get_avg_fps())
-        if result.num_frames == 0:
-            result.error = "no frames"
-            return result
-        last = result.num_frames - 1
-        reader.get_batch(sorted({0, last // 2, last})).asnumpy()
-        result.mpeg4_with_b_frames = mpeg4_with_b_frames(path)
+        decode_clip(path, first_middle_last, decoder=decoder)
     except FileNotFoundError:
         result.error = "missing"
-    except Exception as error:  # decord raises RuntimeError / DECORDError with FFmpeg's message
+    except Exception as error:  # VideoDecodeError with FFmpeg's message, or "no frames"
         result.error = " ".join(str(error).split()).replace(path, os.path.basename(path))[:300]
     return result
 
@@ -160,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"checking {len(entries)} {split} videos with {args.workers} threads ...", file=sys.stderr)
         with ThreadPoolExecutor(max_workers=max(args.workers, 1)) as pool:
-            checked[split] = list(pool.map(lambda entry: check_video(*entry), entries))
+            checked[split] = list(pool.map(lambda entry: check_video(*entry, datamodule.decoder), entries))
 
     rows = []
     for split in splits:
@@ -186,10 +183,6 @@ def main(argv: list[str] | None = None) -> int:
               [f"{r.path}: {r.num_frames} frames, a clip spans {frames_needed(datamodule, r.fps)}"
                for r in results if r.error is None and r.num_frames < frames_needed(datamodule, r.fps)],
               args.max_listed)
-        if datamodule.decoder == "decord":  # AVIs are switched to PyAV by the decord path itself
-            _list(f"{split}: MPEG-4 part 2 with B-frames, which decord misreads after a seek: use data.decoder=pyav",
-                  [r.path for r in results if r.mpeg4_with_b_frames and not r.path.lower().endswith(".avi")],
-                  args.max_listed)
 
     if args.write_clean:
         if args.no_decode:

@@ -233,7 +233,8 @@ class CsvSource(AnnotatedVideoSource):
     """
 
     title = "csv dataset"
-    HEADER_FIRST_FIELDS = ("path", "video", "file", "filename", "video_path", "name")
+    HEADER_FIRST_FIELDS = ("path", "video", "file", "filename", "video_path", "name", "clip", "video_id", "id")
+    HEADER_LABEL_FIELDS = ("label", "labels", "class", "class_name", "classname", "category", "action", "target")
 
     def __init__(
         self,
@@ -263,8 +264,9 @@ class CsvSource(AnnotatedVideoSource):
             else:  # "path label", as PySlowFast's lists: the label is the last field, the path may have spaces
                 fields = line.rsplit(maxsplit=1)
             fields = [value.strip() for value in fields]
-            if number == 1 and fields[0].lower() in cls.HEADER_FIRST_FIELDS:
-                continue
+            if number == 1 and (fields[0].lower() in cls.HEADER_FIRST_FIELDS
+                                or (len(fields) > 1 and fields[1].lower() in cls.HEADER_LABEL_FIELDS)):
+                continue  # a header row, not a video whose class is called "class"
             if len(fields) < 2 or not fields[0] or not fields[1]:
                 raise ValueError(f"{path}, line {number}: expected `path,label`, got {line!r}")
             rows.append((fields[0], fields[1]))

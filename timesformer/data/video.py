@@ -10,12 +10,14 @@ same RGB conversion; tests/test_data.py checks it pixel for pixel). They differ 
   recipe on x264-encoded 10 s clips that is ~1.3x less decode time than decord (benchmarks/README.md, part 3).
   decord has no way to skip a frame's decoding.
 
-decord seeks wrongly in some files (h264 in AVI, MPEG-4 part 2 with B-frames): see DECORD_UNRELIABLE_SUFFIXES.
+decord returns wrong frames after a seek in some files (h264 in AVI, MPEG-4 part 2 with B-frames, open-GOP h264
+and HEVC): the "decord" path reads those with PyAV (see `decord_misreads`).
 """
 
 from __future__ import annotations
 
 import bisect
+import functools
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -108,13 +110,25 @@ def decode_clip(
 
     `choose_indices(num_frames, fps)` returns the indices to decode (in order, repeats allowed).
     Returns the frames as a uint8 tensor (T, H, W, C), RGB, and the video's info. `decoder` is one of
-    `DECODERS` (see the module docstring); both give the same frames. "decord" reads AVI files with PyAV
-    (see DECORD_UNRELIABLE_SUFFIXES).
+    `DECODERS` (see the module docstring); both give the same frames. "decord" reads the files it would misread
+    with PyAV (see `decord_misreads`), and retries with PyAV a file it cannot decode.
     """
     if decoder not in DECODERS:
         raise ValueError(f"decoder={decoder!r} is not supported; valid values: {', '.join(DECODERS)}")
-    if decoder == "pyav" or _decord_misreads(path):
+    if decoder == "pyav" or decord_misreads(path):
         return _decode_clip_pyav(path, choose_indices, num_threads)
+    try:
+        return _decode_clip_decord(path, choose_indices, num_threads)
+    except VideoDecodeError as error:  # e.g. some HEVC streams decord2 cannot feed to FFmpeg ("Error sending packet")
+        try:
+            return _decode_clip_pyav(path, choose_indices, num_threads)
+        except VideoDecodeError as pyav_error:
+            raise VideoDecodeError(f"{error} (PyAV could not read it either: {pyav_error})") from error
+
+
+def _decode_clip_decord(
+    path: str | os.PathLike, choose_indices: Callable[[int, float], Sequence[int]], num_threads: int
+) -> tuple[torch.Tensor, VideoInfo]:
     reader = _open(path, num_threads)
     num_frames, fps = len(reader), float(reader.get_avg_fps())
     indices = list(choose_indices(num_frames, fps))  # errors here are the caller's, not the file's
@@ -128,26 +142,44 @@ def decode_clip(
     return torch.from_numpy(frames), info
 
 
-def mpeg4_with_b_frames(path: str | os.PathLike) -> bool:
-    """Whether a video is MPEG-4 part 2 (XviD / DivX) with B-frames, which decord (0.6 and decord2 3.4) misreads
-    after a seek in any container (frame 13 asked, frame 15 returned; tests/test_data.py checks both decoders
-    against the encoded frames). `python -m timesformer.data.check` lists such videos."""
-    try:
-        with av.open(os.fspath(path)) as container:
-            codec = container.streams.video[0].codec_context
-            return codec.name == "mpeg4" and bool(codec.has_b_frames)
-    except (av.FFmpegError, IndexError, OSError):
-        return False  # unreadable: the decoder will say so
-
-
 # decord seeks wrongly in AVI files that hold h264 (with or without B-frames: after a seek to the keyframe before
 # frame 20 it returned frame 8, counted from the start of the file) or MPEG-4 part 2 with B-frames, and returns no
 # frame timestamps for them; the decord path reads AVI files with PyAV, which numbers their frames right.
 DECORD_UNRELIABLE_SUFFIXES = (".avi",)
 
 
-def _decord_misreads(path: str | os.PathLike) -> bool:
-    return os.path.splitext(os.fspath(path))[1].lower() in DECORD_UNRELIABLE_SUFFIXES
+@functools.lru_cache(maxsize=1 << 16)  # per process: a DataLoader worker reads each file's packets once
+def decord_misreads(path: str | os.PathLike) -> bool:
+    """Whether decord (0.6, decord2 3.4) would return wrong frames for some indices of this video.
+
+    - AVI files (see DECORD_UNRELIABLE_SUFFIXES) and MPEG-4 part 2 with B-frames (frame 13 asked, 15 returned).
+    - Keyframes that are not shown at their decode position: open GOPs (x265's default, x264 --open-gop), whose
+      leading pictures follow the keyframe in decode order but are shown before it. decord numbers keyframes by
+      their decode position and lands beside the frame asked for after a seek (HEVC: 250 asked, 251 returned;
+      open-GOP h264 in mkv: 29 asked, 1 returned).
+    Read from the packets (no decoding): ~1-3 ms for a 10 s clip, once per file and process.
+    """
+    path = os.fspath(path)
+    if os.path.splitext(path)[1].lower() in DECORD_UNRELIABLE_SUFFIXES:
+        return True
+    try:
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            codec = stream.codec_context
+            if codec.name == "mpeg4" and codec.has_b_frames:
+                return True
+            timestamps, keyframes = [], []  # decode order
+            for packet in container.demux(stream):
+                if packet.size:
+                    if packet.is_keyframe:
+                        keyframes.append(len(timestamps))
+                    timestamps.append(packet.pts)
+    except (av.FFmpegError, IndexError, OSError):
+        return False  # unreadable: decord will say so
+    if None in timestamps:
+        return False  # no presentation order to compare with
+    shown_at = {pts: at for at, pts in enumerate(sorted(timestamps))}
+    return any(shown_at[timestamps[at]] != at for at in keyframes)
 
 
 def decode_frames(
@@ -201,6 +233,9 @@ def _decode_clip_pyav(
         missing = sorted(set(indices) - set(frames))
         if missing:
             raise VideoDecodeError(f"Could not decode frames {missing} of video {path}: the decoder gave no picture")
+    sizes = sorted({frames[index].shape[:2] for index in indices})
+    if len(sizes) > 1:  # a stream whose frame size changes mid-way (e.g. concatenated MPEG-PS files)
+        raise VideoDecodeError(f"Could not decode frames {indices} of video {path}: their sizes differ {sizes}")
     clip = np.stack([frames[index] for index in indices])  # (T, H, W, C) uint8
     info = VideoInfo(num_frames=len(packets), fps=fps, height=clip.shape[1], width=clip.shape[2])
     return torch.from_numpy(clip), info
