@@ -25,7 +25,7 @@ from timesformer.data import (
     train_transform,
 )
 from timesformer.data.synthetic import CLASS_SCHEMES, DIRECTIONS
-from timesformer.data.video import VideoInfo, decord_misreads
+from timesformer.data.video import DECODERS, VideoInfo, decord_misreads
 
 # A tiny synthetic dataset: 4 classes x (2 train + 1 val) videos of 24 frames, 48x32 px.
 TINY = dict(
@@ -659,3 +659,73 @@ def test_a_frame_size_change_mid_stream_is_a_decode_error(tmp_path):
     assert decode_frames(path, [0, 10], decoder="pyav").shape == (2, 48, 64, 3)  # within the first part: fine
     with pytest.raises(VideoDecodeError, match=r"joined.mpg: their sizes differ \[\(48, 64\), \(64, 96\)\]"):
         decode_frames(path, [0, 45], decoder="pyav")
+
+
+def test_an_edit_list_hides_the_pre_roll_for_both_decoders(tmp_path):
+    """An mp4 cut with stream copy (`ffmpeg -ss 0.4 -c copy`) keeps the frames from the keyframe before the cut,
+    hidden by an edit list: frame 0 is the first frame shown, for both decoders. (decord counted the 10 hidden
+    frames, inconsistently: index 0 gave the frame shown first, index 20 the one shown 30th; PyAV's path gave no
+    picture for frame 0.)"""
+    import av
+
+    source, cut = tmp_path / "source.mp4", tmp_path / "cut.mp4"
+    with av.open(str(source), mode="w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.options = {"x264-params": "keyint=30:min-keyint=30:scenecut=0", "bf": "0"}
+        for t in range(60):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(_pattern(t), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    with av.open(str(source)) as original, av.open(str(cut), mode="w") as copy:
+        stream = original.streams.video[0]
+        out = copy.add_stream_from_template(stream)
+        shift = 10 * int(1 / (stream.time_base * 25))  # frames 0-9 get negative times: the muxer hides them
+        for packet in original.demux(stream):
+            if packet.size:
+                packet.pts, packet.dts, packet.stream = packet.pts - shift, packet.dts - shift, out
+                copy.mux(packet)
+    encoded = np.stack([_pattern(t) for t in range(60)]).astype(np.float32)
+    for decoder in DECODERS:
+        frames, info = decode_clip(cut, lambda num_frames, fps: [0, 20, 49, 25], decoder=decoder)
+        shown = [int(np.abs(encoded - frame.numpy()).mean(axis=(1, 2, 3)).argmin()) for frame in frames]
+        assert (info.num_frames, shown) == (50, [10, 30, 59, 35]), decoder
+
+
+def test_a_phone_videos_display_matrix_turns_its_frames_for_every_reader(tmp_path):
+    """A portrait phone video stores landscape frames and a display matrix saying "turn 90 degrees clockwise":
+    both decoders return the frames as players show them (PyAV's path returned them sideways), and resizing
+    writes them upright (it dropped the matrix, leaving them sideways for every decoder)."""
+    import struct
+
+    import av
+
+    from timesformer.data.resize import resize_video
+
+    path = tmp_path / "portrait.mp4"
+    stored = np.zeros((48, 64, 3), np.uint8)
+    stored[:, :16] = 255  # a white band on the left of the stored frame: on top once turned clockwise
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for _ in range(5):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(stored, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    data = bytearray(path.read_bytes())  # the track header's matrix: 90 degrees clockwise (as phones write it)
+    track_header = data.find(b"tkhd") - 4
+    matrix_at = track_header + 12 + (20 if data[track_header + 8] == 0 else 32) + 16
+    struct.pack_into(">9i", data, matrix_at, 0, 0x10000, 0, -0x10000, 0, 0, 48 << 16, 0, 0x40000000)
+    path.write_bytes(bytes(data))
+
+    def white_band(video) -> tuple:
+        frames = {decoder: decode_frames(video, [0, 4], decoder=decoder) for decoder in DECODERS}
+        assert torch.equal(frames["pyav"], frames["decord"])
+        rows, cols = np.where(frames["pyav"][0, :, :, 0].numpy() > 128)
+        return tuple(frames["pyav"].shape[1:3]), (rows.min(), rows.max()), (cols.min(), cols.max())
+
+    assert white_band(path) == ((64, 48), (0, 15), (0, 47))  # portrait, the band on top
+    resize_video(path, tmp_path / "small.mp4", short_side=32)
+    assert white_band(tmp_path / "small.mp4") == ((42, 32), (0, 10), (0, 31))  # 16 of 64 rows, x 2/3

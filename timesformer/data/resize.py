@@ -30,6 +30,7 @@ from pathlib import Path
 import av
 
 from timesformer.data.sources import VIDEO_EXTENSIONS
+from timesformer.data.video import upright_rgb
 
 
 def scaled_size(width: int, height: int, short_side: int) -> tuple[int, int]:
@@ -64,6 +65,10 @@ def resize_video(src: Path, dst: Path, short_side: int, crf: int = 23, preset: s
             frames = 0
             for frame in source.decode(in_stream):
                 small = frame.reformat(width=new_width, height=new_height, format="yuv420p", interpolation="AREA")
+                if round(frame.rotation / 90) % 4:  # a display matrix (phone video): written upright, without one
+                    small = av.VideoFrame.from_ndarray(upright_rgb(small), format="rgb24")
+                    if frames == 0:
+                        out_stream.width, out_stream.height = small.width, small.height
                 small.pts, small.time_base = frame.pts, frame.time_base
                 for packet in out_stream.encode(small):
                     target.mux(packet)

@@ -153,6 +153,8 @@ def decord_misreads(path: str | os.PathLike) -> bool:
     """Whether decord (0.6, decord2 3.4) would return wrong frames for some indices of this video.
 
     - AVI files (see DECORD_UNRELIABLE_SUFFIXES) and MPEG-4 part 2 with B-frames (frame 13 asked, 15 returned).
+    - Edit lists hiding frames (an mp4 cut with ``ffmpeg -ss ... -c copy``): decord numbers the hidden pre-roll
+      as frames, and inconsistently (index 0 is the first frame shown, index 20 the 30th).
     - Keyframes that are not shown at their decode position: open GOPs (x265's default, x264 --open-gop), whose
       leading pictures follow the keyframe in decode order but are shown before it. decord numbers keyframes by
       their decode position and lands beside the frame asked for after a seek (HEVC: 250 asked, 251 returned;
@@ -170,6 +172,8 @@ def decord_misreads(path: str | os.PathLike) -> bool:
                 return True
             timestamps, keyframes = [], []  # decode order
             for packet in container.demux(stream):
+                if packet.is_discard:
+                    return True  # an edit list's hidden pre-roll: decord counts it as frames
                 if packet.size:
                     if packet.is_keyframe:
                         keyframes.append(len(timestamps))
@@ -216,12 +220,15 @@ def _decode_clip_pyav(
             packets = [packet for packet in container.demux(stream) if packet.size]  # decode order
         except av.FFmpegError as error:
             raise VideoDecodeError(f"Could not read video {path}: {error}") from error
+        # The frames shown: an edit list (an mp4 cut with `ffmpeg -ss ... -c copy`) hides the pre-roll from the
+        # keyframe before the cut; those packets are decoded (later frames reference them), their pictures dropped.
+        num_frames = sum(not packet.is_discard for packet in packets)
         # The average frame rate, as decord's get_avg_fps; 0 when the container does not say (the caller copes).
         fps = float(stream.average_rate or stream.guessed_rate or 0.0)
-        indices = list(choose_indices(len(packets), fps))  # errors here are the caller's, not the file's
+        indices = list(choose_indices(num_frames, fps))  # errors here are the caller's, not the file's
         for index in indices:
-            if not 0 <= index < len(packets):
-                raise IndexError(f"frame index {index} is out of range for {path}, which has {len(packets)} frames")
+            if not 0 <= index < num_frames:
+                raise IndexError(f"frame index {index} is out of range for {path}, which has {num_frames} frames")
         try:
             frames = _decode_wanted(stream.codec_context, packets, indices)
         except _DecodeOrderTimestamps:  # see _decode_wanted: number the pictures as they come out instead
@@ -237,8 +244,16 @@ def _decode_clip_pyav(
     if len(sizes) > 1:  # a stream whose frame size changes mid-way (e.g. concatenated MPEG-PS files)
         raise VideoDecodeError(f"Could not decode frames {indices} of video {path}: their sizes differ {sizes}")
     clip = np.stack([frames[index] for index in indices])  # (T, H, W, C) uint8
-    info = VideoInfo(num_frames=len(packets), fps=fps, height=clip.shape[1], width=clip.shape[2])
+    info = VideoInfo(num_frames=num_frames, fps=fps, height=clip.shape[1], width=clip.shape[2])
     return torch.from_numpy(clip), info
+
+
+def upright_rgb(picture: av.VideoFrame) -> np.ndarray:
+    """(H, W, 3) RGB array of a picture as players show it: turned by its display matrix (phone videos store
+    portrait frames landscape and say so there), as decord turns them."""
+    rgb = picture.to_ndarray(format="rgb24")
+    turns = round(picture.rotation / 90) % 4  # counter-clockwise quarter turns (FFmpeg: -90 for a portrait phone video)
+    return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
 
 
 class _DecodeOrderTimestamps(Exception):
@@ -257,7 +272,10 @@ def _decode_wanted(codec: av.CodecContext, packets: list[av.Packet], wanted: Seq
         # The codec reorders frames but the container's timestamps never do: AVI, which has no presentation
         # timestamps, stores h264 B-frames this way. (mp4, mkv, webm, mov record the real order.)
         return _decode_sequentially(codec, packets, wanted)
-    frame_of_pts = {pts: number for number, pts in enumerate(sorted(timestamps))}
+    # Frame 0 is the first frame shown: hidden pre-roll (edit list) gets negative numbers, and no picture.
+    shown = [packet.pts for packet in packets if not packet.is_discard]
+    pre_roll = sum(packet.is_discard and packet.pts < min(shown) for packet in packets) if shown else 0
+    frame_of_pts = {pts: number - pre_roll for number, pts in enumerate(sorted(timestamps))}
     number = [frame_of_pts[packet.pts] for packet in packets]  # frame number of each packet, in decode order
     position = {frame: at for at, frame in enumerate(number)}  # and back
     keyframes = [at for at, packet in enumerate(packets) if packet.is_keyframe] or [0]
@@ -282,7 +300,7 @@ def _decode_wanted(codec: av.CodecContext, packets: list[av.Packet], wanted: Seq
                 raise _DecodeOrderTimestamps  # a guard for what the check above cannot see
             last_out = frame
             if frame in targets:
-                out[frame] = picture.to_ndarray(format="rgb24")
+                out[frame] = upright_rgb(picture)
 
     previous = None
     for at, packet in enumerate(packets):
@@ -311,7 +329,7 @@ def _decode_sequentially(codec: av.CodecContext, packets: list[av.Packet], wante
     for packet in [*packets, None]:
         for picture in codec.decode(packet):
             if count in targets:
-                out[count] = picture.to_ndarray(format="rgb24")
+                out[count] = upright_rgb(picture)
             count += 1
         if count > last:
             break
