@@ -273,8 +273,8 @@ def _decode_wanted(codec: av.CodecContext, packets: list[av.Packet], wanted: Seq
         # timestamps, stores h264 B-frames this way. (mp4, mkv, webm, mov record the real order.)
         return _decode_sequentially(codec, packets, wanted)
     # Frame 0 is the first frame shown: hidden pre-roll (edit list) gets negative numbers, and no picture.
-    shown = [packet.pts for packet in packets if not packet.is_discard]
-    pre_roll = sum(packet.is_discard and packet.pts < min(shown) for packet in packets) if shown else 0
+    first_shown = min((packet.pts for packet in packets if not packet.is_discard), default=None)
+    pre_roll = sum(packet.is_discard and packet.pts < first_shown for packet in packets) if first_shown is not None else 0
     frame_of_pts = {pts: number - pre_roll for number, pts in enumerate(sorted(timestamps))}
     number = [frame_of_pts[packet.pts] for packet in packets]  # frame number of each packet, in decode order
     position = {frame: at for at, frame in enumerate(number)}  # and back
