@@ -495,6 +495,20 @@ def test_evaluate_reads_moved_data_and_lists_failed_videos(tmp_path):
     assert report["videos_total"] == 2 and report["videos_evaluated"] == 1
     assert report["failed_videos"] == [str(moved / "test" / "dog" / "broken.mp4")]
 
+    # A dataset with the model's "dog" class only: its own numbering has dog = 0, the model's cat = 0, dog = 1.
+    subset = tmp_path / "dogs"
+    for split in ("train", "val", "test"):
+        write_video(subset / split / "dog" / "d.mp4", seed=1)
+    evaluate(compose_config("eval", [f"ckpt={metrics['best_checkpoint']}", f"++data.root={subset}",
+                                     "trainer.enable_progress_bar=false"], tmp_path / "eval_dogs"))
+    with open(tmp_path / "eval_dogs" / "predictions.csv") as file:
+        assert [row["true_label"] for row in csv.DictReader(file)] == ["dog"]
+    (subset / "test" / "bird").mkdir()
+    write_video(subset / "test" / "bird" / "b.mp4")
+    with pytest.raises(ValueError, match="1 of the dataset's 2 classes are not among the model's 2: bird"):
+        evaluate(compose_config("eval", [f"ckpt={metrics['best_checkpoint']}", f"++data.root={subset}"],
+                                tmp_path / "eval_birds"))
+
 
 @pytest.mark.parametrize("header", ["clip,class", "video_id,label", "name,category", None])
 def test_csv_header_rows_are_not_videos(tmp_path, header):

@@ -44,3 +44,14 @@ def test_mean_class_accuracy_weights_classes_equally():
 def test_unknown_aggregation_names_the_choices():
     with pytest.raises(ValueError, match="softmax, logits"):
         ViewAggregator("max")
+
+
+def test_no_decoded_video_gives_empty_results_not_a_crash():
+    """evaluate.py on a test split where nothing decodes: eval.json lists the failures, and the per-class table
+    and confusion matrix are still written (argmax over no scores raised)."""
+    aggregator = ViewAggregator()
+    aggregator.update(torch.zeros(2, 3), labels=torch.tensor([0, 2]), indices=torch.tensor([0, 1]),
+                      valid=torch.tensor([False, False]))
+    results = aggregator.compute()
+    assert results.failed == [0, 1]
+    assert torch.equal(results.confusion_matrix(3), torch.zeros(3, 3, dtype=torch.int64))

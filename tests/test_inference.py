@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -97,6 +98,9 @@ def test_predict_prints_top5_writes_json_features_and_attention_maps(videos, tmp
         assert prediction["views"] == 2 * 3
         assert all(os.path.getsize(path) > 500 for path in prediction["attention_maps"])
         assert prediction["top_k"][0]["label"] in result.stdout
+    # one PNG and one GIF per video, though the class folders hold the same file names (<class>/00000.mp4)
+    maps = {path for prediction in predictions for path in prediction.get("attention_maps", [])}
+    assert len(maps) == 2 * 4 and len({Path(path).name for path in maps}) == 2 * 4
     features = torch.load(tmp_path / "feats.pt")
     assert features["features"].shape == (4, 32) and len(features["videos"]) == 4
 

@@ -44,6 +44,8 @@ class VideoResults:
     def confusion_matrix(self, num_classes: int) -> torch.Tensor:
         """(C, C) counts, rows = true class, columns = predicted class."""
         matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+        if len(self.labels) == 0:  # no video could be decoded: an empty matrix, not an argmax over nothing
+            return matrix
         matrix.index_put_((self.labels, self.scores.argmax(dim=1)), torch.ones_like(self.labels), accumulate=True)
         return matrix
 

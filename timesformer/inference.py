@@ -290,6 +290,14 @@ def save_features(path: str | Path, output: dict[str, Any]) -> list[Path]:
     return written
 
 
+def _output_stem(video: Path, input_path: Path) -> str:
+    """A file name for a video's outputs, unique among the videos under ``input_path``: its path below the folder
+    (class folders often repeat names: ``a/00000.mp4``, ``b/00000.mp4``), its suffix kept (``clip.mp4``,
+    ``clip.avi``)."""
+    relative = video.relative_to(input_path) if input_path.is_dir() else Path(video.name)
+    return "__".join(relative.parts).replace(".", "_")
+
+
 def predict(cfg: DictConfig) -> list[dict[str, Any]]:
     """Top-k predictions per video (views averaged in probability); optionally features and attention maps."""
     device = resolve_device(cfg.device)
@@ -325,7 +333,7 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
             overlays = overlay_frames(first_view, heatmap, settings.mean, settings.std)
             title = f"{path.name}: {results[-1]['top_k'][0]['label']} ({results[-1]['top_k'][0]['probability']:.2f})"
             results[-1]["attention_maps"] = [str(p) for p in save_attention_figures(
-                overlays, output_dir / "attention" / path.stem, title)]
+                overlays, output_dir / "attention" / _output_stem(path, Path(cfg.input)), title)]
 
     _print_predictions(results)
     if cfg.get("json"):

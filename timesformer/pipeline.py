@@ -254,6 +254,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     datamodule: L.LightningDataModule = hydra.utils.instantiate(saved.data, _convert_="all")
     datamodule.prepare_data()
     model = TimeSformer.from_pretrained(cfg.ckpt)
+    if model.config.class_names:  # another dataset (data=...) may order its classes differently, or hold a subset
+        datamodule.number_classes_as(model.config.class_names)
+    elif datamodule.num_classes != model.config.num_classes:
+        raise ValueError(f"the dataset has {datamodule.num_classes} classes, the model {model.config.num_classes}")
     module_settings = {k: v for k, v in OmegaConf.to_container(saved.get("module") or {}).items()
                        if k in ("view_aggregation",)}
     if cfg.get("module", {}).get("view_aggregation") is not None:  # evaluate.py module.view_aggregation=...
