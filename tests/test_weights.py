@@ -78,6 +78,24 @@ def test_new_head_for_another_class_count_keeps_the_backbone(tmp_path):
         torch.testing.assert_close(finetune.forward_features(video), source.forward_features(video))
 
 
+def test_a_hugging_face_backbone_folder_loads_with_a_new_head(tmp_path, caplog):
+    """TimesformerModel (no classifier; keys without the "timesformer." prefix) loads for feature extraction: the
+    same normed cls token as Hugging Face's, and a new head, logged."""
+    torch.manual_seed(0)
+    backbone = transformers.TimesformerModel(transformers.TimesformerConfig(**TINY)).eval()
+    with torch.no_grad():
+        for param in backbone.parameters():
+            param.add_(torch.randn_like(param) * 0.02)
+    backbone.save_pretrained(tmp_path / "backbone")
+    with caplog.at_level("WARNING"):
+        ours = TimeSformer.from_pretrained(tmp_path / "backbone", num_classes=5).eval()
+    assert "has no classifier" in caplog.text and ours.head.out_features == 5
+    video = torch.randn(2, 4, 3, 32, 32)
+    with torch.no_grad():
+        expected = backbone(pixel_values=video).last_hidden_state[:, 0]
+        torch.testing.assert_close(ours.forward_features(video), expected, rtol=1e-4, atol=1e-5)
+
+
 def test_mismatched_weights_are_reported_by_name(tmp_path):
     state = TimeSformer(TimeSformerConfig(**TINY, num_classes=3)).state_dict()
     state["blocks.0.extra.weight"] = torch.zeros(1)

@@ -800,8 +800,13 @@ class TimeSformer(nn.Module):
         """
         config, state = weights.read_checkpoint(Path(path), **overrides)
         replace_head = num_classes is not None and num_classes != config.num_classes
-        if replace_head:
+        if "head.weight" not in state:  # a backbone (Hugging Face's TimesformerModel): the head is new
+            log.warning("%s has no classifier: the %d-class head is new and random (features are unaffected; "
+                        "train the head before predicting classes)", path, num_classes or config.num_classes)
+            replace_head, num_classes = True, num_classes or config.num_classes
+        elif replace_head:
             log.info("%s: replacing the %d-class head by a new %d-class head", path, config.num_classes, num_classes)
+        if replace_head:
             state = {k: v for k, v in state.items() if not k.startswith("head.")}
             config.num_classes, config.class_names = num_classes, class_names
         elif class_names is not None:

@@ -129,6 +129,8 @@ def read_hf_folder(folder: Path) -> tuple[TimeSformerConfig, dict[str, torch.Ten
         raise FileNotFoundError(f"{folder} has a config.json but neither model.safetensors nor pytorch_model.bin")
     state, unplaced = {}, []
     for name, tensor in hf_state.items():
+        if name.split(".")[0] in ("embeddings", "encoder", "layernorm"):  # a TimesformerModel (backbone) folder
+            name = f"timesformer.{name}"
         ours = from_hf_key(name)
         if ours is None:
             unplaced.append(name)
