@@ -113,8 +113,8 @@ def test_the_progress_bar_shows_the_loss_read_at_the_logging_interval(tmp_path):
                         enable_checkpointing=False, callbacks=[RecordLoss(), bar], default_root_dir=tmp_path)
     trainer.fit(module, DataLoader(samples, batch_size=1))
     assert len(set(logged)) == 5  # a new loss every step...
-    assert bar._shown_loss == logged[4]  # ...shown at batches 0, 2 and 4
-    assert bar.get_metrics(trainer, module)["train/loss"] == f"{logged[4]:.4g}"
+    assert bar._shown_loss == logged[3]  # ...shown at batches 1 and 3 (steps 2 and 4), when the loggers read it
+    assert bar.get_metrics(trainer, module)["train/loss"] == f"{logged[3]:.4g}"
     # Not from the module's logging: a prog_bar step metric would be read back after every batch.
     assert "train/loss" not in trainer.progress_bar_metrics
 

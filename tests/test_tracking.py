@@ -129,6 +129,53 @@ def test_tensorboard_writers_opened_in_the_same_second_keep_their_events(tmp_pat
     assert {"val/acc", "test/acc"} <= _tensorboard_scalars(tmp_path / "tensorboard")
 
 
+def test_the_csv_logger_keeps_the_rows_of_an_interrupted_run(tmp_path):
+    """resume=auto reopens the run dir's csv/ folder, where Lightning's CSVLogger deleted metrics.csv: the curve
+    before the interruption was lost. Ours appends, new columns included."""
+    from timesformer.loggers import CSVLogger as AppendingCSVLogger
+
+    class LogExtra(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            pl_module.log("extra", 1.0)
+
+    def fit(callbacks: list) -> list[dict]:
+        logger = AppendingCSVLogger(tmp_path, name="csv", version="")
+        L.Trainer(accelerator="cpu", max_epochs=1, log_every_n_steps=1, logger=logger, enable_progress_bar=False,
+                  enable_checkpointing=False, callbacks=callbacks).fit(_tiny_classifier(),
+                                                                       DataLoader(_SlowClips(0.0), batch_size=1))
+        with open(tmp_path / "csv" / "metrics.csv") as file:
+            return list(csv.DictReader(file))
+
+    first = fit([])
+    both = fit([LogExtra()])  # the "resumed" run logs a column the first did not
+    assert len(first) > 0 and len(both) > len(first)
+    assert [row["train/loss"] for row in both[:len(first)]] == [row["train/loss"] for row in first]
+    assert all(row["extra"] == "" for row in both[:len(first)])
+    assert any(row["extra"] == "1.0" for row in both[len(first):])
+
+
+def test_the_gradient_norm_is_logged_at_the_step_it_was_measured(tmp_path):
+    """train/grad_norm was computed at steps 0, N, 2N and written by the loggers at steps N-1, 2N-1: each row held
+    the norm of N-1 steps before."""
+    norms: dict[int, float] = {}
+
+    class RecordNorm(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            grads = [p.grad.norm() for p in pl_module.model.parameters() if p.grad is not None]
+            norms[trainer.global_step] = torch.stack(grads).norm().item()
+
+    logger = CSVLogger(tmp_path, name="csv", version="")
+    L.Trainer(accelerator="cpu", max_epochs=1, log_every_n_steps=3, logger=logger, enable_progress_bar=False,
+              enable_checkpointing=False, callbacks=[RecordNorm()]).fit(
+        _tiny_classifier(), DataLoader(_SlowClips(0.0), batch_size=1))
+    with open(tmp_path / "csv" / "metrics.csv") as file:
+        logged = {int(row["step"]): float(row["train/grad_norm"]) for row in csv.DictReader(file)
+                  if row.get("train/grad_norm")}
+    assert sorted(logged) == [2, 5]  # steps 3 and 6 of 7 (log_every_n_steps=3)
+    for step, value in logged.items():
+        assert value == pytest.approx(norms[step], rel=1e-5)
+
+
 # -- TrainingSpeed: clips/s, step time, data wait, MFU ---------------------------------------------------------
 class _SlowClips(torch.utils.data.Dataset):
     def __init__(self, seconds: float) -> None:

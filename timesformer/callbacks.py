@@ -85,7 +85,8 @@ class TrainingProgressBar(TQDMProgressBar):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if batch_idx % max(trainer.log_every_n_steps, 1) == 0:
+        # The loggers' own condition (checked right after this hook), so that the one read serves both.
+        if trainer._logger_connector.should_update_logs:
             loss = trainer.callback_metrics.get("train/loss")  # None until a step has logged one
             if loss is not None:
                 self._shown_loss = float(loss)

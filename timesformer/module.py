@@ -267,8 +267,9 @@ class VideoClassifier(L.LightningModule):
             # untouched (no update, momentum or weight decay).
             optimizer.zero_grad(set_to_none=True)
         self._micro_batches = self._skipped_micro_batches = 0
-        # The global gradient norm, at the logging interval only (it costs a reduction over every parameter).
-        if self.trainer.global_step % max(self.trainer.log_every_n_steps, 1) == 0:
+        # The global gradient norm, at the logging interval only (it costs a reduction over every parameter): the
+        # loggers' own condition, so that the step it is logged at is the step it was measured at.
+        if self.trainer._logger_connector.should_update_logs:
             norms = [p.grad.detach().norm(2) for p in self.model.parameters() if p.grad is not None]
             if norms:
                 self.log("train/grad_norm", torch.stack(norms).norm(2))
