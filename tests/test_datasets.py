@@ -474,6 +474,50 @@ def test_check_lists_problems_and_writes_a_clean_list(tmp_path, capsys):
     assert len(index.splits["train"]) == 6 and len(index.splits["val"]) == 2
 
 
+@pytest.mark.parametrize("arguments, message", [
+    (["--splits=trian,val"], "valid splits are train, val, test"),
+    (["--limit=-1"], "--limit must be >= 1"),
+    (["--max-listed=-1"], "--max-listed must be >= 0"),
+    (["--limit=2", "--write-clean=clean"], "--write-clean lists every usable video"),
+])
+def test_check_refuses_bad_options_by_name(tmp_path, capsys, arguments, message):
+    from timesformer.data.check import main
+
+    with pytest.raises(SystemExit):
+        main(["data=folder", f"data.root={tmp_path}", *arguments])
+    assert message in capsys.readouterr().err
+
+
+def test_clean_lists_inside_the_dataset_follow_a_resized_copy(tmp_path, capsys):
+    """check --write-clean DATASET/lists, then resize DATASET: the copy's lists name the copy's videos (absolute
+    paths sent the resized dataset's training back to the full-size originals). --no-decode lists no "too short"
+    videos (it counts no frames)."""
+    from timesformer.data.check import main
+    from timesformer.data.resize import resize_dataset
+
+    root = tmp_path / "data"
+    make_folder(root)
+    write_video(root / "train" / "stray.mp4")
+    assert main(["data=folder", f"data.root={root}", "--no-decode"]) == 0
+    assert "too short (frames are repeated)" not in capsys.readouterr().out
+    assert main(["data=folder", f"data.root={root}", "--workers=1", "--write-clean", str(root / "lists")]) == 0
+    copy = tmp_path / "copy"
+    resize_dataset(root, copy, short_side=2000)  # nothing to shrink: every file copied
+    index = CsvSource(copy / "lists").load()
+    assert len(index.splits["train"]) == 4
+    assert all(Path(path).resolve().is_relative_to(copy.resolve()) for path, _ in index.splits["train"])
+
+
+def test_folder_videos_outside_class_folders_are_reported(tmp_path, caplog):
+    make_folder(tmp_path)
+    write_video(tmp_path / "train" / "stray.mp4")
+    write_video(tmp_path / "train" / "cat" / "deeper" / "deep.mp4")
+    with caplog.at_level(logging.WARNING):
+        index = FolderSource(tmp_path).load()
+    assert len(index.splits["train"]) == 4
+    assert "train: 2 videos outside" in caplog.text and "stray.mp4" in caplog.text and "deep.mp4" in caplog.text
+
+
 def test_evaluate_reads_moved_data_and_lists_failed_videos(tmp_path):
     """evaluate.py data.root=NEW finds a run's dataset where it now is; a test video that cannot be decoded is
     listed in eval.json, not dropped."""

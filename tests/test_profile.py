@@ -78,6 +78,12 @@ def test_main_prints_a_table(capsys):
     assert lines[2].split()[:5] == ["base", "sparse_local_global", "8", "224x224", "121.57M"]
 
 
+def test_all_refuses_a_model_choice_it_would_ignore(capsys):
+    with pytest.raises(SystemExit):
+        main(["--all", "model=hr"])
+    assert "--all profiles every model" in capsys.readouterr().err
+
+
 def test_entry_point_runs():
     result = subprocess.run([sys.executable, "-m", "timesformer.profile", "model=tiny", "model.num_frames=4"],
                             cwd=REPO, capture_output=True, text=True, timeout=120, check=True)

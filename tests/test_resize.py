@@ -87,3 +87,11 @@ def test_destination_inside_the_source_is_refused(dataset):
         resize_dataset(dataset, dataset / "small")
     with pytest.raises(NotADirectoryError, match="missing"):
         resize_dataset(dataset / "missing", dataset.parent / "dst")
+
+
+@pytest.mark.parametrize("option", ["--crf=200", "--crf=-1", "--workers=0"])
+def test_out_of_range_options_are_refused_by_name(dataset, tmp_path, capsys, option):
+    """FFmpeg clamps a CRF outside 0-51 silently (--crf 200 wrote what --crf 51 writes)."""
+    with pytest.raises(SystemExit):
+        main([str(dataset), str(tmp_path / "dst"), option])
+    assert option.split("=")[0] in capsys.readouterr().err and not (tmp_path / "dst").exists()

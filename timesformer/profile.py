@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.all:
         field_overrides = [o for o in args.overrides if o.split("=", 1)[0].lstrip("+") != "model"]
+        if len(field_overrides) != len(args.overrides):
+            parser.error("--all profiles every model (base, hr, large): drop model=..., or drop --all")
         profiles = []
         for name in PAPER_MODELS:
             _, config = compose_model_config([f"model={name}", *field_overrides])

@@ -29,6 +29,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from timesformer.data.dataset import SPLITS
+
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
@@ -104,9 +106,16 @@ def _list(title: str, items: list[str], max_listed: int) -> None:
         print(f"  ... and {len(items) - max_listed} more (--max-listed N shows more)")
 
 
-def write_clean(folder: Path, class_names: list[str], checked: dict[str, list[VideoCheck]], test_is_val: bool) -> None:
-    """The usable videos as `data=csv` lists (absolute paths, class names) and the class order."""
+def write_clean(folder: Path, class_names: list[str], checked: dict[str, list[VideoCheck]], test_is_val: bool,
+                dataset_root: Path | None = None) -> None:
+    """The usable videos as `data=csv` lists (class names) and the class order. Paths are relative to the lists'
+    folder when it is inside the dataset (a copy of the tree, e.g. by `timesformer.data.resize`, then reads its own
+    videos), absolute otherwise."""
     folder.mkdir(parents=True, exist_ok=True)
+    inside = dataset_root is not None and folder.resolve().is_relative_to(Path(dataset_root).resolve())
+
+    def listed(path: str) -> str:
+        return os.path.relpath(Path(path).resolve(), folder.resolve()) if inside else path
     (folder / "classes.txt").write_text("".join(f"{name}\n" for name in class_names))
     for split, results in checked.items():
         if split == "test" and test_is_val:
@@ -114,7 +123,8 @@ def write_clean(folder: Path, class_names: list[str], checked: dict[str, list[Vi
         with open(folder / f"{split}.csv", "w", newline="") as file:
             writer = csv.writer(file)
             writer.writerow(["path", "label"])
-            writer.writerows([result.path, class_names[result.label]] for result in results if result.error is None)
+            writer.writerows([listed(result.path), class_names[result.label]] for result in results
+                             if result.error is None)
     print(f"\nWrote the usable videos to {folder} (classes.txt, {', '.join(f'{s}.csv' for s in checked)}). "
           f"Train on them with: python train.py data=csv data.root={folder}")
 
@@ -132,6 +142,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write-clean", metavar="DIR", type=Path, help="write lists of the usable videos here")
     parser.add_argument("--max-listed", type=int, default=20, help="videos listed per problem (default 20)")
     args = parser.parse_args(argv)
+    requested = [split.strip() for split in args.splits.split(",") if split.strip()]
+    if not requested or any(split not in SPLITS for split in requested):
+        parser.error(f"--splits={args.splits}: valid splits are {', '.join(SPLITS)} (comma-separated)")
+    for option, value in (("--limit", args.limit), ("--workers", args.workers), ("--max-listed", args.max_listed)):
+        if value is not None and value < (0 if option == "--max-listed" else 1):
+            parser.error(f"{option} must be {'>= 0' if option == '--max-listed' else '>= 1'}, got {value}")
+    if args.write_clean and args.limit is not None:
+        parser.error("--write-clean lists every usable video: it cannot follow --limit (a part of each split)")
 
     datamodule = compose_datamodule(args.overrides)
     source = datamodule.source
@@ -141,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
         index, missing = source.index_from_scan(scan), scan.missing
     else:
         index, missing = source.load(), {}
-    splits = [split for split in args.splits.split(",") if split in index.splits]
+    splits = [split for split in requested if split in index.splits]
+    for split in sorted(set(requested) - set(splits), key=requested.index):
+        print(f"(the dataset has no {split} split; it has {', '.join(index.splits)})", file=sys.stderr)
     test_is_val = index.splits.get("test") is index.splits.get("val")
     if test_is_val and "val" in splits and "test" in splits:
         splits.remove("test")  # the same videos: checked and listed once
@@ -179,16 +199,17 @@ def main(argv: list[str] | None = None) -> int:
         results = checked[split]
         _list(f"{split}: missing (annotated, no file)", missing.get(split, []), args.max_listed)
         _list(f"{split}: unreadable", [f"{r.path}: {r.error}" for r in results if r.error], args.max_listed)
-        _list(f"{split}: too short (frames are repeated)",
-              [f"{r.path}: {r.num_frames} frames, a clip spans {frames_needed(datamodule, r.fps)}"
-               for r in results if r.error is None and r.num_frames < frames_needed(datamodule, r.fps)],
-              args.max_listed)
+        if not args.no_decode:  # the frame counts come from decoding
+            _list(f"{split}: too short (frames are repeated)",
+                  [f"{r.path}: {r.num_frames} frames, a clip spans {frames_needed(datamodule, r.fps)}"
+                   for r in results if r.error is None and r.num_frames < frames_needed(datamodule, r.fps)],
+                  args.max_listed)
 
     if args.write_clean:
         if args.no_decode:
             print("\n--write-clean needs the videos decoded; run it without --no-decode", file=sys.stderr)
             return 2
-        write_clean(args.write_clean, index.class_names, checked, test_is_val)
+        write_clean(args.write_clean, index.class_names, checked, test_is_val, getattr(source, "root", None))
     return 0
 
 

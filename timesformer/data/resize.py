@@ -160,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.short_side < 2:
         parser.error(f"--short-side must be at least 2 pixels, got {args.short_side}")
+    if not 0 <= args.crf <= 51:  # x264's range (VP9's is 0-63): FFmpeg would clamp a value outside it silently
+        parser.error(f"--crf must be in 0-51, got {args.crf}")
+    if args.workers < 1:
+        parser.error(f"--workers must be at least 1, got {args.workers}")
     outcome = resize_dataset(args.src, args.dst, args.short_side, args.workers, args.crf, args.preset)
     print(f"{len(outcome['resized'])} videos resized, {len(outcome['copied'])} files copied, "
           f"{len(outcome['skipped'])} already there, {len(outcome['failed'])} failed"

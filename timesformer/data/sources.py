@@ -196,14 +196,20 @@ class FolderSource(AnnotatedVideoSource):
     def scan(self) -> DatasetScan:
         videos: dict[str, list[Path]] = {}
         searched: dict[str, str] = {}
+        strays: dict[str, str] = {}
         for split in SPLITS:
             folder = _split_folder(self.root, split)
             if folder is None:
                 continue
-            found = [path for path in list_videos(folder, max_depth=1) if path.parent != folder]
+            everything = list_videos(folder, max_depth=8)
+            found = [path for path in everything if path.parent.parent == folder]  # <split>/<class>/<video>
             if found or split != "test":  # an empty test/ folder: test uses val
                 searched[split] = f"{folder}/<class>/"
                 videos[split] = found
+            if len(found) < len(everything):  # reported, not silently dropped
+                stray = [str(path.relative_to(folder)) for path in everything if path.parent.parent != folder]
+                strays[split] = (f"{split}: {len(stray)} videos outside {folder}/<class>/ are left out: "
+                                 + ", ".join(stray[:5]) + (" ..." if len(stray) > 5 else ""))
         if "train" not in videos and "val" not in videos:
             raise FileNotFoundError(
                 f"data.root={self.root} has no train/ or val/ folder: a folder dataset is "
@@ -212,7 +218,7 @@ class FolderSource(AnnotatedVideoSource):
         class_names = sorted({path.parent.name for paths in videos.values() for path in paths})
         label_of = {name: label for label, name in enumerate(class_names)}
         splits = {split: [(str(path), label_of[path.parent.name]) for path in paths] for split, paths in videos.items()}
-        warnings = []
+        warnings = list(strays.values())
         train_classes = {path.parent.name for path in videos.get("train", [])}
         for split in ("val", "test"):
             unseen = sorted({path.parent.name for path in videos.get(split, [])} - train_classes)
