@@ -103,6 +103,7 @@ def test_predict_prints_top5_writes_json_features_and_attention_maps(videos, tmp
     assert len(maps) == 2 * 4 and len({Path(path).name for path in maps}) == 2 * 4
     features = torch.load(tmp_path / "feats.pt")
     assert features["features"].shape == (4, 32) and len(features["videos"]) == 4
+    assert features["class_names"] == ["left", "right", "up", "down"] and features["labels"] is None  # the model's
 
 
 def test_rollout_of_one_joint_block_is_its_normed_attention():

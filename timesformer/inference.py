@@ -346,7 +346,7 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
             "labels": None,
             "features": torch.stack(list(features.values())) if features else torch.zeros(0, model.config.hidden_size),
             "num_views": torch.tensor([result["views"] for result in decoded], dtype=torch.int64),
-            "class_names": None,
+            "class_names": names,  # the model's (there are no labels)
             "checkpoint": str(cfg.ckpt),
             "split": None,
             "failed": [{"video": r["video"], "label": None, "error": r["error"]} for r in results if "error" in r],

@@ -193,6 +193,9 @@ def infer_config_from_state(state: dict[str, torch.Tensor], **overrides: Any) ->
         qkv_bias="blocks.0.attn.qkv.bias" in state,
         attention_type=attention_type,
     )
+    if "num_attention_heads" not in overrides:  # not visible in the shapes
+        log.info("num_attention_heads not stored with the weights: assuming %d heads of 64 (every released ViT and "
+                 "TimeSformer); pass num_attention_heads=... for other head sizes", values["num_attention_heads"])
     if "head.weight" in state:  # an image ViT saved without its classifier has none
         values["num_classes"] = state["head.weight"].shape[0]
     if "time_embed" in state:
