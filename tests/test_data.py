@@ -290,6 +290,8 @@ def _pattern(t: int) -> np.ndarray:
     ("h264_open_gop.mkv", "libx264", {"x264-params": "open-gop=1:keyint=30"}),
     ("hevc_open_gop.mp4", "libx265", {"x265-params": "log-level=none:keyint=20:open-gop=1"}),
     ("hevc_closed_gop.mp4", "libx265", {"x265-params": "log-level=none:keyint=20:open-gop=0"}),
+    ("mpeg2.mpg", "mpeg2video", {"b": "4M"}),  # MPEG program stream (a high bit rate: neighbours stay apart)
+    ("h264_bframes.ts", "libx264", {}),  # MPEG transport stream
 ])
 def test_decoders_return_the_frames_that_were_encoded(tmp_path, name, codec, options):
     import av

@@ -131,27 +131,31 @@ def test_tensorboard_writers_opened_in_the_same_second_keep_their_events(tmp_pat
 
 def test_the_csv_logger_keeps_the_rows_of_an_interrupted_run(tmp_path):
     """resume=auto reopens the run dir's csv/ folder, where Lightning's CSVLogger deleted metrics.csv: the curve
-    before the interruption was lost. Ours appends, new columns included."""
-    from timesformer.loggers import CSVLogger as AppendingCSVLogger
+    before the interruption was lost. Resuming from step 4 keeps the rows of steps 0-3 (those after it are done
+    again), new columns included; a new run in the same folder starts the file afresh."""
+    from timesformer.loggers import CSVLogger as ResumingCSVLogger
 
     class LogExtra(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             pl_module.log("extra", 1.0)
 
-    def fit(callbacks: list) -> list[dict]:
-        logger = AppendingCSVLogger(tmp_path, name="csv", version="")
+    def fit(callbacks: list, purge_step: int | None) -> list[dict]:
+        logger = ResumingCSVLogger(tmp_path, name="csv", version="", purge_step=purge_step)
         L.Trainer(accelerator="cpu", max_epochs=1, log_every_n_steps=1, logger=logger, enable_progress_bar=False,
                   enable_checkpointing=False, callbacks=callbacks).fit(_tiny_classifier(),
                                                                        DataLoader(_SlowClips(0.0), batch_size=1))
         with open(tmp_path / "csv" / "metrics.csv") as file:
             return list(csv.DictReader(file))
 
-    first = fit([])
-    both = fit([LogExtra()])  # the "resumed" run logs a column the first did not
-    assert len(first) > 0 and len(both) > len(first)
-    assert [row["train/loss"] for row in both[:len(first)]] == [row["train/loss"] for row in first]
-    assert all(row["extra"] == "" for row in both[:len(first)])
-    assert any(row["extra"] == "1.0" for row in both[len(first):])
+    first = fit([], purge_step=None)
+    before = [row for row in first if int(row["step"]) < 4]
+    assert len(before) == 4 < len(first)
+    resumed = fit([LogExtra()], purge_step=4)  # logs a column the first run did not
+    assert [row["train/loss"] for row in resumed[:4]] == [row["train/loss"] for row in before]
+    assert all(row["extra"] == "" for row in resumed[:4]) and resumed[4]["extra"] == "1.0"
+    assert len(resumed) == 4 + len(first)  # the "resumed" run here redid all 7 steps
+    fresh = fit([], purge_step=None)
+    assert len(fresh) == len(first) and "extra" not in fresh[0]
 
 
 def test_the_gradient_norm_is_logged_at_the_step_it_was_measured(tmp_path):

@@ -130,7 +130,8 @@ def save_attention_figures(frames: torch.Tensor, output_stem: Path, title: str =
             ax.set_title(f"frame {i}", fontsize=8)
     figure.suptitle(title, fontsize=9)
     figure.tight_layout()
-    png, gif = output_stem.with_suffix(".png"), output_stem.with_suffix(".gif")
+    # appended, not with_suffix: the stem may end in the video's own suffix (clip.mp4 and clip.avi differ)
+    png, gif = (output_stem.with_name(f"{output_stem.name}{suffix}") for suffix in (".png", ".gif"))
     figure.savefig(png, dpi=100)
     plt.close(figure)
     images = [Image.fromarray(frame.numpy()) for frame in frames]

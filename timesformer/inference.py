@@ -295,7 +295,7 @@ def _output_stem(video: Path, input_path: Path) -> str:
     (class folders often repeat names: ``a/00000.mp4``, ``b/00000.mp4``), its suffix kept (``clip.mp4``,
     ``clip.avi``)."""
     relative = video.relative_to(input_path) if input_path.is_dir() else Path(video.name)
-    return "__".join(relative.parts).replace(".", "_")
+    return "__".join(relative.parts)
 
 
 def predict(cfg: DictConfig) -> list[dict[str, Any]]:

@@ -35,26 +35,44 @@ class TensorBoardLogger(loggers.TensorBoardLogger):
         self._experiment = None  # a later stage (test after fit) gets a new writer and a new file
 
 
-class _AppendingExperimentWriter(csv_logs.ExperimentWriter):
-    """Lightning's CSV writer, continuing an existing ``metrics.csv`` instead of deleting it."""
+class _ResumingExperimentWriter(csv_logs.ExperimentWriter):
+    """Lightning's CSV writer, continuing the ``metrics.csv`` of the run it resumes: the rows of the steps before
+    the checkpoint are kept, those logged after it (the steps the resumed run does again) are dropped."""
+
+    def __init__(self, log_dir: str, purge_step: int) -> None:
+        self.purge_step = purge_step
+        super().__init__(log_dir)
 
     def _check_log_dir_exists(self) -> None:
-        if self._fs.isfile(self.metrics_file_path):  # its header: the columns the rows already written have
-            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
-                self.metrics_keys = next(csv.reader(file), [])
+        if not self._fs.isfile(self.metrics_file_path):
+            return
+        with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+            reader = csv.DictReader(file)
+            self.metrics_keys = list(reader.fieldnames or [])  # the columns the kept rows have
+            kept = [row for row in reader if row.get("step", "") == "" or int(row["step"]) < self.purge_step]
+        with self._fs.open(self.metrics_file_path, "w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=self.metrics_keys)
+            writer.writeheader()
+            writer.writerows(kept)
 
 
 class CSVLogger(loggers.CSVLogger):
-    """Lightning's CSVLogger, appending to the run dir's ``metrics.csv``.
+    """Lightning's CSVLogger, which continues the run dir's ``metrics.csv`` when train.py resumes a run.
 
     Lightning deletes the file when a logger opens a folder that has one: a run resumed in its own run dir
-    (``resume=auto``) lost every row written before the interruption.
+    (``resume=auto``) lost every row written before the interruption. ``purge_step`` (train.py sets it to the
+    checkpoint's step when it resumes): keep the rows of the steps before it and append; None (a new run):
+    start the file afresh, as Lightning does.
     """
+
+    def __init__(self, *args: Any, purge_step: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.purge_step = purge_step
 
     @property
     @rank_zero_experiment
     def experiment(self) -> csv_logs.ExperimentWriter:
-        if self._experiment is None:
+        if self._experiment is None and self.purge_step is not None:
             self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _AppendingExperimentWriter(log_dir=self.log_dir)
-        return self._experiment
+            self._experiment = _ResumingExperimentWriter(self.log_dir, self.purge_step)
+        return super().experiment

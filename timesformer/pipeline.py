@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from timesformer.callbacks import PreemptedError
 from timesformer.evaluation import write_report_files
+from timesformer.loggers import CSVLogger
 from timesformer.model import TimeSformer, TimeSformerConfig
 from timesformer.module import VideoClassifier
 
@@ -186,6 +187,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     _use_wandb_offline_without_credentials(cfg)
     loggers = _instantiate_all(cfg.get("logger"))
+    if ckpt_path is not None:  # a resumed run continues its CSV file (Lightning's CSVLogger would delete it)
+        resumed_step = int(torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)["global_step"])
+        for logger in loggers:
+            if isinstance(logger, CSVLogger):
+                logger.purge_step = resumed_step
     callbacks = _instantiate_all(cfg.get("callbacks"))
     if not loggers:  # logger=none: Lightning refuses a LearningRateMonitor without a logger to write to
         callbacks = [callback for callback in callbacks if not isinstance(callback, LearningRateMonitor)]

@@ -9,8 +9,8 @@ unreadable or shorter than a clip.
 Arguments other than the options below are Hydra overrides of configs/train.yaml (`data=...`, `data.root=...`,
 `model.num_frames=16`, ...): the dataset is read exactly as training would read it.
 
-Each video is opened with decord and its first, middle and last frames are decoded (a truncated file usually
-fails on the last). "Too short" videos have fewer frames than one clip needs; they still work (frames are
+Each video is read as training reads it (`decode_clip` with `data.decoder`): its first, middle and last frames
+are decoded (a truncated file usually fails on the last). "Too short" videos have fewer frames than one clip needs; they still work (frames are
 repeated) but are listed. `--write-clean DIR` writes DIR/train.csv, DIR/val.csv (and DIR/test.csv for a
 separate test split) with the usable videos, and DIR/classes.txt with the class order, for `data=csv`:
 
@@ -112,10 +112,12 @@ def write_clean(folder: Path, class_names: list[str], checked: dict[str, list[Vi
     folder when it is inside the dataset (a copy of the tree, e.g. by `timesformer.data.resize`, then reads its own
     videos), absolute otherwise."""
     folder.mkdir(parents=True, exist_ok=True)
-    inside = dataset_root is not None and folder.resolve().is_relative_to(Path(dataset_root).resolve())
+    # abspath, not resolve: a dataset of symlinks stays in its own tree
+    folder_path = os.path.abspath(folder)
+    inside = dataset_root is not None and Path(folder_path).is_relative_to(os.path.abspath(dataset_root))
 
     def listed(path: str) -> str:
-        return os.path.relpath(Path(path).resolve(), folder.resolve()) if inside else path
+        return os.path.relpath(os.path.abspath(path), folder_path) if inside else os.path.abspath(path)
     (folder / "classes.txt").write_text("".join(f"{name}\n" for name in class_names))
     for split, results in checked.items():
         if split == "test" and test_is_val:

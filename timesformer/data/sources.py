@@ -201,13 +201,13 @@ class FolderSource(AnnotatedVideoSource):
             folder = _split_folder(self.root, split)
             if folder is None:
                 continue
-            everything = list_videos(folder, max_depth=8)
-            found = [path for path in everything if path.parent.parent == folder]  # <split>/<class>/<video>
+            everything = list_videos(folder, max_depth=1)  # not deeper: class folders may hold frame folders
+            found = [path for path in everything if path.parent != folder]  # <split>/<class>/<video>
             if found or split != "test":  # an empty test/ folder: test uses val
                 searched[split] = f"{folder}/<class>/"
                 videos[split] = found
-            if len(found) < len(everything):  # reported, not silently dropped
-                stray = [str(path.relative_to(folder)) for path in everything if path.parent.parent != folder]
+            if len(found) < len(everything):  # videos beside the class folders: reported, not silently dropped
+                stray = [path.name for path in everything if path.parent == folder]
                 strays[split] = (f"{split}: {len(stray)} videos outside {folder}/<class>/ are left out: "
                                  + ", ".join(stray[:5]) + (" ..." if len(stray) > 5 else ""))
         if "train" not in videos and "val" not in videos:

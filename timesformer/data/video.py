@@ -159,13 +159,17 @@ def decord_misreads(path: str | os.PathLike) -> bool:
       leading pictures follow the keyframe in decode order but are shown before it. decord numbers keyframes by
       their decode position and lands beside the frame asked for after a seek (HEVC: 250 asked, 251 returned;
       open-GOP h264 in mkv: 29 asked, 1 returned).
-    Read from the packets (no decoding): ~1-3 ms for a 10 s clip, once per file and process.
+    - MPEG program and transport streams (.mpg, .ts: MPEG-2 13 asked, 1 returned; h264 in TS 13 -> 33), and any
+      file whose packets lack timestamps.
+    Read from the packets (no decoding): 4-8 ms for a 10 s clip (mostly ``av.open``), once per file and process.
     """
     path = os.fspath(path)
     if os.path.splitext(path)[1].lower() in DECORD_UNRELIABLE_SUFFIXES:
         return True
     try:
         with av.open(path) as container:
+            if container.format.name in ("mpeg", "mpegts"):
+                return True
             stream = container.streams.video[0]
             codec = stream.codec_context
             if codec.name == "mpeg4" and codec.has_b_frames:
@@ -181,7 +185,7 @@ def decord_misreads(path: str | os.PathLike) -> bool:
     except (av.FFmpegError, IndexError, OSError):
         return False  # unreadable: decord will say so
     if None in timestamps:
-        return False  # no presentation order to compare with
+        return True  # no presentation order: decord cannot number the frames after a seek; PyAV counts them
     shown_at = {pts: at for at, pts in enumerate(sorted(timestamps))}
     return any(shown_at[timestamps[at]] != at for at in keyframes)
 
