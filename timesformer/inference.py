@@ -71,10 +71,38 @@ def saved_data_config(ckpt: str | Path) -> dict[str, Any]:
     return ((checkpoint.get("hyper_parameters") or {}).get("run_config") or {}).get("data") or {}
 
 
+def exported_data_config(folder: str | Path) -> dict[str, Any]:
+    """The data settings a Hugging Face folder was exported with (``export_pretrained``); else the mean and std of
+    its ``preprocessor_config.json`` when it has one; {} otherwise."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return {}
+    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    if config.get("timesformer_clip"):
+        return dict(config["timesformer_clip"])
+    processor = folder / "preprocessor_config.json"
+    if processor.is_file():
+        values = json.loads(processor.read_text())
+        if "image_mean" in values and "image_std" in values:
+            return {"mean": values["image_mean"], "std": values["image_std"]}
+    return {}
+
+
+def export_pretrained(ckpt: str | Path, folder: str | Path) -> None:
+    """A train.py checkpoint as a Hugging Face folder that keeps how its clips are cut (sampling, views, mean and
+    std): predict.py on the folder then gives what it gives on the checkpoint."""
+    model = TimeSformer.from_pretrained(ckpt)
+    settings = clip_settings(ckpt, model)
+    model.save_pretrained(folder, clip={
+        "sampling": settings.sampling, "sampling_rate": settings.sampling_rate, "target_fps": settings.target_fps,
+        "test_temporal_clips": settings.temporal_clips, "test_spatial_crops": settings.spatial_crops,
+        "mean": list(settings.mean), "std": list(settings.std)})
+
+
 def clip_settings(ckpt: str | Path, model: TimeSformer, **overrides: Any) -> ClipSettings:
-    """The checkpoint's saved data settings when it has them (train.py checkpoints), else the model's sizes
-    and the paper's 8x32 sampling; non-None ``overrides`` win."""
-    data = saved_data_config(ckpt)
+    """The checkpoint's saved data settings when it has them (train.py checkpoints, folders written by
+    ``export_pretrained``), else the model's sizes and the paper's 8x32 sampling; non-None ``overrides`` win."""
+    data = saved_data_config(ckpt) or exported_data_config(ckpt)
     settings = ClipSettings(
         num_frames=int(data.get("num_frames", model.config.num_frames)),
         sampling_rate=int(data.get("sampling_rate", 32)),

@@ -891,7 +891,8 @@ class TimeSformer(nn.Module):
         model.load_state_dict(state, strict=False)
         return model
 
-    def save_pretrained(self, folder: str | Path) -> None:
-        """Write a Hugging Face model folder (config.json + model.safetensors)."""
-        weights.write_hf_folder(Path(folder), self.config, self.state_dict())
+    def save_pretrained(self, folder: str | Path, clip: dict[str, Any] | None = None) -> None:
+        """Write a Hugging Face model folder (config.json + model.safetensors); ``clip``: the data settings clips
+        are cut with (``timesformer.inference.export_pretrained`` passes a train.py checkpoint's)."""
+        weights.write_hf_folder(Path(folder), self.config, self.state_dict(), clip)
 

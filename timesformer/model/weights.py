@@ -142,8 +142,14 @@ def read_hf_folder(folder: Path) -> tuple[TimeSformerConfig, dict[str, torch.Ten
     return config, state
 
 
-def write_hf_folder(folder: Path, config: TimeSformerConfig, state: dict[str, torch.Tensor]) -> None:
-    """Write ``config.json`` + ``model.safetensors`` that transformers' TimesformerForVideoClassification loads."""
+def write_hf_folder(folder: Path, config: TimeSformerConfig, state: dict[str, torch.Tensor],
+                    clip: dict[str, Any] | None = None) -> None:
+    """Write ``config.json`` + ``model.safetensors`` that transformers' TimesformerForVideoClassification loads.
+
+    ``clip``: how clips were cut for the model (data-config keys: ``sampling_rate``, ``mean``, ``std``, ...), kept
+    in ``config.json`` as ``timesformer_clip`` (read back by ``timesformer.inference.clip_settings``), with the
+    mean and std also in a ``preprocessor_config.json`` for transformers' image processor.
+    """
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -155,7 +161,16 @@ def write_hf_folder(folder: Path, config: TimeSformerConfig, state: dict[str, to
                              f"(attention_type={config.attention_type!r} cannot be exported)")
         hf_state[hf_name] = tensor.detach().contiguous().cpu()
     save_file(hf_state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    (folder / "config.json").write_text(json.dumps(ours_config_to_hf(config), indent=2) + "\n")
+    hf_config = ours_config_to_hf(config)
+    if clip:
+        hf_config["timesformer_clip"] = clip
+        size = config.image_size
+        (folder / "preprocessor_config.json").write_text(json.dumps({
+            "image_processor_type": "VideoMAEImageProcessor", "do_resize": True, "size": {"shortest_edge": size},
+            "do_center_crop": True, "crop_size": {"height": size, "width": size}, "do_rescale": True,
+            "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(clip["mean"]),
+            "image_std": list(clip["std"]), "resample": 2}, indent=2) + "\n")
+    (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
 
 
 def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
