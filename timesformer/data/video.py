@@ -10,8 +10,8 @@ same RGB conversion; tests/test_data.py checks it pixel for pixel). They differ 
   recipe on x264-encoded 10 s clips that is ~1.3x less decode time than decord (benchmarks/README.md, part 3).
   decord has no way to skip a frame's decoding.
 
-decord returns wrong frames after a seek in some files (h264 in AVI, MPEG-4 part 2 with B-frames, open-GOP h264
-and HEVC): the "decord" path reads those with PyAV (see `decord_misreads`).
+decord returns wrong frames after a seek in some kinds of file (listed at `decord_misreads`): the "decord" path
+reads those with PyAV.
 """
 
 from __future__ import annotations
