@@ -24,6 +24,7 @@ from timesformer.data import (
     read_video_info,
     train_transform,
 )
+from timesformer.data.resumable import ResumableSampler
 from timesformer.data.synthetic import CLASS_SCHEMES, DIRECTIONS
 from timesformer.data.video import DECODERS, VideoInfo, decord_misreads
 
@@ -523,6 +524,43 @@ def test_training_clips_follow_the_torch_seed(tiny_source):
     assert any(not torch.equal(draw(0), draw(seed)) for seed in range(1, 5))
 
 
+def test_resumable_sampler_order_seeds_and_shares():
+    dataset = list(range(10))
+    single = ResumableSampler(dataset, seed=3)
+    epoch0 = list(single)
+    assert sorted(index for index, _ in epoch0) == dataset  # a permutation, every video once
+    assert len({seed for _, seed in epoch0}) == 10  # every item its own seed
+    assert epoch0 == list(ResumableSampler(dataset, seed=3))  # a function of the seed...
+    single.set_epoch(1)
+    epoch1 = list(single)
+    assert [i for i, _ in epoch1] != [i for i, _ in epoch0] and not {s for _, s in epoch1} & {s for _, s in epoch0}
+    single.skip_next(4)
+    assert list(single) == epoch1[4:]  # resuming: the rest of the epoch, same seeds
+    assert list(single) == epoch1  # ...once
+    # Two processes: disjoint shares of the same order, each item with the seed it has in one process.
+    shares = [list(ResumableSampler(dataset, seed=3, num_replicas=2, rank=rank)) for rank in (0, 1)]
+    assert len(shares[0]) == len(shares[1]) == 5
+    assert sorted(shares[0] + shares[1]) == sorted(epoch0)
+
+
+def test_seeded_training_items_follow_their_seed_only(tiny_source):
+    entries = tiny_source.load().splits["train"]
+    dataset = VideoClipDataset(entries, num_frames=4, sampling_rate=1, transform=train_transform(16, (16, 24)),
+                               training=True)
+    torch.manual_seed(0)
+    first = dataset[(1, 1234)]["video"]
+    state = torch.get_rng_state()
+    torch.manual_seed(99)
+    torch.rand(5)
+    again = dataset[(1, 1234)]["video"]
+    assert torch.equal(first, again)  # whatever the process's RNG has drawn before
+    assert not torch.equal(torch.get_rng_state(), state)  # (the draws above did move it)
+    state = torch.get_rng_state()
+    dataset[(1, 1234)]
+    assert torch.equal(torch.get_rng_state(), state)  # and the item leaves it as it was
+    assert any(not torch.equal(first, dataset[(1, seed)]["video"]) for seed in range(5))
+
+
 def _datamodule(source, **overrides) -> VideoDataModule:
     settings = dict(
         source=source,
@@ -562,6 +600,37 @@ def test_datamodule_with_workers(tiny_source):
     datamodule.setup("fit")
     labels = torch.cat([batch["label"] for batch in datamodule.train_dataloader()])
     assert sorted(labels.tolist()) == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+def test_training_batches_do_not_depend_on_workers_and_resume_mid_epoch(tiny_source):
+    def epoch(num_workers: int, epoch: int, state: dict | None = None) -> list[dict]:
+        datamodule = _datamodule(tiny_source, num_workers=num_workers, batch_size=2, horizontal_flip=True,
+                                 train_short_side_range=(16, 24))
+        datamodule.setup("fit")
+        if state is not None:  # what Lightning restores from a checkpoint, before creating the loader
+            datamodule.load_state_dict(state)
+        loader = datamodule.train_dataloader()
+        loader.sampler.set_epoch(epoch)
+        batches = []
+        for batch in loader:
+            batches.append(batch)
+            if len(batches) == 2:
+                saved = datamodule.state_dict()
+        return batches, saved
+
+    def same(first: list[dict], second: list[dict]) -> bool:
+        if len(first) != len(second):
+            return False
+        return all(torch.equal(a["video"], b["video"]) and torch.equal(a["index"], b["index"])
+                   for a, b in zip(first, second, strict=True))
+
+    without_workers, saved = epoch(0, epoch=1)
+    assert saved == {"train_loader": {"epoch": 1, "batches_taken": 2}}
+    assert len(without_workers) == 4
+    assert same(epoch(2, epoch=1)[0], without_workers)  # the same clips, crops and flips from two workers
+    assert not same(epoch(0, epoch=2)[0], without_workers)  # a new epoch draws anew
+    assert same(epoch(2, epoch=1, state=saved)[0], without_workers[2:])  # resumed: the rest of that epoch
+    assert same(epoch(0, epoch=2, state=saved)[0], epoch(0, epoch=2)[0])  # a checkpoint of another epoch: no skip
 
 
 def test_datamodule_pyav_decoder_gives_the_same_batches(tiny_source):

@@ -55,40 +55,54 @@ def test_ddp_cpu_two_processes_agree_and_validate_on_every_video(synthetic_root,
     assert report["video"]["top1"] == pytest.approx(metrics["val/video_acc"])
 
 
-@pytest.mark.slow
-def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(synthetic_root, tmp_path):
-    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    result = run_train(*base_args(synthetic_root, straight), "trainer.max_epochs=2")
+# Two DataLoader workers (persistent): their clip draws must not depend on which worker reads what, nor on the
+# workers having been restarted. 6 training videos in batches of 4: 2 steps an epoch.
+WORKERS = ["data.num_workers=2"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(synthetic_root, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("straight")
+    result = run_train(*base_args(synthetic_root, run_dir), *WORKERS, "trainer.max_epochs=2")
     assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
 
-    killed = run_train(*base_args(synthetic_root, interrupted), "trainer.max_epochs=2", "resume=auto",
-                       "+callbacks.kill._target_=tests.callbacks.KillAtEpoch", "+callbacks.kill.epoch=1")
-    assert killed.returncode == -signal.SIGKILL
-    resumed = run_train(*base_args(synthetic_root, interrupted), "trainer.max_epochs=2", "resume=auto")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "continuing from" in resumed.stdout + resumed.stderr
 
-    expected, actual = final_weights(straight), final_weights(interrupted)
+def assert_same_run(actual_dir, expected_dir) -> None:
+    expected, actual = final_weights(expected_dir), final_weights(actual_dir)
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0, msg=name)
-    straight_metrics = json.loads((straight / "metrics.json").read_text())
-    resumed_metrics = json.loads((interrupted / "metrics.json").read_text())
-    assert resumed_metrics["val/acc"] == straight_metrics["val/acc"]
+    expected_metrics = json.loads((expected_dir / "metrics.json").read_text())
+    actual_metrics = json.loads((actual_dir / "metrics.json").read_text())
+    assert actual_metrics["val/acc"] == expected_metrics["val/acc"]
 
 
 @pytest.mark.slow
-def test_sigterm_writes_a_checkpoint_and_exits_cleanly(synthetic_root, tmp_path):
+def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(synthetic_root, tmp_path, uninterrupted_run):
+    interrupted = tmp_path / "interrupted"
+    killed = run_train(*base_args(synthetic_root, interrupted), *WORKERS, "trainer.max_epochs=2", "resume=auto",
+                       "+callbacks.kill._target_=tests.callbacks.KillAtEpoch", "+callbacks.kill.epoch=1")
+    assert killed.returncode == -signal.SIGKILL
+    resumed = run_train(*base_args(synthetic_root, interrupted), *WORKERS, "trainer.max_epochs=2", "resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "continuing from" in resumed.stdout + resumed.stderr
+    assert_same_run(interrupted, uninterrupted_run)
+
+
+@pytest.mark.slow
+def test_sigterm_mid_epoch_writes_a_checkpoint_that_resumes_exactly(synthetic_root, tmp_path, uninterrupted_run):
     run_dir = tmp_path / "run"
-    result = run_train(*base_args(synthetic_root, run_dir), "trainer.max_epochs=3", "resume=auto",
-                       "+callbacks.term._target_=tests.callbacks.SignalAtStep", "+callbacks.term.step=2")
+    result = run_train(*base_args(synthetic_root, run_dir), *WORKERS, "trainer.max_epochs=2", "resume=auto",
+                       "+callbacks.term._target_=tests.callbacks.SignalAtStep", "+callbacks.term.step=3")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "SIGTERM received: checkpoint written" in result.stdout + result.stderr
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert checkpoint["global_step"] == 2
-    resumed = run_train(*base_args(synthetic_root, run_dir), "trainer.max_epochs=3", "resume=auto")
+    assert (checkpoint["epoch"], checkpoint["global_step"]) == (1, 3)  # epoch 1's second batch is still to come
+    resumed = run_train(*base_args(synthetic_root, run_dir), *WORKERS, "trainer.max_epochs=2", "resume=auto")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "continuing from" in resumed.stdout + resumed.stderr
-    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 2
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 1
+    assert_same_run(run_dir, uninterrupted_run)
 
 
 def test_resume_auto_skips_a_truncated_checkpoint(tmp_path):

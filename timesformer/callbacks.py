@@ -33,8 +33,7 @@ class PreemptionCheckpoint(L.Callback):
     Lightning already catches SIGTERM (``trainer.received_sigterm``, broadcast from rank 0 every step) and
     handles SIGUSR1 itself on SLURM with auto-requeue; elsewhere SIGUSR1 would kill the process, so this
     callback installs a handler for it. The checkpoint is a full one (optimizer, schedulers, loops), written
-    atomically by Lightning, so ``resume=auto`` continues from the next step (the rest of that epoch reshuffled:
-    the data order is only restored at epoch boundaries).
+    atomically by Lightning, so ``resume=auto`` continues from the next batch of the same epoch, in the same order.
     """
 
     def __init__(self, dirpath: str | Path, filename: str = "last.ckpt") -> None:

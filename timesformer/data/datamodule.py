@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from timesformer.data.dataset import SAMPLINGS, SPLITS, VideoClipDataset, VideoIndex, VideoSource
+from timesformer.data.resumable import ResumableDataLoader, ResumableSampler
 from timesformer.data.transforms import (
     DEFAULT_MEAN,
     DEFAULT_STD,
@@ -103,8 +104,10 @@ class VideoDataModule(lightning.LightningDataModule):
     = k: each decoded training video gives k clips with their own scale / crop / flip; `batch_size` still counts
     clips (batch_size / k videos per batch), so it must be a multiple of k.
 
-    `seed` seeds the training loader's shuffling and its workers' RNGs (different per worker and epoch,
-    reproducible across runs). Sequence arguments accept lists (as Hydra passes them).
+    `seed` decides the training order and every training clip's draws (a new order and new draws each epoch):
+    a run is reproducible whatever the number of workers and processes, and a checkpoint resumes it where it
+    stopped, mid-epoch too (`timesformer/data/resumable.py`). Sequence arguments accept lists (as Hydra passes
+    them).
     """
 
     def __init__(
@@ -214,11 +217,10 @@ class VideoDataModule(lightning.LightningDataModule):
         self.failures = DecodeFailureMonitor(float(max_failed_fraction))
 
         self.train_transform = train_transform(self.image_size, self.train_short_side_range, self.horizontal_flip)
-        # The training loader's own generator: shuffling and worker seeds follow `seed` and advance every
-        # epoch. Kept here so that a re-created loader continues the sequence instead of repeating it.
-        self.train_generator = torch.Generator().manual_seed(self.seed)
         self.index: VideoIndex | None = None
         self.datasets: dict[str, VideoClipDataset] = {}
+        self._train_loader: ResumableDataLoader | None = None
+        self._train_loader_state: dict | None = None  # from a checkpoint, for the next training loader
 
     @staticmethod
     def _build_source(source: Any, root: str | os.PathLike | None, split: int | None) -> VideoSource:
@@ -240,12 +242,13 @@ class VideoDataModule(lightning.LightningDataModule):
         return built
 
     def state_dict(self) -> dict:
-        """Saved in Lightning checkpoints: a resumed run continues the shuffling sequence, not restarts it."""
-        return {"train_generator": self.train_generator.get_state()}
+        """Saved in Lightning checkpoints: how far the training loader got in its epoch (`ResumableDataLoader`)."""
+        return {"train_loader": self._train_loader.state_dict()} if self._train_loader is not None else {}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        if "train_generator" in state_dict:
-            self.train_generator.set_state(state_dict["train_generator"])
+        self._train_loader_state = state_dict.get("train_loader")
+        if self._train_loader is not None and self._train_loader_state is not None:
+            self._train_loader.load_state_dict(self._train_loader_state)
 
     def prepare_data(self) -> None:
         self.source.prepare()  # Lightning runs this once, on rank 0 only
@@ -360,31 +363,34 @@ class VideoDataModule(lightning.LightningDataModule):
             raise RuntimeError(f"The dataset has no {split!r} split (it has {sorted(self.index.splits)})")
         return self.datasets[split]
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        dataset = self._dataset(split)
-        return DataLoader(
-            dataset,
-            # batch_size counts clips: with repeated augmentation, each video gives `repeated_augmentation`
-            batch_size=self.batch_size // dataset.repeated_augmentation,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers,
-            drop_last=False,
-            generator=self.train_generator if shuffle else None,
-        )
+    def _loader_settings(self, dataset: VideoClipDataset) -> dict[str, Any]:
+        # batch_size counts clips: with repeated augmentation, each video gives `repeated_augmentation`
+        return {"batch_size": self.batch_size // dataset.repeated_augmentation, "num_workers": self.num_workers,
+                "pin_memory": self.pin_memory, "persistent_workers": self.persistent_workers, "drop_last": False}
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+    def train_dataloader(self) -> ResumableDataLoader:
+        """The shuffled training order of this process (its share under DDP, which Lightning would otherwise
+        give it with a sampler of its own), resumable mid-epoch."""
+        dataset = self._dataset("train")
+        replicas = (self.trainer.distributed_sampler_kwargs if self.trainer is not None else None) or {}
+        sampler = ResumableSampler(dataset, self.seed, replicas.get("num_replicas", 1), replicas.get("rank", 0))
+        self._train_loader = ResumableDataLoader(dataset, sampler, **self._loader_settings(dataset))
+        if self._train_loader_state is not None:
+            self._train_loader.load_state_dict(self._train_loader_state)
+        return self._train_loader
+
+    def _evaluation_loader(self, split: str) -> DataLoader:
+        dataset = self._dataset(split)
+        return DataLoader(dataset, shuffle=False, **self._loader_settings(dataset))
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return self._evaluation_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._evaluation_loader("test")
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._evaluation_loader("test")
 
 
 def flatten_repeated_clips(batch: dict[str, Any]) -> dict[str, Any]:

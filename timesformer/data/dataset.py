@@ -80,10 +80,10 @@ class VideoClipDataset(Dataset):
     item's "video" is (k, T, C, H, W); the DataModule flattens those into the batch. Decoding is most of a
     clip's cost, so k clips cost little more than one (repeated augmentation, Hoffer et al. 2020).
 
-    Randomness (clip start here, crop/scale/flip in the transform, replacements) comes from torch's global RNG,
-    which the DataLoader seeds per worker and per epoch from its own generator (`VideoDataModule(seed=...)`
-    seeds that): workers draw different clips, every epoch draws new ones, and a run is reproducible. With
-    num_workers=0 the draws happen in the main process; seed it with `lightning.seed_everything`.
+    Randomness (clip start here, crop/scale/flip in the transform, replacements) comes from torch's global RNG.
+    A training item may be asked for as ``(video index, seed)`` (what `ResumableSampler` yields): its draws then
+    come from that seed alone, whichever process or worker reads it, and the global RNG is left as it was. A plain
+    index draws from the global RNG as it stands.
     """
 
     def __init__(
@@ -179,7 +179,14 @@ class VideoClipDataset(Dataset):
                     raise
         raise AssertionError("unreachable")
 
-    def __getitem__(self, item: int) -> dict:
+    def __getitem__(self, item: int | tuple[int, int]) -> dict:
+        if isinstance(item, tuple):  # (video index, seed): the draws of this item follow from its seed
+            if not self.training:
+                raise TypeError("seeded items are for training datasets; an evaluation view is deterministic")
+            video_index, seed = item
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return self._training_item(int(video_index))
         video_index, view = divmod(item, self.views_per_video)
         if self.training:
             return self._training_item(video_index)
