@@ -565,3 +565,121 @@ def test_csv_header_rows_are_not_videos(tmp_path, header):
     lines = ([header] if header else []) + ["a.mp4,cat", "b.mp4,dog"]
     (tmp_path / "train.csv").write_text("\n".join(lines) + "\n")
     assert CsvSource.read_rows(tmp_path / "train.csv") == [("a.mp4", "cat"), ("b.mp4", "dog")]
+
+
+# -- annotation files as users have them (found by review; each failed before its fix) -----------------------
+def touch(root: Path, *relative: str) -> None:
+    """Empty files: finding videos reads directory listings only."""
+    for name in relative:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"")
+
+
+def test_kinetics_rows_take_only_their_own_clip(tmp_path, caplog):
+    header = "label,youtube_id,time_start,time_end,split"
+    write_lines(tmp_path / "train.csv", [header, "dancing,-abcdefghij,10,20,train", "singing,-abcdefghij,30,40,train",
+                                         "singing,whole000000,0,10,train", ",unlabelled0,0,10,train"])
+    write_lines(tmp_path / "validate.csv", [header, "singing,-abcdefghij,30,40,validate"])
+    touch(tmp_path, "train/singing/-abcdefghij_30_40.mp4", "train/singing/whole000000.mp4",
+          "train/x/unlabelled0_000000_000010.mp4", "val/-abcdefghij_000030_000040.mp4")
+    with caplog.at_level(logging.WARNING):
+        scan = KineticsSource(tmp_path).scan()
+    # A missing clip is missing, not another time span of the same video under its label.
+    assert scan.missing["train"] == ["-abcdefghij_000010_000020"]
+    assert sorted((Path(path).name, scan.class_names[label]) for path, label in scan.splits["train"]) == [
+        ("-abcdefghij_30_40.mp4", "singing"), ("whole000000.mp4", "singing")]  # any padding; a bare id too
+    assert scan.class_names == ["dancing", "singing"]  # no "" class from the row without a label...
+    assert any("1 rows have an empty label" in warning for warning in scan.warnings)  # ...which is counted
+    write_lines(tmp_path / "train.csv", [header, "dancing,abcdefghijk,,20,train"])
+    with pytest.raises(ValueError, match=r"train.csv, line 2: .*numeric times"):
+        KineticsSource(tmp_path).scan()
+
+
+def test_kinetics_test_csv_with_empty_labels_is_unlabelled(tmp_path):
+    make_kinetics(tmp_path)
+    write_lines(tmp_path / "annotations" / "test.csv",
+                ["label,youtube_id,time_start,time_end,split", ",te00abcdefg,0,10,test"])
+    index = KineticsSource(tmp_path).load()
+    assert index.class_names == sorted(KINETICS_LABELS) and index.splits["test"] is index.splits["val"]
+
+
+def test_slowfast_class_ids_as_strings(tmp_path):
+    make_slowfast_kinetics(tmp_path)
+    (tmp_path / "classids.json").write_text(json.dumps({"abseiling": "0", "zumba": "1"}))
+    assert KineticsSource(tmp_path).load().class_names == ["abseiling", "zumba"]
+
+
+def test_lists_with_commas_in_paths_and_header_words_as_labels(tmp_path):
+    touch(tmp_path, "clips/a.mp4", "clips/b, take 2.mp4", "t1.mp4")
+    write_lines(tmp_path / "spaces.csv", ["clips/a.mp4 0", "clips/b, take 2.mp4 1"])  # PySlowFast form
+    assert CsvSource.read_rows(tmp_path / "spaces.csv") == [("clips/a.mp4", "0"), ("clips/b, take 2.mp4", "1")]
+    write_lines(tmp_path / "named.csv", ["clips/a.mp4 jump", "clips/b, take 2.mp4 run"])
+    assert CsvSource.read_rows(tmp_path / "named.csv")[1] == ("clips/b, take 2.mp4", "run")
+    write_lines(tmp_path / "commas.csv", ['"clips/b, take 2.mp4",run', "my clip.mp4,jump"])
+    assert CsvSource.read_rows(tmp_path / "commas.csv") == [("clips/b, take 2.mp4", "run"), ("my clip.mp4", "jump")]
+    # A first row whose label is a header word is a video when its path is a video file.
+    write_lines(tmp_path / "train.csv", ["t1.mp4,action", "clips/a.mp4,comedy"])
+    assert CsvSource.read_rows(tmp_path / "train.csv") == [("t1.mp4", "action"), ("clips/a.mp4", "comedy")]
+
+
+def test_csv_test_list_that_is_set_must_exist(tmp_path):
+    touch(tmp_path, "a.mp4")
+    write_lines(tmp_path / "train.csv", ["a.mp4,0"])
+    write_lines(tmp_path / "val.csv", ["a.mp4,0"])
+    with pytest.raises(FileNotFoundError, match="data.source.test_list=heldout.csv"):
+        CsvSource(tmp_path, test_list="heldout.csv").load()
+    assert CsvSource(tmp_path).load().splits["test"] is not None  # the default name may be absent: test = val
+
+
+def test_folder_reports_nested_videos_and_reads_transport_streams(tmp_path, caplog):
+    touch(tmp_path, "train/jump/a.mp4", "train/run/day1/b.mp4", "train/swim/c.MTS", "val/jump/d.ts", "val/swim/e.m2ts")
+    with caplog.at_level(logging.WARNING):
+        index = FolderSource(tmp_path).load()
+    assert index.class_names == ["jump", "swim"]
+    assert len(index.splits["train"]) == 2 and len(index.splits["val"]) == 2
+    assert "1 videos outside" in caplog.text and "run/day1/b.mp4" in caplog.text
+
+
+def test_malformed_annotation_files_name_the_file_and_line(tmp_path):
+    make_ucf101(tmp_path / "ucf")
+    class_list = next((tmp_path / "ucf").rglob("classInd.txt"))
+    class_list.write_text("ApplyEyeMakeup\n")
+    with pytest.raises(ValueError, match=r"classInd.txt: expected `<id> <class name>`"):
+        UCF101Source(tmp_path / "ucf", split=1).load()
+    make_ssv2(tmp_path / "ssv2")
+    labels = next((tmp_path / "ssv2").rglob("labels.json"))
+    labels.write_text(labels.read_text()[:20])
+    with pytest.raises(ValueError, match=r"labels.json is not valid JSON"):
+        SomethingSomethingV2Source(tmp_path / "ssv2").load()
+
+
+def test_resize_follows_linked_folders_skips_hidden_files_and_moves_absolute_lists(tmp_path):
+    from timesformer.data.resize import resize_dataset
+
+    src, elsewhere = tmp_path / "src", tmp_path / "elsewhere"
+    write_video(src / "train" / "jump" / "a.mp4")
+    write_video(elsewhere / "run" / "b.mp4")
+    (src / "train" / "run").symlink_to(elsewhere / "run")
+    (src / "train" / "jump" / "._a.mp4").write_bytes(b"\x00\x05\x16\x07")  # a macOS resource fork
+    write_lines(src / "train.csv", [f"{src}/train/jump/a.mp4 0", f"{src}/train/run/b.mp4 1"])
+    outcome = resize_dataset(src, tmp_path / "dst", short_side=2 * WIDTH)  # small videos: copied
+    assert not outcome["failed"] and len(outcome["copied"]) == 3  # 2 videos and the list
+    dst = tmp_path / "dst"
+    assert (dst / "train" / "run" / "b.mp4").is_file() and not (dst / "train" / "jump" / "._a.mp4").exists()
+    assert (dst / "train.csv").read_text().split() == [f"{dst}/train/jump/a.mp4", "0", f"{dst}/train/run/b.mp4", "1"]
+
+
+def test_clean_lists_keep_the_datasets_recipe():
+    from timesformer.data.check import clean_list_command
+
+    command = clean_list_command(["data=ssv2", "data.root=/d", "model=tiny"], Path("/clean"))
+    assert command.startswith("python train.py model=tiny data=csv data.root=/clean")
+    assert "data.sampling=segment" in command and "data.horizontal_flip=false" in command
+    assert "data.sampling_rate=32" in clean_list_command(["data=kinetics400", "data.root=/d"], Path("/clean"))
+
+
+def test_data_split_and_data_source_split_must_agree():
+    from timesformer.data.check import compose_datamodule
+
+    with pytest.raises(Exception, match="data.source.split=2 and data.split=1 disagree"):
+        compose_datamodule(["data=ucf101", "data.root=/d", "+data.source.split=2"])

@@ -12,9 +12,10 @@ Arguments other than the options below are Hydra overrides of configs/train.yaml
 Each video is read as training reads it (`decode_clip` with `data.decoder`): its first, middle and last frames
 are decoded (a truncated file usually fails on the last). "Too short" videos have fewer frames than one clip needs; they still work (frames are
 repeated) but are listed. `--write-clean DIR` writes DIR/train.csv, DIR/val.csv (and DIR/test.csv for a
-separate test split) with the usable videos, and DIR/classes.txt with the class order, for `data=csv`:
+separate test split) with the usable videos, and DIR/classes.txt with the class order, for `data=csv`; the
+command it prints keeps the dataset's recipe (e.g. SSv2's segment sampling, no flips; Kinetics' sampling rate):
 
-    python train.py data=csv data.root=DIR
+    python train.py data=csv data.root=DIR data.sampling=segment data.horizontal_flip=false
 """
 
 from __future__ import annotations
@@ -75,17 +76,44 @@ def frames_needed(datamodule, fps: float) -> int:
     return math.ceil(datamodule.num_frames * datamodule.sampling_rate * fps / datamodule.target_fps)
 
 
-def compose_datamodule(overrides: Sequence[str]):
-    """The DataModule that `python train.py <overrides>` would build (nothing is read from disk yet)."""
-    import hydra
+def compose_data_config(overrides: Sequence[str]) -> dict:
+    """The `data` config of `python train.py <overrides>`, resolved."""
     from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
 
     import timesformer.pipeline  # noqa: F401  (registers the config resolvers)
 
     os.environ.setdefault("TIMESFORMER_ROOT", str(CONFIG_DIR.parent))
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=list(overrides))
-    return hydra.utils.instantiate(cfg.data, _convert_="all")
+    return OmegaConf.to_container(cfg.data, resolve=True)
+
+
+def compose_datamodule(overrides: Sequence[str]):
+    """The DataModule that `python train.py <overrides>` would build (nothing is read from disk yet)."""
+    import hydra
+
+    return hydra.utils.instantiate(compose_data_config(overrides), _convert_="all")
+
+
+def clean_list_command(overrides: Sequence[str], folder: Path) -> str:
+    """`python train.py data=csv data.root=FOLDER ...` with the overrides that keep the checked dataset's clip
+    sampling and augmentation (`data=csv` has its own defaults: dense sampling 8 apart, flips)."""
+    others = [override for override in overrides if not override.lstrip("+~").startswith(("data=", "data."))]
+    command = ["data=csv", f"data.root={folder}"]
+    checked, as_csv = compose_data_config(overrides), compose_data_config([*others, *command])
+    for key, value in checked.items():
+        if key not in ("_target_", "source", "root", "split") and as_csv.get(key) != value:
+            command.append(f"data.{key}={_override_value(value)}")
+    return "python train.py " + " ".join([*others, *command])
+
+
+def _override_value(value: object) -> str:
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(_override_value(item) for item in value) + "]"
+    return str(value)
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -107,7 +135,7 @@ def _list(title: str, items: list[str], max_listed: int) -> None:
 
 
 def write_clean(folder: Path, class_names: list[str], checked: dict[str, list[VideoCheck]], test_is_val: bool,
-                dataset_root: Path | None = None) -> None:
+                dataset_root: Path | None = None, train_command: str | None = None) -> None:
     """The usable videos as `data=csv` lists (class names) and the class order. Paths are relative to the lists'
     folder when it is inside the dataset (a copy of the tree, e.g. by `timesformer.data.resize`, then reads its own
     videos), absolute otherwise."""
@@ -127,8 +155,9 @@ def write_clean(folder: Path, class_names: list[str], checked: dict[str, list[Vi
             writer.writerow(["path", "label"])
             writer.writerows([listed(result.path), class_names[result.label]] for result in results
                              if result.error is None)
+    train_command = train_command or f"python train.py data=csv data.root={folder}"
     print(f"\nWrote the usable videos to {folder} (classes.txt, {', '.join(f'{s}.csv' for s in checked)}). "
-          f"Train on them with: python train.py data=csv data.root={folder}")
+          f"Train on them with: {train_command}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.no_decode:
             print("\n--write-clean needs the videos decoded; run it without --no-decode", file=sys.stderr)
             return 2
-        write_clean(args.write_clean, index.class_names, checked, test_is_val, getattr(source, "root", None))
+        write_clean(args.write_clean, index.class_names, checked, test_is_val, getattr(source, "root", None),
+                    clean_list_command(args.overrides, args.write_clean))
     return 0
 
 

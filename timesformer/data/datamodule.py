@@ -236,6 +236,11 @@ class VideoDataModule(lightning.LightningDataModule):
             raise TypeError(f"VideoDataModule source must have prepare() and load() methods, got {source!r}")
         if root is None:
             raise ValueError("data.root is not set: set data.root=PATH to the dataset's folder (see data/README.md)")
+        preset = getattr(source, "keywords", {})  # a functools.partial's own arguments (data.source.*)
+        for name, value in (("root", root), ("split", split)):
+            if name in preset and value is not None and preset[name] != value:
+                raise ValueError(f"data.source.{name}={preset[name]} and data.{name}={value} disagree: set "
+                                 f"data.{name} only")
         built = source(root=root) if split is None else source(root=root, split=split)
         if not (callable(getattr(built, "prepare", None)) and callable(getattr(built, "load", None))):
             raise TypeError(f"VideoDataModule source must have prepare() and load() methods, got {built!r}")

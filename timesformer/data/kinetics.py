@@ -6,7 +6,8 @@ Two annotation formats, told apart by their content (both are often called train
   `label`), labels quoted where they contain commas. The validation file is `validate.csv` (or `val.csv`).
   Clips are `<youtube_id>_<time_start:06d>_<time_end:06d>.<ext>`, found in the split's folder on disk
   (`train/`, `val/` or `validate/`, ...), flat or in per-class subfolders (whatever their names);
-  a clip saved as just `<youtube_id>.<ext>` is found too.
+  a clip saved as just `<youtube_id>.<ext>` is found too. Rows with an empty label are left out (and counted);
+  a file whose labels are all empty is treated as unlabelled, like one without a `label` column.
 - PySlowFast lists: `train.csv`/`val.csv`/`test.csv`, one `<path> <label id>` per line, no header; paths are
   relative to data.root (or to the list's folder) or absolute. Class names come from a
   `classids.json`/`kinetics_classnames.json` ({"name": id}) or `classes.txt` (one per line) beside the lists
@@ -19,7 +20,6 @@ Kinetics class lists).
 from __future__ import annotations
 
 import csv
-import json
 import os
 import re
 from pathlib import Path
@@ -32,6 +32,7 @@ from timesformer.data.sources import (
     existing_files,
     first_existing,
     list_videos,
+    read_json,
     read_text_lines,
 )
 
@@ -108,7 +109,7 @@ class KineticsSource(AnnotatedVideoSource):
 
     # -- the official CSVs -----------------------------------------------------------------------------------
     def _scan_official(self, files: dict[str, Path]) -> DatasetScan:
-        rows: dict[str, list[dict[str, str]]] = {}
+        rows: dict[str, list[tuple[str, str, str]]] = {}  # per split: (clip stem, youtube id, label)
         notes, warnings = [], []
         for split, path in files.items():
             with open(path, encoding="utf-8-sig", newline="") as file:
@@ -117,12 +118,27 @@ class KineticsSource(AnnotatedVideoSource):
                 reader.fieldnames = fields
                 if not {"youtube_id", "time_start", "time_end"} <= set(fields):
                     raise ValueError(f"{path}: expected the columns youtube_id,time_start,time_end, got {fields}")
-                if "label" not in fields:
-                    notes.append(f"{path.name} has no labels: it cannot be evaluated; test uses the val split")
+                split_rows = [(reader.line_num, row) for row in reader]
+            labelled = "label" in fields and any((row["label"] or "").strip() for _, row in split_rows)
+            if not labelled:
+                notes.append(f"{path.name} has no labels: it cannot be evaluated; test uses the val split")
+                continue
+            rows[split], unlabelled = [], 0
+            for line, row in split_rows:
+                label = (row["label"] or "").strip()
+                if not label:
+                    unlabelled += 1
                     continue
-                rows[split] = list(reader)
+                try:
+                    youtube_id = row["youtube_id"].strip()
+                    rows[split].append((clip_stem(youtube_id, row["time_start"], row["time_end"]), youtube_id, label))
+                except (AttributeError, TypeError, ValueError):
+                    raise ValueError(f"{path}, line {line}: expected label,youtube_id,time_start,time_end,... with "
+                                     f"numeric times, got {row}") from None
+            if unlabelled:
+                warnings.append(f"{path.name}: {unlabelled} rows have an empty label and are left out")
 
-        class_names = sorted({row["label"].strip() for split_rows in rows.values() for row in split_rows})
+        class_names = sorted({label for split_rows in rows.values() for _, _, label in split_rows})
         if self.expected_num_classes and len(class_names) != self.expected_num_classes:
             warnings.append(
                 f"the annotation files name {len(class_names)} classes, not {self.expected_num_classes}: "
@@ -143,19 +159,20 @@ class KineticsSource(AnnotatedVideoSource):
                     continue
                 raise FileNotFoundError(f"Kinetics {split}: {message}. Check data.root={self.root}.")
             searched[split] = str(folder)
+            # A clip file is found by its <id>_<start>_<end> stem (any zero padding), or by the bare <id> when it
+            # is saved as just that: a file of another time span of the same video is another row's clip.
             by_stem: dict[str, str] = {}
             for path in list_videos(folder, max_depth=1):  # flat, or one folder per class
-                by_stem.setdefault(path.stem, str(path))
                 match = CLIP_NAME.match(path.stem)
-                by_stem.setdefault(match["youtube_id"] if match else path.stem, str(path))
+                stem = clip_stem(*match.group("youtube_id", "start", "end")) if match else path.stem
+                by_stem.setdefault(stem, str(path))
             splits[split], missing[split] = [], []
-            for row in split_rows:
-                stem = clip_stem(row["youtube_id"].strip(), row["time_start"], row["time_end"])
-                path = by_stem.get(stem) or by_stem.get(row["youtube_id"].strip())
+            for stem, youtube_id, label in split_rows:
+                path = by_stem.get(stem) or by_stem.get(youtube_id)
                 if path is None:
                     missing[split].append(stem)
                 else:
-                    splits[split].append((path, label_of[row["label"].strip()]))
+                    splits[split].append((path, label_of[label]))
         return DatasetScan(class_names, splits, missing, searched, notes, warnings)
 
     # -- PySlowFast lists ------------------------------------------------------------------------------------
@@ -198,10 +215,13 @@ class KineticsSource(AnnotatedVideoSource):
             if path is None:
                 continue
             if path.suffix == ".json":
-                ids = json.loads(path.read_text())
-                names = [""] * max(max(ids.values()) + 1, num_ids)
+                try:
+                    ids = {name: int(class_id) for name, class_id in read_json(path).items()}
+                except (ValueError, TypeError, AttributeError) as error:
+                    raise ValueError(f"{path}: expected a JSON object of class name -> integer id ({error})") from None
+                names = [""] * max(max(ids.values(), default=-1) + 1, num_ids)
                 for name, class_id in ids.items():
-                    names[int(class_id)] = name.strip().strip('"')
+                    names[class_id] = name.strip().strip('"')
             else:
                 names = read_text_lines(path)
             if len(names) < num_ids:

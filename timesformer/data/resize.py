@@ -11,7 +11,10 @@ This is the usual preparation for Kinetics (short side 256, as mmaction2 and PyS
 The folder tree is mirrored: every video (by suffix) whose short side is above `--short-side` is re-encoded
 with its short side at that size (aspect ratio kept, even sides), the same frames and timestamps, as h264 (x264
 CRF 23, preset veryfast) in the same container (VP9 for .webm); smaller videos and every other file (annotation
-CSVs, split lists) are copied as they are, so the same data config reads the copy. Audio is dropped. Files
+CSVs, split lists) are copied, so the same data config reads the copy: absolute paths into `src` in text files
+(PySlowFast lists, `data=csv` lists) are rewritten to point into `dst`. Folders reached through symbolic links are
+mirrored as folders; hidden files and folders (`.DS_Store`, macOS `._*` files) are left out, as the data
+loaders leave them out. Audio is dropped. Files
 already in the destination are skipped, so an interrupted run continues. Videos that cannot be decoded are
 listed (and written to `<dst>/resize_failures.txt`) and the command exits with status 1: nothing is dropped
 silently.
@@ -29,8 +32,11 @@ from pathlib import Path
 
 import av
 
-from timesformer.data.sources import VIDEO_EXTENSIONS
+from timesformer.data.sources import is_video_file
 from timesformer.data.video import upright_rgb
+
+# Copied files whose absolute paths into the source are rewritten (video lists, annotations).
+TEXT_SUFFIXES = (".csv", ".txt", ".json", ".tsv", ".lst")
 
 
 def scaled_size(width: int, height: int, short_side: int) -> tuple[int, int]:
@@ -102,6 +108,8 @@ def resize_dataset(src: Path, dst: Path, short_side: int = 256, workers: int = 1
                    preset: str = "veryfast") -> dict[str, list]:
     """Mirror `src` into `dst` (see the module docstring). Returns {"resized", "copied", "skipped", "failed"}
     lists of source paths ("failed": (path, reason) pairs)."""
+    # Lists may name the source as given or through its real path (the given one may hold a symbolic link).
+    src_names = tuple(dict.fromkeys([os.path.abspath(src), os.path.realpath(src)]))
     src, dst = Path(src).resolve(), Path(dst).resolve()
     if not src.is_dir():
         raise NotADirectoryError(f"source folder not found: {src}")
@@ -109,16 +117,16 @@ def resize_dataset(src: Path, dst: Path, short_side: int = 256, workers: int = 1
         raise ValueError(f"the destination {dst} must be outside the source {src}")
     outcome: dict[str, list] = {"resized": [], "copied": [], "skipped": [], "failed": []}
     jobs = []
-    for path in sorted(p for p in src.rglob("*") if p.is_file()):
+    for path in _files(src):
         target = dst / path.relative_to(src)
         if target.exists():
             outcome["skipped"].append(path)
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
-        if path.suffix.lower() in VIDEO_EXTENSIONS:
+        if is_video_file(path.name):
             jobs.append((path, target, short_side, crf, preset))
         else:
-            shutil.copyfile(path, target)
+            _copy(path, target, src_names, dst)
             outcome["copied"].append(path)
     with ProcessPoolExecutor(max_workers=workers) if workers > 1 else _InProcess() as pool:
         for done, (path, result) in enumerate(pool.map(_job, jobs), start=1):
@@ -132,6 +140,37 @@ def resize_dataset(src: Path, dst: Path, short_side: int = 256, workers: int = 1
     if outcome["failed"]:
         (dst / "resize_failures.txt").write_text("".join(f"{path}\t{reason}\n" for path, reason in outcome["failed"]))
     return outcome
+
+
+def _files(src: Path) -> list[Path]:
+    """The files under `src`, through symbolic links to folders (each real folder once), hidden ones left out."""
+    files, seen = [], set()
+    for folder, subfolders, names in os.walk(src, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a link back up the tree
+            subfolders.clear()
+            continue
+        seen.add(real)
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        files += [Path(folder) / name for name in names if not name.startswith(".")]
+    return sorted(path for path in files if path.is_file())
+
+
+def _copy(path: Path, target: Path, src_names: tuple[str, ...], dst: Path) -> None:
+    """Copy a file; in a text file, absolute paths into the source (any of `src_names`) become paths into `dst`
+    (so that lists of absolute paths, PySlowFast's usual form, read the copy and not the originals)."""
+    if path.suffix.lower() in TEXT_SUFFIXES:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            text = None
+        prefixes = [name + os.sep for name in src_names if text is not None and name + os.sep in text]
+        if prefixes:
+            for prefix in prefixes:
+                text = text.replace(prefix, os.fspath(dst) + os.sep)
+            target.write_text(text, encoding="utf-8")
+            return
+    shutil.copyfile(path, target)
 
 
 class _InProcess:

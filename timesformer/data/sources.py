@@ -14,6 +14,7 @@ The layouts each source accepts are documented in data/README.md.
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 from collections.abc import Iterable, Sequence
@@ -26,7 +27,8 @@ from timesformer.data.dataset import SPLITS, VideoIndex
 
 log = logging.getLogger(__name__)
 
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".ogv", ".3gp")
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".ogv", ".3gp",
+                    ".ts", ".mts", ".m2ts")
 # How a split's folder may be called on disk (and in annotation file names), most common first.
 SPLIT_ALIASES = {
     "train": ("train", "training"),
@@ -101,6 +103,14 @@ def read_text_lines(path: Path) -> list[str]:
     """Non-empty lines without their line ends: handles CRLF (UCF101's lists), a UTF-8 BOM and blank lines."""
     with open(path, encoding="utf-8-sig", newline=None) as file:  # newline=None: universal newlines
         return [line.strip() for line in file if line.strip()]
+
+
+def read_json(path: Path) -> object:
+    """A JSON annotation file; a truncated or invalid one is an error naming the file."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}): a truncated download?") from None
 
 
 class AnnotatedVideoSource:
@@ -201,13 +211,14 @@ class FolderSource(AnnotatedVideoSource):
             folder = _split_folder(self.root, split)
             if folder is None:
                 continue
-            everything = list_videos(folder, max_depth=1)  # not deeper: class folders may hold frame folders
-            found = [path for path in everything if path.parent != folder]  # <split>/<class>/<video>
+            # One level deeper than the videos, to report (not silently drop) videos in subfolders of a class.
+            everything = list_videos(folder, max_depth=2)
+            found = [path for path in everything if path.parent.parent == folder]  # <split>/<class>/<video>
             if found or split != "test":  # an empty test/ folder: test uses val
                 searched[split] = f"{folder}/<class>/"
                 videos[split] = found
-            if len(found) < len(everything):  # videos beside the class folders: reported, not silently dropped
-                stray = [path.name for path in everything if path.parent == folder]
+            if len(found) < len(everything):  # beside the class folders, or below them
+                stray = [os.fspath(path.relative_to(folder)) for path in everything if path.parent.parent != folder]
                 strays[split] = (f"{split}: {len(stray)} videos outside {folder}/<class>/ are left out: "
                                  + ", ".join(stray[:5]) + (" ..." if len(stray) > 5 else ""))
         if "train" not in videos and "val" not in videos:
@@ -262,16 +273,20 @@ class CsvSource(AnnotatedVideoSource):
 
     @classmethod
     def read_rows(cls, path: Path) -> list[tuple[str, str]]:
-        """(video path, label) rows of a list file, header and blank lines skipped."""
+        """(video path, label) rows of a list file, header and blank lines skipped.
+
+        The file is comma-separated unless every line reads as "path label" with a label free of commas (PySlowFast's
+        lists, whose paths may hold commas and spaces); the label is then the last whitespace-separated field."""
+        lines = read_text_lines(path)
+        space_separated = all(len(fields) == 2 and "," not in fields[1]
+                              for fields in (line.rsplit(maxsplit=1) for line in lines))
         rows = []
-        for number, line in enumerate(read_text_lines(path), start=1):
-            if "," in line:
-                fields = next(csv.reader([line]))
-            else:  # "path label", as PySlowFast's lists: the label is the last field, the path may have spaces
-                fields = line.rsplit(maxsplit=1)
+        for number, line in enumerate(lines, start=1):
+            fields = line.rsplit(maxsplit=1) if space_separated else next(csv.reader([line]))
             fields = [value.strip() for value in fields]
-            if number == 1 and (fields[0].lower() in cls.HEADER_FIRST_FIELDS
-                                or (len(fields) > 1 and fields[1].lower() in cls.HEADER_LABEL_FIELDS)):
+            header_words = fields[0].lower() in cls.HEADER_FIRST_FIELDS or (
+                len(fields) > 1 and fields[1].lower() in cls.HEADER_LABEL_FIELDS)
+            if number == 1 and header_words and not is_video_file(os.path.basename(fields[0])):
                 continue  # a header row, not a video whose class is called "class"
             if len(fields) < 2 or not fields[0] or not fields[1]:
                 raise ValueError(f"{path}, line {number}: expected `path,label`, got {line!r}")
@@ -286,7 +301,7 @@ class CsvSource(AnnotatedVideoSource):
             if path is None:
                 continue
             if not path.is_file():
-                if split in ("train", "val") and name != f"{split}.csv":  # set explicitly: it must be there
+                if name != f"{split}.csv":  # set explicitly: it must be there
                     raise FileNotFoundError(f"data.source.{split}_list={name}: no such file ({path})")
                 continue
             rows[split] = self.read_rows(path)

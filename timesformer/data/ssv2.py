@@ -16,11 +16,17 @@ horizontal flips off, and clips are TSN-style segment samples (DESIGN.md section
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-from timesformer.data.sources import AnnotatedVideoSource, DatasetScan, first_existing, list_videos, read_text_lines
+from timesformer.data.sources import (
+    AnnotatedVideoSource,
+    DatasetScan,
+    first_existing,
+    list_videos,
+    read_json,
+    read_text_lines,
+)
 
 ANNOTATION_FOLDERS = ("annotations", "labels", "")
 VIDEO_FOLDERS = ("20bn-something-something-v2", "videos", "")
@@ -66,8 +72,11 @@ class SomethingSomethingV2Source(AnnotatedVideoSource):
                 "Put the annotation files (labels.json, train.json, validation.json) there, or set "
                 "data.source.annotations=FOLDER."
             )
-        ids = json.loads(labels_file.read_text(encoding="utf-8"))
-        by_template = {normalise_template(template): int(class_id) for template, class_id in ids.items()}
+        ids = read_json(labels_file)
+        try:
+            by_template = {normalise_template(template): int(class_id) for template, class_id in ids.items()}
+        except (AttributeError, TypeError, ValueError):
+            raise ValueError(f"{labels_file}: expected a JSON object of template -> integer id") from None
         if sorted(by_template.values()) != list(range(len(by_template))):
             raise ValueError(f"{labels_file}: expected the ids 0..{len(by_template) - 1}, once each")
         class_names = [""] * len(by_template)
@@ -112,7 +121,9 @@ class SomethingSomethingV2Source(AnnotatedVideoSource):
 
     def _labelled_entries(self, split: str, path: Path, folder: Path) -> list[tuple[str, str]] | None:
         """(video id, template) pairs of a split file; None for an unlabelled test file without answers."""
-        items = json.loads(path.read_text(encoding="utf-8"))
+        items = read_json(path)
+        if not isinstance(items, list) or not all(isinstance(item, dict) and "id" in item for item in items):
+            raise ValueError(f"{path}: expected a JSON list of {{\"id\": ..., \"template\": ...}} entries")
         if all("template" in item for item in items):
             return [(str(item["id"]), item["template"]) for item in items]
         if split != "test":
@@ -120,5 +131,10 @@ class SomethingSomethingV2Source(AnnotatedVideoSource):
         answers = first_existing([folder / "test-answers.csv", folder / "something-something-v2-test-answers.csv"])
         if answers is None:
             return None
-        template_of = dict(line.split(";", 1) for line in read_text_lines(answers))
+        template_of = {}
+        for number, line in enumerate(read_text_lines(answers), start=1):
+            if ";" not in line:
+                raise ValueError(f"{answers}, line {number}: expected `<video id>;<template>`, got {line!r}")
+            video_id, template = line.split(";", 1)
+            template_of[video_id] = template
         return [(str(item["id"]), template_of[str(item["id"])]) for item in items if str(item["id"]) in template_of]

@@ -61,10 +61,11 @@ class UCF101Source(AnnotatedVideoSource):
         lists = self.list_folder()
         class_names: list[str] = []
         for line in read_text_lines(lists / "classInd.txt"):
-            class_id, name = line.split(maxsplit=1)
-            if int(class_id) != len(class_names) + 1:
-                raise ValueError(f"{lists / 'classInd.txt'}: expected ids 1, 2, ... in order, got {line!r}")
-            class_names.append(name.strip())
+            fields = line.split(maxsplit=1)
+            if len(fields) != 2 or not fields[0].isdigit() or int(fields[0]) != len(class_names) + 1:
+                raise ValueError(f"{lists / 'classInd.txt'}: expected `<id> <class name>` lines with the ids 1, 2, "
+                                 f"... in order, got {line!r}")
+            class_names.append(fields[1].strip())
         label_of = {name.lower(): label for label, name in enumerate(class_names)}
 
         # Every video on disk, by lower-case "class/file" and by lower-case file name alone (class folders
@@ -87,6 +88,9 @@ class UCF101Source(AnnotatedVideoSource):
                 fields = line.split()
                 relative = fields[0].replace("\\", "/")
                 if len(fields) > 1:
+                    if not fields[1].isdigit():
+                        raise ValueError(f"{list_path}: expected `<class>/<video> <class id>` lines (ids as in "
+                                         f"classInd.txt), got {line!r}")
                     label = int(fields[1]) - 1  # the lists count from 1
                     if not 0 <= label < len(class_names):
                         raise ValueError(f"{list_path}: class id {fields[1]} of {relative} is not in classInd.txt")
