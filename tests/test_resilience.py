@@ -9,6 +9,7 @@ import sys
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
 from torch.utils.data import DataLoader
 
 from tests.conftest import ROOT, TINY_DATA, compose_config
@@ -240,3 +241,35 @@ def test_every_experiment_composes(tmp_path):
     paper = compose_config("train", ["experiment=k400_paper"], tmp_path)
     assert (paper.optimizer.name, paper.optimizer.lr, paper.optimizer.nesterov) == ("sgd", 0.005, True)
     assert paper.global_batch_size == 64 and paper.trainer.max_epochs == 15
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_gradient_clipping_with_a_fused_optimizer_under_mixed_precision(precision, monkeypatch):
+    """On a GPU the optimizer is fused; Lightning's mixed-precision plugin refused to clip for it (the k400_adamw
+    recipe: bf16 + gradient_clip_val crashed at its first step). Forced fused on the CPU here."""
+    norms, built = [], []
+
+    class RecordingAdamW(torch.optim.AdamW):
+        def __init__(self, params, **options):
+            built.append(options.get("fused"))
+            super().__init__(params, **{**options, "fused": options.get("fused") is not False})
+
+        def step(self, closure=None):
+            if closure is not None:  # (under fp16 Lightning runs it before, for the loss scaler)
+                closure()
+            grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+            norms.append(float(torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads]))))
+            return super().step()
+
+    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
+    module = _tiny_classifier()
+    module.hparams.optimizer.update(name="adamw", lr=1e-3)
+    torch.manual_seed(0)
+    clips = [{"video": 50 * torch.randn(4, 3, 32, 32), "label": i % 2, "index": i} for i in range(4)]
+    # (Lightning turns precision="16-mixed" into bf16 on the CPU; its plugin, given, keeps fp16 and a loss scaler.)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, plugins=[MixedPrecision(precision, "cpu")], gradient_clip_val=1e-3)
+    trainer.fit(module, DataLoader(clips, batch_size=2))
+    assert len(norms) == 2 and all(norm <= 1e-3 * 1.001 for norm in norms)  # clipped, by the step's time
+    # fp16 scales the loss: its gradients are unscaled before clipping, which a fused step would do after.
+    assert built == [False if precision == "16-mixed" else None]

@@ -37,12 +37,14 @@ def _layer_id(param_name: str, num_layers: int) -> int:
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float = 0.9,
                     nesterov: bool = True, betas: tuple[float, float] = (0.9, 0.999),
-                    decay_norm_bias_embed: bool = False, layer_decay: float | None = None) -> torch.optim.Optimizer:
+                    decay_norm_bias_embed: bool = False, layer_decay: float | None = None,
+                    fused: bool | None = None) -> torch.optim.Optimizer:
     """AdamW or SGD over parameter groups.
 
     ``decay_norm_bias_embed=False`` exempts biases, norms and the cls/position/time embeddings from weight
     decay (mmaction2's recipe; the original decays everything). ``layer_decay`` (e.g. 0.75) scales block i's
     learning rate by ``layer_decay ** (num_layers + 1 - layer)``: layer-wise decay for fine-tuning (BEiT/MAE).
+    ``fused``: one fused kernel per step; None: when every parameter is on a GPU.
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer.name={name!r} is not supported; valid values: {', '.join(OPTIMIZERS)}")
@@ -62,7 +64,8 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
     param_groups = list(groups.values())
     # On the GPU, one fused kernel per step instead of a series of multi-tensor ones (Lightning moves the model
     # to its device before configure_optimizers). PyTorch's default stays on the CPU.
-    fused = True if all(p.is_cuda for group in param_groups for p in group["params"]) else None
+    if fused is None:
+        fused = True if all(p.is_cuda for group in param_groups for p in group["params"]) else None
     if name == "adamw":
         return torch.optim.AdamW(param_groups, lr=lr, betas=tuple(betas), fused=fused)
     return torch.optim.SGD(param_groups, lr=lr, momentum=momentum, nesterov=nesterov, fused=fused)
@@ -274,10 +277,29 @@ class VideoClassifier(L.LightningModule):
             if norms:
                 self.log("train/grad_norm", torch.stack(norms).norm(2))
 
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Lightning's clipping, except for a fused optimizer under bf16: Lightning's mixed-precision plugin refuses to
+        clip for an optimizer that unscales gradients in its step (loss scaling), though bf16 has no scaling."""
+        scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
+        if gradient_clip_val and getattr(optimizer, "_step_supports_amp_scaling", False) and not scaled:
+            parameters = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            if gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(parameters, gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(parameters, gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = build_optimizer(self.model, **self.hparams.optimizer)
-        settings = dict(self.hparams.scheduler)
         trainer = self.trainer
+        options = dict(self.hparams.optimizer)
+        if trainer.gradient_clip_val and getattr(trainer.precision_plugin, "scaler", None) is not None:
+            # fp16 loss scaling: gradients are unscaled before they are clipped, which a fused optimizer only does
+            # inside its step (Lightning refuses the combination).
+            options.setdefault("fused", False)
+        optimizer = build_optimizer(self.model, **options)
+        settings = dict(self.hparams.scheduler)
         total_steps = trainer.estimated_stepping_batches
         if not math.isfinite(total_steps):
             raise ValueError("The learning-rate schedule needs a finite length: set trainer.max_epochs or "
