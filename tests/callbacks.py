@@ -31,6 +31,33 @@ class SignalAtStep(L.Callback):
             os.kill(os.getpid(), self.signum)
 
 
+class SignalInEpoch(L.Callback):
+    """Send ``signal_name`` to this process once, in epoch ``epoch`` (None: any), as training batch ``train_batch``,
+    validation batch ``validation_batch`` or test batch ``test_batch`` starts (the index within the epoch /
+    evaluation run): a signal arrives while a batch runs."""
+
+    def __init__(self, epoch: int | None = None, train_batch: int | None = None, validation_batch: int | None = None,
+                 test_batch: int | None = None, signal_name: str = "SIGTERM") -> None:
+        self.epoch, self.train_batch, self.validation_batch = epoch, train_batch, validation_batch
+        self.test_batch = test_batch
+        self.signum, self.sent = getattr(signal, signal_name), False
+
+    def _send(self, trainer, batch_idx: int, wanted: int | None) -> None:
+        if self.epoch in (None, trainer.current_epoch) and batch_idx == wanted and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._send(trainer, batch_idx, self.train_batch)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if not trainer.sanity_checking:
+            self._send(trainer, batch_idx, self.validation_batch)
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._send(trainer, batch_idx, self.test_batch)
+
+
 class DumpWeights(L.Callback):
     """Write each rank's final weights to ``<dirpath>/weights_rank<r>.pt``."""
 

@@ -1,5 +1,6 @@
 """Training at scale without lost work: DDP, global batch, resume, preemption, non-finite losses."""
 
+import csv
 import json
 import os
 import signal
@@ -104,6 +105,70 @@ def test_sigterm_mid_epoch_writes_a_checkpoint_that_resumes_exactly(synthetic_ro
     assert "continuing from" in resumed.stdout + resumed.stderr
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 1
     assert_same_run(run_dir, uninterrupted_run)
+
+
+# Batches of 2 (3 an epoch; validation: 2) and 2 batches per optimizer step.
+ACCUMULATING = ["data.batch_size=2", "trainer.accumulate_grad_batches=2", "trainer.max_epochs=2"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_accumulating_run(synthetic_root, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("straight_accumulating")
+    result = run_train(*base_args(synthetic_root, run_dir), *ACCUMULATING)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where, signal_name", [("train_batch", "SIGTERM"), ("validation_batch", "SIGUSR1")])
+def test_preemption_waits_for_a_point_that_resumes_exactly(synthetic_root, tmp_path, uninterrupted_accumulating_run,
+                                                           where, signal_name):
+    """A signal after the first batch of an accumulation window (its gradients would be in no checkpoint), or during
+    validation (the resumed run would never validate that epoch): the stop waits for the window's step, or the
+    validation's end."""
+    run_dir = tmp_path / "run"
+    result = run_train(*base_args(synthetic_root, run_dir), *ACCUMULATING, "resume=auto",
+                       "+callbacks.term._target_=tests.callbacks.SignalInEpoch", "+callbacks.term.epoch=0",
+                       f"+callbacks.term.{where}=0", f"+callbacks.term.signal_name={signal_name}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"{signal_name} received: checkpoint written" in result.stdout + result.stderr
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == (1 if where == "train_batch" else 2)  # after the step / epoch 0's end
+    resumed = run_train(*base_args(synthetic_root, run_dir), *ACCUMULATING, "resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(run_dir, uninterrupted_accumulating_run)
+    with open(run_dir / "csv" / "metrics.csv") as file:
+        validated = {row["epoch"] for row in csv.DictReader(file) if row.get("val/acc")}
+    assert validated == {"0", "1"}
+
+
+@pytest.mark.slow
+def test_a_signal_during_the_test_after_training_keeps_the_training_checkpoints(synthetic_root, tmp_path):
+    run_dir = tmp_path / "run"
+    args = [arg for arg in base_args(synthetic_root, run_dir) if arg != "test=false"]
+    result = run_train(*args, "trainer.max_epochs=1", "data.batch_size=2",
+                       "+callbacks.term._target_=tests.callbacks.SignalInEpoch", "+callbacks.term.test_batch=0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "The test after training was stopped by a signal" in result.stdout + result.stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())  # the training's results are kept...
+    assert "val/acc" in metrics and "test/acc" not in metrics
+    assert "checkpoint written" not in result.stdout + result.stderr  # ...and its last.ckpt is not overwritten
+
+
+def test_preemption_checkpoint_is_written_only_while_fitting(tmp_path):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.trainer.states import TrainerFn
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from timesformer.callbacks import PreemptionCheckpoint
+
+    saved = []
+    callback = PreemptionCheckpoint(tmp_path)
+    for stage in (TrainerFn.TESTING, TrainerFn.FITTING):
+        trainer = SimpleNamespace(state=SimpleNamespace(fn=stage), save_checkpoint=saved.append)
+        callback.on_exception(trainer, None, SIGTERMException())
+    assert saved == [tmp_path / "last.ckpt"]
 
 
 def test_resume_auto_skips_a_truncated_checkpoint(tmp_path):

@@ -117,3 +117,18 @@ def test_unknown_optimizer_names_the_valid_choices(synthetic_root, tmp_path):
     cfg = compose_config("train", [*tiny_overrides(synthetic_root), "optimizer.name=lamb"], tmp_path)
     with pytest.raises(ValueError, match="optimizer.name='lamb'.*adamw, sgd"):
         train(cfg)
+
+
+def test_last_checkpoint_every_epoch_even_without_validation(synthetic_root, tmp_path):
+    overrides = [*tiny_overrides(synthetic_root), "trainer.max_epochs=3", "trainer.check_val_every_n_epoch=2",
+                 "test=false", "trainer.enable_progress_bar=false"]
+    train(compose_config("train", overrides, tmp_path))
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["epoch"] == 2 and last["global_step"] == 3 * 2  # the final epoch, which ran no validation
+
+
+def test_checkpointing_can_be_turned_off(synthetic_root, tmp_path):
+    overrides = [*tiny_overrides(synthetic_root), "trainer.max_epochs=1", "+trainer.enable_checkpointing=false",
+                 "trainer.enable_progress_bar=false"]
+    metrics = train(compose_config("train", overrides, tmp_path))
+    assert "test/acc" in metrics and not (tmp_path / "checkpoints").exists()

@@ -5,12 +5,15 @@ from __future__ import annotations
 import logging
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from timesformer.profile import count_flops, datasheet_bf16_tflops
@@ -18,55 +21,106 @@ from timesformer.profile import count_flops, datasheet_bf16_tflops
 log = logging.getLogger(__name__)
 
 
-class PreemptedError(RuntimeError):
-    """Raised after a preemption checkpoint was written; train.py exits cleanly on it."""
-
-    def __init__(self, checkpoint: Path, signal_name: str) -> None:
-        super().__init__(f"{signal_name} received: checkpoint written to {checkpoint}; "
-                         f"run the same command with resume=auto to continue")
-        self.checkpoint = checkpoint
+def preempted_message(checkpoint: Path, signal_name: str) -> str:
+    return (f"{signal_name} received: checkpoint written to {checkpoint}; run the same command with resume=auto to "
+            "continue")
 
 
 class PreemptionCheckpoint(L.Callback):
-    """On SIGTERM (or SIGUSR1), finish the current batch, write ``<dirpath>/last.ckpt`` and stop.
+    """On SIGTERM (or SIGUSR1) during fit, write ``<dirpath>/last.ckpt`` at the next point a run resumes from
+    exactly, and stop.
 
-    Lightning already catches SIGTERM (``trainer.received_sigterm``, broadcast from rank 0 every step) and
-    handles SIGUSR1 itself on SLURM with auto-requeue; elsewhere SIGUSR1 would kill the process, so this
-    callback installs a handler for it. The checkpoint is a full one (optimizer, schedulers, loops), written
-    atomically by Lightning, so ``resume=auto`` continues from the next batch of the same epoch, in the same order.
+    Lightning catches SIGTERM itself (``trainer.received_sigterm``; under DDP rank 0's flag is broadcast every
+    step) and stops at its next check, after a batch, by raising ``SIGTERMException``; the checkpoint is written
+    then (``on_exception``: a full one, optimizer, schedulers, loops and data position, atomically). Two such
+    points would lose work, so Lightning does not see the signal there:
+
+    - inside a gradient-accumulation window, the gradients of its first batches are in no checkpoint: the window
+      is finished (its optimizer step taken) first;
+    - during validation, a resumed run would never validate that epoch: validation is finished first.
+
+    SIGUSR1 is handled the same way unless Lightning handles it (SLURM with auto-requeue: it checkpoints and
+    requeues). A signal outside fit (train.py's test after training) writes nothing: ``last.ckpt`` keeps the
+    final state.
     """
 
     def __init__(self, dirpath: str | Path, filename: str = "last.ckpt") -> None:
         self.path = Path(dirpath) / filename
-        self._usr1 = False
+        self._trainer: L.Trainer | None = None
+        self._signal_name = "SIGTERM"
+        self._mid_window = False  # the last training batch did not end an accumulation window
+        self._validating = False
         self._previous_usr1: Any = None
 
+    def _resumable_here(self) -> bool:
+        return not (self._mid_window or self._validating)
+
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if hasattr(signal, "SIGUSR1") and signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None):
+        self._trainer = trainer
+        self._mid_window = self._validating = False
+        _gate_signal_flag(trainer._signal_connector, self._resumable_here)
+        environment = trainer._accelerator_connector.cluster_environment
+        lightning_requeues = isinstance(environment, SLURMEnvironment) and environment.auto_requeue
+        if (hasattr(signal, "SIGUSR1") and not lightning_requeues
+                and signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None)):
             self._previous_usr1 = signal.signal(signal.SIGUSR1, self._on_usr1)
 
     def _on_usr1(self, signum: int, frame: Any) -> None:
-        log.info("Received SIGUSR1: checkpointing after this batch")
-        self._usr1 = True
+        log.info("Received SIGUSR1: checkpointing at the next point a run can resume from")
+        self._signal_name = "SIGUSR1"
+        if self._trainer is not None:
+            self._trainer._signal_connector.received_sigterm = True  # from here on, Lightning's SIGTERM handling
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        usr1 = trainer.strategy.reduce_boolean_decision(self._usr1, all=False) if trainer.world_size > 1 else self._usr1
-        if usr1:
-            trainer.save_checkpoint(self.path)
-            raise PreemptedError(self.path, "SIGUSR1")
+        # (Lightning's own test of whether this batch ends an accumulation window, or the epoch.)
+        self._mid_window = trainer.fit_loop.epoch_loop._should_accumulate()
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._validating = trainer.state.fn == TrainerFn.FITTING
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._validating = False
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        # Lightning raises SIGTERMException at the end of the batch during which SIGTERM arrived (on every
-        # rank: rank 0 broadcasts it), where the loops are in a resumable state.
-        if isinstance(exception, SIGTERMException):
+        if isinstance(exception, SIGTERMException) and trainer.state.fn == TrainerFn.FITTING:
             trainer.save_checkpoint(self.path)
-            log.warning("%s", PreemptedError(self.path, "SIGTERM"))
+            log.warning("%s", preempted_message(self.path, self._signal_name))
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._trainer is not None:
+            _gate_signal_flag(self._trainer._signal_connector, None)
+            self._trainer = None
         if self._previous_usr1 is not None:
             signal.signal(signal.SIGUSR1, self._previous_usr1)
             self._previous_usr1 = None
+
+
+def _gate_signal_flag(connector: Any, is_open: Callable[[], bool] | None) -> None:
+    """Make Lightning's signal connector report a received signal (``received_sigterm``, which every check of
+    Lightning's reads) only while ``is_open()``; the signal is kept, and seen at the next open check. None
+    restores the plain flag."""
+    base = getattr(type(connector), "_ungated", type(connector))
+    if is_open is None:
+        if base is not type(connector):
+            connector.__class__ = base
+            connector.received_sigterm = connector.__dict__.pop("_received", False)
+        return
+
+    class GatedSignalConnector(base):
+        _ungated = base
+
+        @property
+        def received_sigterm(self) -> bool:
+            return self._received and is_open()
+
+        @received_sigterm.setter
+        def received_sigterm(self, value: bool) -> None:
+            self._received = value
+
+    received = connector.__dict__.pop("received_sigterm", connector.__dict__.get("_received", False))
+    connector._received = received
+    connector.__class__ = GatedSignalConnector
 
 
 class TrainingProgressBar(TQDMProgressBar):

@@ -15,11 +15,10 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from timesformer.callbacks import PreemptedError
 from timesformer.evaluation import write_report_files
 from timesformer.loggers import CSVLogger
 from timesformer.model import TimeSformer, TimeSformerConfig
@@ -197,12 +196,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
         callbacks = [callback for callback in callbacks if not isinstance(callback, LearningRateMonitor)]
     if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a progress bar callback then
         callbacks = [callback for callback in callbacks if not isinstance(callback, ProgressBar)]
+    if not cfg.trainer.get("enable_checkpointing", True):  # ...and checkpoint callbacks (preemption still saves)
+        callbacks = [callback for callback in callbacks if not isinstance(callback, ModelCheckpoint)]
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     _apply_global_batch_size(trainer, cfg.get("global_batch_size"), cfg.data.batch_size)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    except (PreemptedError, SIGTERMException) as preempted:
-        log.warning("Training stopped by %s; the run continues with resume=auto", type(preempted).__name__)
+    except SIGTERMException:
+        log.warning("Training stopped by a signal (preemption); the run continues with resume=auto")
         return {"preempted": 1.0}
     metrics = _scalars(trainer.callback_metrics)
 
@@ -210,7 +211,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if not best:
             log.warning("No best checkpoint was saved: testing the weights at the end of training")
-        test_metrics = trainer.test(module, datamodule=datamodule, ckpt_path=best or None)[0]
+        try:
+            test_metrics = trainer.test(module, datamodule=datamodule, ckpt_path=best or None)[0]
+        except SIGTERMException:
+            log.warning("The test after training was stopped by a signal; training is complete (checkpoints in "
+                        "%s). Test with: python evaluate.py ckpt=%s", output_dir / "checkpoints",
+                        best or output_dir / "checkpoints" / "last.ckpt")
+            test_metrics = {}
         metrics.update(_scalars(test_metrics))
         metrics["best_checkpoint"] = best  # type: ignore[assignment]
 
