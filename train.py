@@ -12,7 +12,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from timesformer.pipeline import train
+from timesformer.pipeline import sweep_objective, train
 
 os.environ.setdefault("TIMESFORMER_ROOT", str(Path(__file__).resolve().parent))
 
@@ -20,9 +20,7 @@ os.environ.setdefault("TIMESFORMER_ROOT", str(Path(__file__).resolve().parent))
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     metrics = train(cfg)
-    # Hydra sweepers optimise what main returns.
-    value = metrics.get(cfg.get("optimized_metric"))
-    return float(value) if value is not None else None
+    return sweep_objective(metrics, cfg.get("optimized_metric"))  # what Hydra sweepers optimise
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ class HostSyncCounter(TorchFunctionMode):
 
 def _syncs_in_training(synthetic_root: Path, output_dir: Path, steps: int) -> Counter:
     overrides = ["experiment=demo", f"data.source.root={synthetic_root}", *TINY_DATA, "data.batch_size=1",
-                 "trainer.max_epochs=1", f"+trainer.limit_train_batches={steps}", "+trainer.limit_val_batches=0",
+                 "trainer.max_epochs=1", f"trainer.limit_train_batches={steps}", "trainer.limit_val_batches=0",
                  "test=false", "trainer.log_every_n_steps=1000"]
     cfg = compose_config("train", overrides, output_dir)
     counter = HostSyncCounter()

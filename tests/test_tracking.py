@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch.loggers import CSVLogger
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from tests.conftest import CONFIG_DIR, ROOT, TINY_DATA
@@ -228,3 +229,31 @@ def test_training_speed_reports_mfu_against_the_given_peak(tmp_path):
     training_flops = 6 * count_flops(_tiny_classifier().model.config)  # 3 x forward, 2 FLOPs per multiply-add
     for row in rows:
         assert row["perf/mfu"] == pytest.approx(row["perf/clips_per_s"] * training_flops / 1e6)
+
+
+@pytest.mark.parametrize("setup, online", [
+    ({}, False),
+    ({"WANDB_API_KEY": "k" * 40}, True),
+    ({"netrc": "api.wandb.ai"}, True),
+    ({"netrc": "wandb.example.com"}, False),  # a key for another server
+    ({"netrc": "wandb.example.com", "WANDB_BASE_URL": "https://wandb.example.com"}, True),  # self-hosted
+    ({"netrc": "api.wandb.ai", "NETRC": "other_netrc"}, True),
+])
+def test_wandb_goes_offline_only_without_credentials(tmp_path, monkeypatch, setup, online):
+    from timesformer.pipeline import _use_wandb_offline_without_credentials
+
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL", "NETRC", "WANDB_IDENTITY_TOKEN_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    setup = dict(setup)
+    if "netrc" in setup:
+        netrc_file = tmp_path / setup.pop("NETRC", ".netrc")
+        netrc_file.write_text(f"machine {setup.pop('netrc')}\n  login user\n  password {'x' * 40}\n")
+        netrc_file.chmod(0o600)
+        if netrc_file.name != ".netrc":
+            monkeypatch.setenv("NETRC", str(netrc_file))
+    for name, value in setup.items():
+        monkeypatch.setenv(name, value)
+    cfg = OmegaConf.create({"logger": {"wandb": {"_target_": "lightning.pytorch.loggers.WandbLogger"}}})
+    _use_wandb_offline_without_credentials(cfg)
+    assert (os.environ.get("WANDB_MODE") == "offline") != online

@@ -49,7 +49,7 @@ def test_fast_dev_run_in_bf16_mixed_precision(synthetic_root, tmp_path):
 def test_training_without_a_logger(synthetic_root, tmp_path):
     # logger=none with the default callbacks: Lightning's LearningRateMonitor refuses a trainer without a logger.
     overrides = [*tiny_overrides(synthetic_root), "logger=none", "trainer.max_epochs=1",
-                 "+trainer.limit_train_batches=1", "+trainer.limit_val_batches=1", "test=false"]
+                 "trainer.limit_train_batches=1", "trainer.limit_val_batches=1", "test=false"]
     metrics = train(compose_config("train", overrides, tmp_path))
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
 
@@ -132,3 +132,36 @@ def test_checkpointing_can_be_turned_off(synthetic_root, tmp_path):
                  "trainer.enable_progress_bar=false"]
     metrics = train(compose_config("train", overrides, tmp_path))
     assert "test/acc" in metrics and not (tmp_path / "checkpoints").exists()
+
+
+def test_evaluation_report_names_the_views_it_used(synthetic_root, tmp_path):
+    from timesformer.pipeline import evaluate
+
+    overrides = [*tiny_overrides(synthetic_root), "trainer.max_epochs=1", "test=false",
+                 "trainer.enable_progress_bar=false"]
+    metrics = train(compose_config("train", overrides, tmp_path / "run"))
+    checkpoint = next((tmp_path / "run" / "checkpoints").glob("epoch*.ckpt"))
+    assert "val/acc" in metrics
+    evaluate(compose_config("eval", [f"ckpt={checkpoint}", "++data.test_spatial_crops=2",
+                                     "trainer.enable_progress_bar=false"], tmp_path / "eval"))
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert report["views"] == {"test_temporal_clips": 1, "test_spatial_crops": 2}  # what ran, not the saved keys
+
+
+def test_sweep_objective_names_what_is_missing():
+    from timesformer.pipeline import sweep_objective
+
+    assert sweep_objective({"val/acc": 0.5}, "val/acc") == 0.5 and sweep_objective({}, None) is None
+    with pytest.raises(KeyError, match=r"optimized_metric=val/acc has no value: the run's results are train/loss"):
+        sweep_objective({"train/loss": 1.0}, "val/acc")
+    with pytest.raises(KeyError, match="preempted"):
+        sweep_objective({"preempted": 1.0}, "val/acc")
+
+
+def test_trainer_options_are_set_without_a_plus(synthetic_root, tmp_path):
+    overrides = [*tiny_overrides(synthetic_root), "trainer.max_steps=1", "trainer.val_check_interval=1",
+                 "trainer.limit_val_batches=1", "trainer.num_sanity_val_steps=0", "test=false",
+                 "trainer.enable_progress_bar=false"]
+    train(compose_config("train", overrides, tmp_path))
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == 1

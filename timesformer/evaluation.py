@@ -55,7 +55,7 @@ class ViewAggregator:
 
     def __init__(self, aggregation: str = "softmax") -> None:
         if aggregation not in AGGREGATIONS:
-            raise ValueError(f"view aggregation {aggregation!r} is not supported; valid values: "
+            raise ValueError(f"module.view_aggregation={aggregation!r} is not supported; valid values: "
                              f"{', '.join(AGGREGATIONS)}")
         self.aggregation = aggregation
         self.reset()

@@ -128,7 +128,7 @@ class VideoClassifier(L.LightningModule):
             raise ValueError(f"scheduler.name={scheduler.get('name')!r} is not supported; "
                              f"valid values: {', '.join(SCHEDULERS)}")
         if nonfinite_loss not in ("error", "skip"):
-            raise ValueError(f"nonfinite_loss={nonfinite_loss!r} is not supported; valid values: error, skip")
+            raise ValueError(f"module.nonfinite_loss={nonfinite_loss!r} is not supported; valid values: error, skip")
         # Kept out of the module tree so that checkpoints hold the plain model's names.
         self._compiled = [torch.compile(model)] if compile else []
         self.skipped_batches = 0

@@ -8,7 +8,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import netrc
 import os
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -81,12 +83,25 @@ def _use_wandb_offline_without_credentials(cfg: DictConfig) -> None:
                      if entry)
     if not uses_wandb or os.environ.get("WANDB_MODE"):
         return
-    netrc = Path.home() / ".netrc"
-    has_key = bool(os.environ.get("WANDB_API_KEY")) or (
-        netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"))
-    if not has_key:
+    if not _wandb_credentials_exist():
         log.warning("No W&B credentials found: logging offline. Upload later with `wandb sync <run dir>/wandb`.")
         os.environ["WANDB_MODE"] = "offline"
+
+
+def _wandb_credentials_exist() -> bool:
+    """Where wandb looks for a key: $WANDB_API_KEY (or an identity token file), else the netrc file ($NETRC or
+    ~/.netrc, ~/_netrc) entry for the server ($WANDB_BASE_URL, self-hosted, or api.wandb.ai)."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urllib.parse.urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    candidates = [os.environ["NETRC"]] if os.environ.get("NETRC") else [Path.home() / ".netrc", Path.home() / "_netrc"]
+    for path in candidates:
+        try:
+            if netrc.netrc(path).authenticators(host):
+                return True
+        except (OSError, netrc.NetrcParseError):
+            continue
+    return False
 
 
 def _print_summary(title: str, metrics: dict[str, float]) -> None:
@@ -228,6 +243,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+def sweep_objective(metrics: dict[str, float], name: str | None) -> float | None:
+    """The value of ``optimized_metric`` (what a Hydra sweeper optimises); an error naming the results there are
+    when the run has none (a misspelt metric, no validation, a preempted run): a sweeper would fail on None."""
+    if name is None:
+        return None
+    if metrics.get(name) is None:
+        why = ("the run was preempted (resume it with resume=auto)" if "preempted" in metrics
+               else f"the run's results are {', '.join(sorted(metrics))}")
+        raise KeyError(f"optimized_metric={name} has no value: {why}")
+    return float(metrics[name])
+
+
 def _finish_wandb(loggers: list[Any]) -> None:
     """Close W&B runs (Lightning leaves them open): flushes the summary, and lets a sweep start the next run."""
     from lightning.pytorch.loggers import WandbLogger
@@ -290,8 +317,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         "clip": {"top1": clip_metrics.get("test/acc"), "top5": clip_metrics.get("test/acc_top5"),
                  "loss": clip_metrics.get("test/loss")},
         "video": video_metrics,
-        "views": {key: saved.data.get(key) for key in ("test_temporal_clips", "test_spatial_crops")
-                  if key in saved.data} or {"test_temporal_clips": 1, "test_spatial_crops": 1},
+        "views": {"test_temporal_clips": datamodule.test_temporal_clips,
+                  "test_spatial_crops": datamodule.test_spatial_crops},
         "view_aggregation": module.test_videos.aggregation,
         "videos_total": len(entries),
         "videos_evaluated": len(results.indices),
