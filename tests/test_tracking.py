@@ -257,3 +257,17 @@ def test_wandb_goes_offline_only_without_credentials(tmp_path, monkeypatch, setu
     cfg = OmegaConf.create({"logger": {"wandb": {"_target_": "lightning.pytorch.loggers.WandbLogger"}}})
     _use_wandb_offline_without_credentials(cfg)
     assert (os.environ.get("WANDB_MODE") == "offline") != online
+
+
+def test_a_resumed_run_continues_its_wandb_run(tmp_path):
+    from timesformer.pipeline import _continue_wandb_run
+
+    cfg = OmegaConf.create({"logger": {"wandb": {"_target_": "lightning.pytorch.loggers.WandbLogger",
+                                                 "save_dir": str(tmp_path)}}})
+    _continue_wandb_run(cfg, tmp_path)
+    assert "id" not in cfg.logger.wandb  # nothing logged yet: a new run
+    (tmp_path / "wandb" / "offline-run-20261128_010000-abc123xy").mkdir(parents=True)
+    os.utime(tmp_path / "wandb" / "offline-run-20261128_010000-abc123xy", (1, 1))
+    (tmp_path / "wandb" / "run-20261128_020000-zz99").mkdir()
+    _continue_wandb_run(cfg, tmp_path)
+    assert cfg.logger.wandb.id == "zz99" and cfg.logger.wandb.resume == "allow"  # the latest run

@@ -19,7 +19,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from timesformer.evaluation import write_report_files
 from timesformer.loggers import CSVLogger
@@ -86,6 +86,22 @@ def _use_wandb_offline_without_credentials(cfg: DictConfig) -> None:
     if not _wandb_credentials_exist():
         log.warning("No W&B credentials found: logging offline. Upload later with `wandb sync <run dir>/wandb`.")
         os.environ["WANDB_MODE"] = "offline"
+
+
+def _continue_wandb_run(cfg: DictConfig, output_dir: Path) -> None:
+    """A resumed run logs to the W&B run it started (its id, from the run dir's wandb/ folder), not a new one."""
+    if os.environ.get("WANDB_RUN_ID"):  # a sweep agent's run
+        return
+    for entry in (cfg.get("logger") or {}).values():
+        if not entry or "WandbLogger" not in str(entry.get("_target_", "")) or entry.get("id"):
+            continue
+        runs = Path(entry.get("save_dir") or output_dir) / "wandb"
+        started = sorted(runs.glob("*run-*-*"), key=lambda path: path.stat().st_mtime) if runs.is_dir() else []
+        if started:
+            with open_dict(entry):
+                entry.id = started[-1].name.rsplit("-", 1)[-1]  # (offline-)run-<date>_<time>-<id>
+                entry.resume = "allow"
+            log.info("W&B: continuing run %s", entry.id)
 
 
 def _wandb_credentials_exist() -> bool:
@@ -200,6 +216,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
              model.num_parameters() / 1e6, model.config.num_classes)
 
     _use_wandb_offline_without_credentials(cfg)
+    if ckpt_path is not None:
+        _continue_wandb_run(cfg, output_dir)
     loggers = _instantiate_all(cfg.get("logger"))
     if ckpt_path is not None:  # a resumed run continues its CSV file (Lightning's CSVLogger would delete it)
         resumed_step = int(torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)["global_step"])
