@@ -61,3 +61,24 @@ def test_multistep_milestones_are_fractions_of_training(tmp_path):
     assert lrs == pytest.approx([1.0] * 4 + [0.1] * 2 + [0.01] * 2)
     with pytest.raises(ValueError, match=r"milestones=\[11, 14\]: milestones are fractions of training"):
         _fit(tmp_path, {"name": "multistep", "milestones": [11, 14]}, max_epochs=2)  # epochs: never reached
+
+
+def test_layer_decay_and_weight_decay_groups():
+    from timesformer.module import build_optimizer
+
+    model = TimeSformer(TimeSformerConfig(image_size=16, patch_size=8, num_frames=2, hidden_size=16,
+                                          num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                                          num_classes=2))
+    model.blocks[1].mlp.fc2.weight.requires_grad_(False)  # a frozen parameter is in no group
+    optimizer = build_optimizer(model, "adamw", lr=1.0, weight_decay=0.05, layer_decay=0.5)
+    setting = {id(p): (group["lr"], group["weight_decay"]) for group in optimizer.param_groups for p in group["params"]}
+    named = dict(model.named_parameters())
+    assert setting[id(named["patch_embed.proj.weight"])] == (0.5 ** 3, 0.05)  # embeddings: 3 layers below the head
+    assert setting[id(named["pos_embed"])] == (0.5 ** 3, 0.0)  # no decay on embeddings, norms, biases
+    assert setting[id(named["blocks.0.attn.qkv.weight"])] == (0.5 ** 2, 0.05)
+    assert setting[id(named["blocks.1.norm1.bias"])] == (0.5, 0.0)
+    assert setting[id(named["head.weight"])] == (1.0, 0.05)
+    assert id(named["blocks.1.mlp.fc2.weight"]) not in setting
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match=r"optimizer.layer_decay=.* must be in \(0, 1\]"):
+            build_optimizer(model, "adamw", lr=1.0, weight_decay=0.05, layer_decay=bad)

@@ -48,6 +48,8 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer.name={name!r} is not supported; valid values: {', '.join(OPTIMIZERS)}")
+    if layer_decay is not None and not 0 < layer_decay <= 1:
+        raise ValueError(f"optimizer.layer_decay={layer_decay} must be in (0, 1] (e.g. 0.75), or null for none")
     num_layers = len(getattr(model, "blocks", []))
     groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for param_name, param in model.named_parameters():
@@ -294,9 +296,9 @@ class VideoClassifier(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         trainer = self.trainer
         options = dict(self.hparams.optimizer)
-        if trainer.gradient_clip_val and getattr(trainer.precision_plugin, "scaler", None) is not None:
-            # fp16 loss scaling: gradients are unscaled before they are clipped, which a fused optimizer only does
-            # inside its step (Lightning refuses the combination).
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            # fp16 loss scaling: a fused optimizer unscales the gradients only inside its step, so clipping (which
+            # Lightning then refuses) and train/grad_norm would see them scaled. Unfused, Lightning unscales first.
             options.setdefault("fused", False)
         optimizer = build_optimizer(self.model, **options)
         settings = dict(self.hparams.scheduler)
