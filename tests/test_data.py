@@ -800,3 +800,17 @@ def test_a_phone_videos_display_matrix_turns_its_frames_for_every_reader(tmp_pat
     assert white_band(path) == ((64, 48), (0, 15), (0, 47))  # portrait, the band on top
     resize_video(path, tmp_path / "small.mp4", short_side=32)
     assert white_band(tmp_path / "small.mp4") == ((42, 32), (0, 10), (0, 31))  # 16 of 64 rows, x 2/3
+
+
+def test_each_ddp_process_trains_on_its_own_share(tiny_source):
+    """Under DDP the DataModule gives each process its share (Lightning leaves a DistributedSampler in place)."""
+    from types import SimpleNamespace
+
+    shares = []
+    for rank in (0, 1):
+        datamodule = _datamodule(tiny_source, batch_size=2)
+        datamodule.trainer = SimpleNamespace(distributed_sampler_kwargs={"num_replicas": 2, "rank": rank})
+        datamodule.setup("fit")
+        shares.append([int(i) for batch in datamodule.train_dataloader() for i in batch["index"]])
+    assert len(shares[0]) == len(shares[1]) == 4
+    assert sorted(shares[0] + shares[1]) == list(range(8))

@@ -152,10 +152,11 @@ def test_sweep_objective_names_what_is_missing():
     from timesformer.pipeline import sweep_objective
 
     assert sweep_objective({"val/acc": 0.5}, "val/acc") == 0.5 and sweep_objective({}, None) is None
+    assert sweep_objective({"preempted": 1.0}, "val/acc") is None  # a single run: nothing optimises it
     with pytest.raises(KeyError, match=r"optimized_metric=val/acc has no value: the run's results are train/loss"):
-        sweep_objective({"train/loss": 1.0}, "val/acc")
+        sweep_objective({"train/loss": 1.0}, "val/acc", required=True)
     with pytest.raises(KeyError, match="preempted"):
-        sweep_objective({"preempted": 1.0}, "val/acc")
+        sweep_objective({"preempted": 1.0}, "val/acc", required=True)
 
 
 def test_trainer_options_are_set_without_a_plus(synthetic_root, tmp_path):

@@ -261,12 +261,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-def sweep_objective(metrics: dict[str, float], name: str | None) -> float | None:
-    """The value of ``optimized_metric`` (what a Hydra sweeper optimises); an error naming the results there are
-    when the run has none (a misspelt metric, no validation, a preempted run): a sweeper would fail on None."""
+def sweep_objective(metrics: dict[str, float], name: str | None, required: bool = False) -> float | None:
+    """The value of ``optimized_metric`` (what a Hydra sweeper optimises), None when the run has none; with
+    ``required`` (a sweeper that optimises it, which would fail on None), an error naming the results there are
+    instead (a misspelt metric, no validation, a preempted run)."""
     if name is None:
         return None
     if metrics.get(name) is None:
+        if not required:
+            return None
         why = ("the run was preempted (resume it with resume=auto)" if "preempted" in metrics
                else f"the run's results are {', '.join(sorted(metrics))}")
         raise KeyError(f"optimized_metric={name} has no value: {why}")
