@@ -132,8 +132,9 @@ def test_an_exported_checkpoint_keeps_how_its_clips_are_cut(tmp_path):
     from timesformer.inference import clip_settings, export_pretrained
 
     model = tiny_model("divided_space_time")
-    data = {"sampling_rate": 3, "target_fps": 25.0, "test_temporal_clips": 2, "test_spatial_crops": 3,
-            "sampling": "dense", "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}
+    # (clips of 8 frames at 48 px for a model built for 4 at 32: fine-tuned from weights of another size)
+    data = {"num_frames": 8, "image_size": 48, "sampling_rate": 3, "target_fps": 25.0, "test_temporal_clips": 2,
+            "test_spatial_crops": 3, "sampling": "dense", "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}
     ckpt = tmp_path / "last.ckpt"  # what train.py writes, less the optimizer and loop states
     torch.save({"timesformer_config": model.config.to_dict(),
                 "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
@@ -141,9 +142,11 @@ def test_an_exported_checkpoint_keeps_how_its_clips_are_cut(tmp_path):
     export_pretrained(ckpt, tmp_path / "export")
     exported = TimeSformer.from_pretrained(tmp_path / "export")
     assert clip_settings(tmp_path / "export", exported) == clip_settings(ckpt, model)
-    assert clip_settings(tmp_path / "export", exported).sampling_rate == 3  # not the default 32
+    settings = clip_settings(tmp_path / "export", exported)
+    assert (settings.sampling_rate, settings.num_frames, settings.image_size) == (3, 8, 48)  # not the model's 4, 32
     processor = transformers.VideoMAEImageProcessor.from_pretrained(tmp_path / "export")
     assert list(processor.image_mean) == data["mean"] and list(processor.image_std) == data["std"]
+    assert processor.crop_size == {"height": 48, "width": 48}
     hf_model = transformers.TimesformerForVideoClassification.from_pretrained(tmp_path / "export").eval()
     video = torch.randn(1, 4, 3, 32, 32)
     with torch.no_grad():

@@ -65,6 +65,33 @@ def test_original_checkpoint_layout_loads_to_the_same_logits(tmp_path):
     video = torch.randn(1, 4, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded(video), hf_model(pixel_values=video).logits, atol=1e-4, rtol=0)
+    # Saved under DataParallel / DDP ("module." in front), or as the bare state dict of the original's model.
+    for name, state in [("ddp", {"model_state": {"module." + k: v for k, v in original.items()}}),
+                        ("bare", original), ("bare_ddp", {"module." + k: v for k, v in original.items()})]:
+        torch.save(state, tmp_path / f"{name}.pyth")
+        with torch.no_grad():
+            other = TimeSformer.from_pretrained(tmp_path / f"{name}.pyth", num_attention_heads=4).eval()
+            torch.testing.assert_close(other(video), loaded(video), atol=0, rtol=0, msg=name)
+
+
+def test_class_names_are_matched_by_name(tmp_path, caplog):
+    """The dataset's classes in another order reorder the head's rows (they kept their positions and took the new
+    names: every prediction mislabelled); other classes get a new head."""
+    torch.manual_seed(0)
+    TimeSformer(TimeSformerConfig(**TINY, num_classes=3, class_names=["cat", "dog", "eel"])).save_pretrained(
+        tmp_path / "m")
+    source = TimeSformer.from_pretrained(tmp_path / "m").eval()
+    video = torch.randn(1, 4, 3, 32, 32)
+    reordered = TimeSformer.from_pretrained(tmp_path / "m", num_classes=3, class_names=["eel", "cat", "dog"]).eval()
+    with torch.no_grad():
+        expected = dict(zip(source.config.class_names, source(video)[0].tolist(), strict=True))
+        actual = dict(zip(reordered.config.class_names, reordered(video)[0].tolist(), strict=True))
+    assert actual == pytest.approx(expected, abs=1e-6)
+    with caplog.at_level("WARNING"):
+        other = TimeSformer.from_pretrained(tmp_path / "m", num_classes=3, class_names=["ant", "bee", "cat"])
+    assert "the head is new" in caplog.text and not torch.equal(other.head.weight, source.head.weight)
+    unnamed = TimeSformer.from_pretrained(tmp_path / "m", num_classes=3, class_names=["0", "1", "2"])
+    assert torch.equal(unnamed.head.weight, source.head.weight)  # classes named by their ids: kept in order
 
 
 def test_new_head_for_another_class_count_keeps_the_backbone(tmp_path):

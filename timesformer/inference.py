@@ -89,11 +89,12 @@ def exported_data_config(folder: str | Path) -> dict[str, Any]:
 
 
 def export_pretrained(ckpt: str | Path, folder: str | Path) -> None:
-    """A train.py checkpoint as a Hugging Face folder that keeps how its clips are cut (sampling, views, mean and
-    std): predict.py on the folder then gives what it gives on the checkpoint."""
+    """A train.py checkpoint as a Hugging Face folder that keeps how its clips are cut (frames, size, sampling,
+    views, mean and std): predict.py on the folder then gives what it gives on the checkpoint."""
     model = TimeSformer.from_pretrained(ckpt)
     settings = clip_settings(ckpt, model)
     model.save_pretrained(folder, clip={
+        "num_frames": settings.num_frames, "image_size": settings.image_size,
         "sampling": settings.sampling, "sampling_rate": settings.sampling_rate, "target_fps": settings.target_fps,
         "test_temporal_clips": settings.temporal_clips, "test_spatial_crops": settings.spatial_crops,
         "mean": list(settings.mean), "std": list(settings.std)})

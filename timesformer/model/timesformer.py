@@ -299,7 +299,12 @@ class Attention(nn.Module):
         self.memory_saving = config.memory_saving_backward
         self.fused_short = config.fused_short_attention
         if self.fused_short:
-            _triton_short_attention()  # fails here, with what to do, where Triton is missing
+            try:
+                _triton_short_attention()  # fails here, with what to do, where Triton is missing...
+            except ImportError:
+                if torch.cuda.is_available():
+                    raise
+                self.fused_short = False  # ...but without CUDA the kernel never runs: load and run without it
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None, norm: nn.LayerNorm | None = None,
                 project: bool = True, queries: torch.Tensor | None = None) -> torch.Tensor:
@@ -652,6 +657,7 @@ class TimeSformer(nn.Module):
         if config.attention_type != "space_only":  # space_only has no notion of time until the final average
             self.time_embed = nn.Parameter(torch.zeros(1, config.num_frames, D))
         self.pos_drop = nn.Dropout(config.hidden_dropout_prob)
+        self.time_drop = nn.Dropout(config.hidden_dropout_prob)
         depth = config.num_hidden_layers
         drop_path_rates = [config.drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # 0 -> rate
         self.blocks = nn.ModuleList(Block(config, rate) for rate in drop_path_rates)
@@ -745,15 +751,16 @@ class TimeSformer(nn.Module):
             # float32 embeddings would promote the tokens, and with them every block's residual adds, to float32
             cls_pos, patch_pos, cls_token = cls_pos.bfloat16(), patch_pos.bfloat16(), cls_token.bfloat16()
             time_embed = time_embed.bfloat16() if time_embed is not None else None
-        patches = (patches + patch_pos).reshape(B, T, grid_h * grid_w, -1)  # (B, T, N, D)
-        cls = (cls_token + cls_pos).expand(B, -1, -1)  # (B, 1, D)
+        # Dropout as the original and HF: after the position embedding, and again after the time embedding.
+        patches = self.pos_drop(patches + patch_pos).reshape(B, T, grid_h * grid_w, -1)  # (B, T, N, D)
+        cls = self.pos_drop((cls_token + cls_pos).expand(B, -1, -1))  # (B, 1, D)
         if time_embed is None:  # space_only
             cls = cls.unsqueeze(1).expand(B, T, 1, -1)  # one cls per frame: (B, T, 1, D)
         else:
-            patches = patches + time_embed.unsqueeze(2)  # time embedding on patches only
+            patches = self.time_drop(patches + time_embed.unsqueeze(2))  # time embedding on patches only
         if self.config.attention_type == "divided_space_time":  # stored position-major: see Block.forward
             patches = patches.transpose(1, 2).contiguous().transpose(1, 2)
-        return self.pos_drop(cls), self.pos_drop(patches)
+        return cls, patches
 
     def forward_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, T, C, H, W) -> pooled embedding (B, D): the final-normed cls token."""
@@ -795,11 +802,25 @@ class TimeSformer(nn.Module):
         """Load a Hugging Face folder, an original ``*.pyth`` or a Lightning checkpoint from ``train.py``.
 
         The format is detected; weights load strictly (any tensor that cannot be placed is an error).
-        ``num_classes`` different from the checkpoint's replaces the head with a new one (logged). Other
+        ``num_classes`` different from the checkpoint's replaces the head with a new one (logged). ``class_names``
+        (the classes the model is for, in order) are matched by name with the checkpoint's when it has names: the
+        same classes in another order reorder the head's rows; other classes get a new head (logged). Other
         keyword arguments override config fields, e.g. ``num_attention_heads`` for a ``*.pyth``.
         """
         config, state = weights.read_checkpoint(Path(path), **overrides)
         replace_head = num_classes is not None and num_classes != config.num_classes
+        if class_names is not None and not replace_head and config.class_names and "head.weight" in state:
+            saved, wanted = list(config.class_names), list(class_names)
+            if sorted(saved) == sorted(wanted) and len(set(saved)) == len(saved):
+                if saved != wanted:  # the same classes, numbered otherwise: the head's rows follow the names
+                    order = torch.tensor([saved.index(name) for name in wanted])
+                    state = {**state, "head.weight": state["head.weight"][order],
+                             "head.bias": state["head.bias"][order]}
+                    log.info("%s: head rows reordered to the given class order", path)
+            elif wanted != [str(i) for i in range(len(wanted))]:  # (unnamed classes, "0".."N-1", keep the order)
+                log.warning("%s: its %d classes are not the %d given (e.g. %r): the head is new and random", path,
+                            len(saved), len(wanted), next((name for name in wanted if name not in saved), wanted[0]))
+                replace_head, num_classes = True, len(wanted)
         if "head.weight" not in state:  # a backbone (Hugging Face's TimesformerModel): the head is new
             log.warning("%s has no classifier: the %d-class head is new and random (features are unaffected; "
                         "train the head before predicting classes)", path, num_classes or config.num_classes)

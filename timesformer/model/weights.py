@@ -164,7 +164,7 @@ def write_hf_folder(folder: Path, config: TimeSformerConfig, state: dict[str, to
     hf_config = ours_config_to_hf(config)
     if clip:
         hf_config["timesformer_clip"] = clip
-        size = config.image_size
+        size = int(clip.get("image_size", config.image_size))  # the crops the model was trained and tested on
         (folder / "preprocessor_config.json").write_text(json.dumps({
             "image_processor_type": "VideoMAEImageProcessor", "do_resize": True, "size": {"shortest_edge": size},
             "do_center_crop": True, "crop_size": {"height": size, "width": size}, "do_rescale": True,
@@ -266,13 +266,16 @@ def read_checkpoint(path: Path, **overrides: Any) -> tuple[TimeSformerConfig, di
     if isinstance(blob, dict) and "timesformer_config" in blob and "state_dict" in blob:
         config = TimeSformerConfig.from_dict({**blob["timesformer_config"], **overrides})
         return config, strip_prefix(blob["state_dict"], "model.")
-    if isinstance(blob, dict) and "model_state" in blob:
-        state = blob["model_state"]
-        if any(k.startswith("model.") for k in state):
+    state = blob.get("model_state", blob) if isinstance(blob, dict) else None
+    if isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
+        # The original saves model.state_dict() of its wrapper ("model." keys), under DataParallel / DDP with a
+        # "module." prefix in front.
+        if all(key.startswith("module.") for key in state):
+            state = strip_prefix(state, "module.")
+        if any(key.startswith("model.") for key in state):
             state = strip_prefix(state, "model.")
-        return infer_config_from_state(state, **overrides), state
-    if isinstance(blob, dict) and all(isinstance(v, torch.Tensor) for v in blob.values()) and "cls_token" in blob:
-        return infer_config_from_state(blob, **overrides), blob
+        if "cls_token" in state:
+            return infer_config_from_state(state, **overrides), state
     raise ValueError(
         f"{path}: unrecognised checkpoint format (expected a Hugging Face folder, an original TimeSformer "
         f"*.pyth with 'model_state', a Lightning checkpoint from train.py, or a state dict)"
