@@ -138,12 +138,13 @@ def test_an_exported_checkpoint_keeps_how_its_clips_are_cut(tmp_path):
     ckpt = tmp_path / "last.ckpt"  # what train.py writes, less the optimizer and loop states
     torch.save({"timesformer_config": model.config.to_dict(),
                 "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
-                "hyper_parameters": {"run_config": {"data": data}}}, ckpt)
+                "hyper_parameters": {"run_config": {"data": data, "module": {"view_aggregation": "logits"}}}}, ckpt)
     export_pretrained(ckpt, tmp_path / "export")
     exported = TimeSformer.from_pretrained(tmp_path / "export")
     assert clip_settings(tmp_path / "export", exported) == clip_settings(ckpt, model)
     settings = clip_settings(tmp_path / "export", exported)
     assert (settings.sampling_rate, settings.num_frames, settings.image_size) == (3, 8, 48)  # not the model's 4, 32
+    assert settings.view_aggregation == "logits"  # how predict.py combines the views, as evaluate.py
     processor = transformers.VideoMAEImageProcessor.from_pretrained(tmp_path / "export")
     assert list(processor.image_mean) == data["mean"] and list(processor.image_std) == data["std"]
     assert processor.crop_size == {"height": 48, "width": 48}
@@ -151,3 +152,17 @@ def test_an_exported_checkpoint_keeps_how_its_clips_are_cut(tmp_path):
     video = torch.randn(1, 4, 3, 32, 32)
     with torch.no_grad():
         assert (hf_model(pixel_values=video).logits - exported.eval()(video)).abs().max() < 1e-4
+
+
+def test_attention_maps_of_an_unsupported_model_fail_before_any_video(tmp_path):
+    from omegaconf import OmegaConf
+
+    from timesformer.inference import predict
+
+    model = tiny_model("axial")
+    torch.save({"timesformer_config": model.config.to_dict(),
+                "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, tmp_path / "axial.ckpt")
+    cfg = OmegaConf.create({"ckpt": str(tmp_path / "axial.ckpt"), "device": "cpu", "input": str(tmp_path / "none"),
+                            "top_k": 1, "attention_maps": True, "paths": {"output_dir": str(tmp_path / "out")}})
+    with pytest.raises(ValueError, match="attention_maps=true supports attention_type in"):
+        predict(cfg)

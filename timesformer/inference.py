@@ -58,17 +58,19 @@ class ClipSettings:
     sampling: str = "dense"  # or "segment" (TSN-style, Something-Something)
     mean: tuple[float, ...] = DEFAULT_MEAN
     std: tuple[float, ...] = DEFAULT_STD
+    view_aggregation: str = "softmax"  # how a video's views are combined (module.view_aggregation), as evaluate.py
 
 
-def saved_data_config(ckpt: str | Path) -> dict[str, Any]:
-    """The resolved data config a train.py checkpoint was trained with; {} for other checkpoint formats."""
+def saved_data_config(ckpt: str | Path, group: str = "data") -> dict[str, Any]:
+    """The resolved data config (or another ``group`` of the run config) a train.py checkpoint was trained with;
+    {} for other checkpoint formats."""
     path = Path(ckpt)
     if not path.is_file():
         return {}
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     if not isinstance(checkpoint, dict):
         return {}
-    return ((checkpoint.get("hyper_parameters") or {}).get("run_config") or {}).get("data") or {}
+    return ((checkpoint.get("hyper_parameters") or {}).get("run_config") or {}).get(group) or {}
 
 
 def exported_data_config(folder: str | Path) -> dict[str, Any]:
@@ -97,13 +99,14 @@ def export_pretrained(ckpt: str | Path, folder: str | Path) -> None:
         "num_frames": settings.num_frames, "image_size": settings.image_size,
         "sampling": settings.sampling, "sampling_rate": settings.sampling_rate, "target_fps": settings.target_fps,
         "test_temporal_clips": settings.temporal_clips, "test_spatial_crops": settings.spatial_crops,
-        "mean": list(settings.mean), "std": list(settings.std)})
+        "mean": list(settings.mean), "std": list(settings.std), "view_aggregation": settings.view_aggregation})
 
 
 def clip_settings(ckpt: str | Path, model: TimeSformer, **overrides: Any) -> ClipSettings:
     """The checkpoint's saved data settings when it has them (train.py checkpoints, folders written by
     ``export_pretrained``), else the model's sizes and the paper's 8x32 sampling; non-None ``overrides`` win."""
     data = saved_data_config(ckpt) or exported_data_config(ckpt)
+    aggregation = saved_data_config(ckpt, "module").get("view_aggregation") or data.get("view_aggregation")
     settings = ClipSettings(
         num_frames=int(data.get("num_frames", model.config.num_frames)),
         sampling_rate=int(data.get("sampling_rate", 32)),
@@ -114,6 +117,7 @@ def clip_settings(ckpt: str | Path, model: TimeSformer, **overrides: Any) -> Cli
         sampling=str(data.get("sampling", "dense")),
         mean=tuple(data.get("mean", DEFAULT_MEAN)),
         std=tuple(data.get("std", DEFAULT_STD)),
+        view_aggregation=str(aggregation or "softmax"),
     )
     for name, value in overrides.items():
         if value is not None:
@@ -328,9 +332,16 @@ def _output_stem(video: Path, input_path: Path) -> str:
 
 
 def predict(cfg: DictConfig) -> list[dict[str, Any]]:
-    """Top-k predictions per video (views averaged in probability); optionally features and attention maps."""
+    """Top-k predictions per video (views combined as evaluate.py does: the checkpoint's view aggregation);
+    optionally features and attention maps."""
     device = resolve_device(cfg.device)
     model = TimeSformer.from_pretrained(cfg.ckpt).to(device).eval()
+    if cfg.get("attention_maps"):
+        from timesformer.attention_maps import SUPPORTED
+
+        if model.config.attention_type not in SUPPORTED:
+            raise ValueError(f"attention_maps=true supports attention_type in {SUPPORTED}; this model's is "
+                             f"{model.config.attention_type!r} (set attention_maps=false)")
     names = model.config.class_names or [str(c) for c in range(model.config.num_classes)]
     settings = clip_settings(cfg.ckpt, model, temporal_clips=cfg.get("num_clips"),
                              spatial_crops=cfg.get("num_crops"), sampling_rate=cfg.get("sampling_rate"))
@@ -346,7 +357,9 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
         views = normalize(views.to(device), settings.mean, settings.std)  # (V, T, C, H, W) float32
         embedding = embed(model, views, cfg.get("precision", "fp32"))  # (V, D)
         with torch.no_grad():
-            probabilities = model.head(embedding).softmax(-1).mean(0).cpu()  # views averaged
+            logits = model.head(embedding).float()  # (V, classes)
+            probabilities = (logits.softmax(-1).mean(0) if settings.view_aggregation == "softmax"
+                             else logits.mean(0).softmax(-1)).cpu()
         top = probabilities.topk(min(cfg.top_k, len(names)))
         results.append({"video": str(path), "views": len(views),
                         "top_k": [{"label": names[int(c)], "probability": float(p)}
