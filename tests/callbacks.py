@@ -37,12 +37,14 @@ class SignalInEpoch(L.Callback):
     evaluation run): a signal arrives while a batch runs."""
 
     def __init__(self, epoch: int | None = None, train_batch: int | None = None, validation_batch: int | None = None,
-                 test_batch: int | None = None, signal_name: str = "SIGTERM") -> None:
+                 test_batch: int | None = None, signal_name: str = "SIGTERM", rank: int | None = None) -> None:
         self.epoch, self.train_batch, self.validation_batch = epoch, train_batch, validation_batch
-        self.test_batch = test_batch
+        self.test_batch, self.rank = test_batch, rank  # rank: only that process gets it (None: every process)
         self.signum, self.sent = getattr(signal, signal_name), False
 
     def _send(self, trainer, batch_idx: int, wanted: int | None) -> None:
+        if self.rank not in (None, trainer.global_rank):
+            return
         if self.epoch in (None, trainer.current_epoch) and batch_idx == wanted and not self.sent:
             self.sent = True
             os.kill(os.getpid(), self.signum)

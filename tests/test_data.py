@@ -625,12 +625,21 @@ def test_training_batches_do_not_depend_on_workers_and_resume_mid_epoch(tiny_sou
                    for a, b in zip(first, second, strict=True))
 
     without_workers, saved = epoch(0, epoch=1)
-    assert saved == {"train_loader": {"epoch": 1, "batches_taken": 2}}
+    assert saved == {"train_loader": {"epoch": 1, "batches_taken": 2, "batches": 4, "batch_size": 2,
+                                      "num_replicas": 1}}
     assert len(without_workers) == 4
     assert same(epoch(2, epoch=1)[0], without_workers)  # the same clips, crops and flips from two workers
     assert not same(epoch(0, epoch=2)[0], without_workers)  # a new epoch draws anew
     assert same(epoch(2, epoch=1, state=saved)[0], without_workers[2:])  # resumed: the rest of that epoch
     assert same(epoch(0, epoch=2, state=saved)[0], epoch(0, epoch=2)[0])  # a checkpoint of another epoch: no skip
+    # Lightning counts the rest of that epoch in batches of the checkpoint's size: another size is refused.
+    datamodule = _datamodule(tiny_source, batch_size=4)
+    datamodule.setup("fit")
+    datamodule.load_state_dict(saved)
+    loader = datamodule.train_dataloader()
+    loader.sampler.set_epoch(1)
+    with pytest.raises(ValueError, match="with batches of 2 videos per process and 1 processes; this run has 4"):
+        next(iter(loader))
 
 
 def test_datamodule_pyav_decoder_gives_the_same_batches(tiny_source):
@@ -809,7 +818,8 @@ def test_each_ddp_process_trains_on_its_own_share(tiny_source):
     shares = []
     for rank in (0, 1):
         datamodule = _datamodule(tiny_source, batch_size=2)
-        datamodule.trainer = SimpleNamespace(distributed_sampler_kwargs={"num_replicas": 2, "rank": rank})
+        datamodule.trainer = SimpleNamespace(distributed_sampler_kwargs={"num_replicas": 2, "rank": rank},
+                                             overfit_batches=0, current_epoch=0)
         datamodule.setup("fit")
         shares.append([int(i) for batch in datamodule.train_dataloader() for i in batch["index"]])
     assert len(shares[0]) == len(shares[1]) == 4

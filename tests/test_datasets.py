@@ -617,6 +617,8 @@ def test_lists_with_commas_in_paths_and_header_words_as_labels(tmp_path):
     assert CsvSource.read_rows(tmp_path / "named.csv")[1] == ("clips/b, take 2.mp4", "run")
     write_lines(tmp_path / "commas.csv", ['"clips/b, take 2.mp4",run', "my clip.mp4,jump"])
     assert CsvSource.read_rows(tmp_path / "commas.csv") == [("clips/b, take 2.mp4", "run"), ("my clip.mp4", "jump")]
+    write_lines(tmp_path / "labels.csv", ["a.mp4,playing guitar", "b.mp4, riding bike"])  # spaces in every label
+    assert CsvSource.read_rows(tmp_path / "labels.csv") == [("a.mp4", "playing guitar"), ("b.mp4", "riding bike")]
     # A first row whose label is a header word is a video when its path is a video file.
     write_lines(tmp_path / "train.csv", ["t1.mp4,action", "clips/a.mp4,comedy"])
     assert CsvSource.read_rows(tmp_path / "train.csv") == [("t1.mp4", "action"), ("clips/a.mp4", "comedy")]
@@ -661,12 +663,16 @@ def test_resize_follows_linked_folders_skips_hidden_files_and_moves_absolute_lis
     write_video(elsewhere / "run" / "b.mp4")
     (src / "train" / "run").symlink_to(elsewhere / "run")
     (src / "train" / "jump" / "._a.mp4").write_bytes(b"\x00\x05\x16\x07")  # a macOS resource fork
-    write_lines(src / "train.csv", [f"{src}/train/jump/a.mp4 0", f"{src}/train/run/b.mp4 1"])
+    (src / "test").symlink_to(src / "train")  # a link met before the folder it points to
+    (src / "train" / "loop").symlink_to(src)  # a link back up the tree: not followed
+    write_lines(src / "train.csv", [f"{src}/train/jump/a.mp4 0", f"{src}/train/run/b.mp4 1", f"..{src}/x.mp4 1"])
     outcome = resize_dataset(src, tmp_path / "dst", short_side=2 * WIDTH)  # small videos: copied
-    assert not outcome["failed"] and len(outcome["copied"]) == 3  # 2 videos and the list
+    assert not outcome["failed"] and len(outcome["copied"]) == 5  # 2 videos in train/ and test/, and the list
     dst = tmp_path / "dst"
     assert (dst / "train" / "run" / "b.mp4").is_file() and not (dst / "train" / "jump" / "._a.mp4").exists()
-    assert (dst / "train.csv").read_text().split() == [f"{dst}/train/jump/a.mp4", "0", f"{dst}/train/run/b.mp4", "1"]
+    assert (dst / "test" / "run" / "b.mp4").is_file() and (dst / "train" / "jump" / "a.mp4").is_file()
+    assert (dst / "train.csv").read_text().split() == [f"{dst}/train/jump/a.mp4", "0", f"{dst}/train/run/b.mp4", "1",
+                                                       f"..{src}/x.mp4", "1"]  # (a path inside another: kept)
 
 
 def test_clean_lists_keep_the_datasets_recipe():

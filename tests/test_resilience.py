@@ -92,6 +92,21 @@ def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(synthetic_root, t
 
 
 @pytest.mark.slow
+def test_a_step_bounded_run_resumes_exactly(synthetic_root, tmp_path, uninterrupted_run):
+    """With trainer.max_steps Lightning numbers the epochs one ahead after a resume (its set_epoch call): the data
+    order follows the trainer's epoch instead. 2 epochs of 2 steps: the same schedule as the 2-epoch run.
+    (max_epochs=-1: with both bounds, Lightning 2.6 also stops such a resumed run an epoch early.)"""
+    interrupted = tmp_path / "interrupted"
+    steps = [*WORKERS, "trainer.max_epochs=-1", "trainer.max_steps=4", "resume=auto"]
+    killed = run_train(*base_args(synthetic_root, interrupted), *steps,
+                       "+callbacks.kill._target_=tests.callbacks.KillAtEpoch", "+callbacks.kill.epoch=1")
+    assert killed.returncode == -signal.SIGKILL
+    resumed = run_train(*base_args(synthetic_root, interrupted), *steps)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(interrupted, uninterrupted_run)
+
+
+@pytest.mark.slow
 def test_sigterm_mid_epoch_writes_a_checkpoint_that_resumes_exactly(synthetic_root, tmp_path, uninterrupted_run):
     run_dir = tmp_path / "run"
     result = run_train(*base_args(synthetic_root, run_dir), *WORKERS, "trainer.max_epochs=2", "resume=auto",
@@ -140,6 +155,20 @@ def test_preemption_waits_for_a_point_that_resumes_exactly(synthetic_root, tmp_p
     with open(run_dir / "csv" / "metrics.csv") as file:
         validated = {row["epoch"] for row in csv.DictReader(file) if row.get("val/acc")}
     assert validated == {"0", "1"}
+
+
+@pytest.mark.slow
+def test_sigusr1_to_one_ddp_process_stops_them_all(synthetic_root, tmp_path):
+    """kill -USR1 <the launching process>: only rank 0 gets it. Its flag alone left the other process waiting in a
+    collective (a hang); Lightning's notifier tells it."""
+    run_dir = tmp_path / "run"
+    result = run_train(*base_args(synthetic_root, run_dir), "trainer=ddp_cpu", "data.batch_size=2",
+                       "trainer.max_epochs=2", "+callbacks.term._target_=tests.callbacks.SignalInEpoch",
+                       "+callbacks.term.epoch=0", "+callbacks.term.train_batch=0", "+callbacks.term.rank=0",
+                       "+callbacks.term.signal_name=SIGUSR1", timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "SIGUSR1 received: checkpoint written" in result.stdout + result.stderr
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 1
 
 
 @pytest.mark.slow

@@ -238,6 +238,7 @@ def test_training_speed_reports_mfu_against_the_given_peak(tmp_path):
     ({"netrc": "wandb.example.com"}, False),  # a key for another server
     ({"netrc": "wandb.example.com", "WANDB_BASE_URL": "https://wandb.example.com"}, True),  # self-hosted
     ({"netrc": "api.wandb.ai", "NETRC": "other_netrc"}, True),
+    ({"netrc": "localhost:8080", "WANDB_BASE_URL": "http://localhost:8080"}, True),  # a server on a port
 ])
 def test_wandb_goes_offline_only_without_credentials(tmp_path, monkeypatch, setup, online):
     from timesformer.pipeline import _use_wandb_offline_without_credentials

@@ -166,3 +166,10 @@ def test_trainer_options_are_set_without_a_plus(synthetic_root, tmp_path):
     train(compose_config("train", overrides, tmp_path))
     last = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert last["global_step"] == 1
+
+
+def test_overfit_batches(synthetic_root, tmp_path):
+    overrides = [*tiny_overrides(synthetic_root), "trainer.max_epochs=2", "+trainer.overfit_batches=1", "test=false",
+                 "trainer.enable_progress_bar=false"]
+    metrics = train(compose_config("train", overrides, tmp_path))
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))

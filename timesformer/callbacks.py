@@ -69,7 +69,9 @@ class PreemptionCheckpoint(L.Callback):
         log.info("Received SIGUSR1: checkpointing at the next point a run can resume from")
         self._signal_name = "SIGUSR1"
         if self._trainer is not None:
-            self._trainer._signal_connector.received_sigterm = True  # from here on, Lightning's SIGTERM handling
+            # Lightning's SIGTERM handling from here on, its notifier included: under DDP it tells the other
+            # processes (a flag set on this process only left them waiting for it in a collective: a hang).
+            self._trainer._signal_connector._sigterm_notifier_fn(signum, frame)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

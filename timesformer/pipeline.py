@@ -109,14 +109,17 @@ def _wandb_credentials_exist() -> bool:
     ~/.netrc, ~/_netrc) entry for the server ($WANDB_BASE_URL, self-hosted, or api.wandb.ai)."""
     if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
-    host = urllib.parse.urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
-    candidates = [os.environ["NETRC"]] if os.environ.get("NETRC") else [Path.home() / ".netrc", Path.home() / "_netrc"]
+    url = urllib.parse.urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
+    hosts = dict.fromkeys([url.netloc, url.hostname])  # wandb writes host:port for a server on a port
+    candidates = ([Path(os.environ["NETRC"]).expanduser()] if os.environ.get("NETRC")
+                  else [Path.home() / ".netrc", Path.home() / "_netrc"])
     for path in candidates:
         try:
-            if netrc.netrc(path).authenticators(host):
-                return True
+            entries = netrc.netrc(path)
         except (OSError, netrc.NetrcParseError):
             continue
+        if any(host and entries.authenticators(host) for host in hosts):
+            return True
     return False
 
 

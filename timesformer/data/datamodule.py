@@ -377,9 +377,13 @@ class VideoDataModule(lightning.LightningDataModule):
         """The shuffled training order of this process (its share under DDP, which Lightning would otherwise
         give it with a sampler of its own), resumable mid-epoch."""
         dataset = self._dataset("train")
-        replicas = (self.trainer.distributed_sampler_kwargs if self.trainer is not None else None) or {}
+        trainer = self.trainer
+        if trainer is not None and trainer.overfit_batches:  # Lightning reads the first batches, in order
+            return DataLoader(dataset, shuffle=False, **self._loader_settings(dataset))
+        replicas = (trainer.distributed_sampler_kwargs if trainer is not None else None) or {}
         sampler = ResumableSampler(dataset, self.seed, replicas.get("num_replicas", 1), replicas.get("rank", 0))
-        self._train_loader = ResumableDataLoader(dataset, sampler, **self._loader_settings(dataset))
+        epoch = (lambda: trainer.current_epoch) if trainer is not None else None
+        self._train_loader = ResumableDataLoader(dataset, sampler, epoch, **self._loader_settings(dataset))
         if self._train_loader_state is not None:
             self._train_loader.load_state_dict(self._train_loader_state)
         return self._train_loader

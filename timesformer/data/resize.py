@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -143,17 +144,24 @@ def resize_dataset(src: Path, dst: Path, short_side: int = 256, workers: int = 1
 
 
 def _files(src: Path) -> list[Path]:
-    """The files under `src`, through symbolic links to folders (each real folder once), hidden ones left out."""
-    files, seen = [], set()
-    for folder, subfolders, names in os.walk(src, followlinks=True):
-        real = os.path.realpath(folder)
-        if real in seen:  # a link back up the tree
-            subfolders.clear()
-            continue
-        seen.add(real)
-        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
-        files += [Path(folder) / name for name in names if not name.startswith(".")]
-    return sorted(path for path in files if path.is_file())
+    """The files under `src`, through symbolic links to folders (a link back up its own path is not followed), hidden
+    ones left out."""
+    files: list[Path] = []
+
+    def walk(folder: Path, ancestors: frozenset[str]) -> None:
+        for entry in sorted(os.scandir(folder), key=lambda entry: entry.name):
+            if entry.name.startswith("."):
+                continue
+            path = Path(entry.path)
+            if entry.is_dir():  # (follows links)
+                real = os.path.realpath(path)
+                if real not in ancestors:  # a loop otherwise
+                    walk(path, ancestors | {real})
+            elif entry.is_file():
+                files.append(path)
+
+    walk(src, frozenset({os.path.realpath(src)}))
+    return sorted(files)
 
 
 def _copy(path: Path, target: Path, src_names: tuple[str, ...], dst: Path) -> None:
@@ -166,8 +174,8 @@ def _copy(path: Path, target: Path, src_names: tuple[str, ...], dst: Path) -> No
             text = None
         prefixes = [name + os.sep for name in src_names if text is not None and name + os.sep in text]
         if prefixes:
-            for prefix in prefixes:
-                text = text.replace(prefix, os.fspath(dst) + os.sep)
+            for prefix in prefixes:  # where a path starts (not inside another path, e.g. ../data/k400/...)
+                text = re.sub(r"(?<![^\s,;:='\"(\[])" + re.escape(prefix), lambda _: os.fspath(dst) + os.sep, text)
             target.write_text(text, encoding="utf-8")
             return
     shutil.copyfile(path, target)

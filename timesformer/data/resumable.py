@@ -22,7 +22,7 @@ Lightning leaves it in place under DDP instead of swapping in its own.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -59,10 +59,16 @@ class ResumableSampler(DistributedSampler):
 class ResumableDataLoader(DataLoader):
     """A DataLoader over a `ResumableSampler` that knows how far into its epoch it is.
 
-    ``state_dict()`` is (epoch, batches handed out in it); after ``load_state_dict``, the iteration of that epoch
-    starts at the next batch, and the iteration of any other epoch (the checkpoint was written at an epoch's end)
-    at the first. The state is applied when the first batch is asked for, so it may be loaded before or after
-    ``iter()`` and ``set_epoch``, in whatever order Lightning calls them.
+    ``epoch``: where the epoch number comes from at the start of each iteration (the DataModule passes the
+    trainer's ``current_epoch``: Lightning's own ``set_epoch`` call is one epoch ahead after some resumes, e.g.
+    with ``max_steps``); None: the sampler's ``set_epoch``.
+
+    ``state_dict()`` is (epoch, batches handed out in it, and the batch size and process count they were cut
+    with); after ``load_state_dict``, the iteration of that epoch starts at the next batch, and the iteration of
+    any other epoch (the checkpoint was written at an epoch's end) at the first. The state is applied when the
+    first batch is asked for, so it may be loaded before or after ``iter()`` and ``set_epoch``, in whatever order
+    Lightning calls them. Resuming mid-epoch with another batch size or process count is refused: Lightning's
+    loops count that epoch in batches of the old size.
 
     Lightning saves the state of a DataLoader with these two methods with its loops, but loads it back only when
     the loader is created after the loops are restored; `LightningModule.configure_optimizers` asking for
@@ -70,23 +76,41 @@ class ResumableDataLoader(DataLoader):
     `VideoDataModule` saves it too (its own state is restored first) and loads it into the loader it creates.
     """
 
-    def __init__(self, dataset: Dataset, sampler: ResumableSampler, **kwargs: Any) -> None:
+    def __init__(self, dataset: Dataset, sampler: ResumableSampler, epoch: Callable[[], int] | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(dataset, sampler=sampler, **kwargs)
+        self.epoch = epoch
         self.batches_taken = 0  # batches of the current epoch handed out
-        self._resume: tuple[int, int] | None = None  # (epoch, batches already trained on), from a checkpoint
+        self._resume: dict[str, int] | None = None  # a checkpoint's state_dict()
 
     def __iter__(self) -> Iterator[Any]:
         # A generator: nothing runs at iter() (Lightning calls it before set_epoch when a run resumes). The sampler
         # is read, and indices are handed to the workers, at the first next().
+        if self.epoch is not None:
+            self.sampler.set_epoch(self.epoch())
         resume, self._resume = self._resume, None
-        self.batches_taken = resume[1] if resume is not None and resume[0] == self.sampler.epoch else 0
+        self.batches_taken = 0
+        if resume is not None and resume["epoch"] == self.sampler.epoch:
+            self.batches_taken = resume["batches_taken"]
+            self._check_same_batches(resume)
         self.sampler.skip_next(self.batches_taken * self.batch_size)
         for batch in super().__iter__():
             self.batches_taken += 1
             yield batch
 
+    def _check_same_batches(self, resume: dict[str, int]) -> None:
+        saved = (resume.get("batch_size", self.batch_size), resume.get("num_replicas", self.sampler.num_replicas))
+        if self.batches_taken < resume.get("batches", len(self)) and saved != (self.batch_size, self.sampler.num_replicas):
+            raise ValueError(
+                f"The checkpoint was written {self.batches_taken} batches into epoch {resume['epoch']}, with batches of "
+                f"{saved[0]} videos per process and {saved[1]} processes; this run has {self.batch_size} and "
+                f"{self.sampler.num_replicas}. Resume mid-epoch with the checkpoint's data.batch_size (and process "
+                "count), or from a checkpoint written at an epoch's end (checkpoints/last.ckpt of an earlier epoch)."
+            )
+
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.sampler.epoch, "batches_taken": self.batches_taken}
+        return {"epoch": self.sampler.epoch, "batches_taken": self.batches_taken, "batches": len(self),
+                "batch_size": self.batch_size, "num_replicas": self.sampler.num_replicas}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        self._resume = (int(state_dict["epoch"]), int(state_dict["batches_taken"]))
+        self._resume = {key: int(value) for key, value in state_dict.items()}

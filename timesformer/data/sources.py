@@ -275,11 +275,20 @@ class CsvSource(AnnotatedVideoSource):
     def read_rows(cls, path: Path) -> list[tuple[str, str]]:
         """(video path, label) rows of a list file, header and blank lines skipped.
 
-        The file is comma-separated unless every line reads as "path label" with a label free of commas (PySlowFast's
-        lists, whose paths may hold commas and spaces); the label is then the last whitespace-separated field."""
+        Comma-separated (CSV quoting) or "path label" lines (PySlowFast's: the label is the last whitespace-separated
+        field, the path may hold spaces and commas), decided per file: space-separated when every line reads as a
+        video path and a label that way and not as CSV (a comma inside a path), else CSV."""
         lines = read_text_lines(path)
-        space_separated = all(len(fields) == 2 and "," not in fields[1]
-                              for fields in (line.rsplit(maxsplit=1) for line in lines))
+
+        def video_path_first(fields: list[str]) -> bool:
+            return len(fields) >= 2 and is_video_file(os.path.basename(fields[0].strip()))
+
+        data_lines = lines[1:] if len(lines) > 1 else lines  # the first may be a header
+        space_separated = (all(video_path_first(line.rsplit(maxsplit=1)) for line in data_lines)
+                           and not all(video_path_first(next(csv.reader([line]))) for line in data_lines))
+        if not any(video_path_first(line.rsplit(maxsplit=1)) or video_path_first(next(csv.reader([line])))
+                   for line in data_lines):  # paths without a video extension: a comma means CSV
+            space_separated = not any("," in line for line in data_lines)
         rows = []
         for number, line in enumerate(lines, start=1):
             fields = line.rsplit(maxsplit=1) if space_separated else next(csv.reader([line]))
