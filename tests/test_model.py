@@ -201,19 +201,3 @@ def test_embedding_dropout_is_applied_as_in_the_original():
         cls, patches = model.embed(torch.randn(64, 4, 3, 32, 32))
     assert (patches == 0).float().mean().item() == pytest.approx(0.75, abs=0.01)
     assert (cls == 0).float().mean().item() == pytest.approx(0.5, abs=0.05)
-
-
-def test_a_model_saved_with_the_fused_kernel_loads_without_triton_on_a_cpu(monkeypatch):
-    import sys
-
-    monkeypatch.setitem(sys.modules, "triton", None)  # Triton missing
-    monkeypatch.delitem(sys.modules, "timesformer.model.triton_short_attention", raising=False)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    config = TimeSformerConfig(image_size=32, patch_size=8, num_frames=4, hidden_size=32, num_hidden_layers=1,
-                               num_attention_heads=2, intermediate_size=64, num_classes=3, fused_short_attention=True)
-    model = TimeSformer(config).eval()  # the kernel would only run on CUDA
-    with torch.no_grad():
-        assert model(torch.randn(1, 4, 3, 32, 32)).shape == (1, 3)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    with pytest.raises(ImportError, match="fused_short_attention=True needs Triton"):
-        TimeSformer(config)  # where it would run, its absence is an error

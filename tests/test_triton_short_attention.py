@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from timesformer import TimeSformer, TimeSformerConfig
 
@@ -67,5 +68,11 @@ def test_fused_short_attention_without_triton_says_what_to_do(monkeypatch):
     config = TimeSformerConfig(image_size=32, patch_size=16, num_frames=2, hidden_size=32, num_hidden_layers=1,
                                num_attention_heads=2, intermediate_size=64, num_classes=3)
     TimeSformer(config)  # off by default: Triton not needed
+    fused = dataclasses.replace(config, fused_short_attention=True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(ImportError, match="fused_short_attention=True needs Triton"):
-        TimeSformer(dataclasses.replace(config, fused_short_attention=True))
+        TimeSformer(fused)  # where the kernel would run, its absence is an error
+    # Without CUDA it never runs: a checkpoint saved with it on loads and runs where Triton is missing.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with torch.no_grad():
+        assert TimeSformer(fused).eval()(torch.randn(1, 2, 3, 32, 32)).shape == (1, 3)
