@@ -10,9 +10,9 @@ processes. Two things make that so:
   worker read before, no longer matter: persistent workers' RNGs are seeded once, when they start, so a resumed
   run's workers could not continue the draws of the run before.
 - **A loader that knows how far the epoch got.** `ResumableDataLoader` counts the batches it has handed to the
-  training loop in the current epoch. Lightning saves that with the loops (a DataLoader with ``state_dict`` /
-  ``load_state_dict``) and, resuming mid-epoch, restores it before the first batch: the sampler then skips the
-  items already trained on, in the same order.
+  training loop in the current epoch, and takes the epoch from the trainer when an epoch starts. `VideoDataModule`
+  saves the count in checkpoints and, resuming, loads it into the loader before its first batch: the sampler then
+  skips the items already trained on, in the same order.
 
 The order itself is `DistributedSampler`'s (a permutation from seed + epoch, every ``num_replicas``-th item for
 each process, padded to an even split), so one class serves one process and DDP alike; being a DistributedSampler,
@@ -37,7 +37,7 @@ def item_seed(seed: int, epoch: int, position: int) -> int:
 class ResumableSampler(DistributedSampler):
     """Shuffled training order: ``(video index, item seed)`` pairs, this process's share of the epoch.
 
-    `set_epoch` (Lightning calls it at each epoch's start) picks the epoch; `skip_next(n)` makes the next
+    `set_epoch` picks the epoch (`ResumableDataLoader` calls it with the trainer's); `skip_next(n)` makes the next
     iteration start after the first `n` items of this process's share (resuming mid-epoch).
     """
 
