@@ -47,3 +47,14 @@ def test_demo_experiment_is_tiny_on_cpu(tmp_path):
     assert cfg.model.hidden_size < 256 and cfg.trainer.accelerator == "cpu"
     assert cfg.data.horizontal_flip is False  # flips would swap the left/right labels
     assert Path(cfg.data.source.root).name == "synthetic"
+
+
+@pytest.mark.parametrize("data", ["synthetic", "kinetics400", "csv", "folder"])
+def test_every_dataset_takes_the_common_data_options(data, tmp_path):
+    """The options data/README.md documents for all datasets exist in each data config (the generated data's
+    config lacked them: data.max_failed_fraction=... was an error there)."""
+    root = [] if data == "synthetic" else ["data.root=/datasets/x"]
+    cfg = compose_config("train", [f"data={data}", *root, "data.max_failed_fraction=0.1", "data.val_views_full=true",
+                                   "data.test_temporal_clips=2", "data.pin_memory=false", "data.decode_retries=0",
+                                   "data.mean=[0.5,0.5,0.5]"], tmp_path)
+    assert cfg.data.max_failed_fraction == 0.1 and cfg.data.test_temporal_clips == 2

@@ -326,7 +326,7 @@ def test_every_experiment_composes(tmp_path):
     for experiment in ("demo", "k400_paper", "k400_adamw", "k400_hr", "k400_large"):
         cfg = compose_config("train", [f"experiment={experiment}"], tmp_path)
         assert cfg.model.num_frames == cfg.data.num_frames
-    # DESIGN.md section 4: HR 16x16 @ 448 with jitter [448, 512], L 96x4 @ 224, the rest as the paper's recipe.
+    # The paper's recipe: HR 16x16 @ 448 with jitter [448, 512], L 96x4 @ 224, the rest as the paper's recipe.
     hr, large = (compose_config("train", [f"experiment={name}"], tmp_path) for name in ("k400_hr", "k400_large"))
     assert (hr.data.num_frames, hr.data.sampling_rate, hr.data.image_size) == (16, 16, 448)
     assert list(hr.data.train_short_side_range) == [448, 512]

@@ -22,8 +22,8 @@ log = logging.getLogger(__name__)
 
 
 def preempted_message(checkpoint: Path, signal_name: str) -> str:
-    return (f"{signal_name} received: checkpoint written to {checkpoint}; run the same command with resume=auto to "
-            "continue")
+    return (f"{signal_name} received: checkpoint written to {checkpoint}; continue with the same command: as it is if "
+            f"it has resume=auto, else with ckpt_path={checkpoint}")
 
 
 class PreemptionCheckpoint(L.Callback):

@@ -239,7 +239,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except SIGTERMException:
-        log.warning("Training stopped by a signal (preemption); the run continues with resume=auto")
+        log.warning("Training stopped by a signal (preemption); continue it as the message above says")
         return {"preempted": 1.0}
     metrics = _scalars(trainer.callback_metrics)
 
@@ -292,8 +292,9 @@ def _saved_run_config(ckpt_path: str) -> DictConfig:
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     run_config = checkpoint.get("hyper_parameters", {}).get("run_config")
     if run_config is None:
-        raise ValueError(f"{ckpt_path} carries no run config: it was not written by train.py "
-                         f"(evaluate a Hugging Face or original checkpoint with model.pretrained=... instead)")
+        raise ValueError(f"{ckpt_path} carries no run config: it was not written by train.py. For a Hugging Face "
+                         "folder or an original *.pyth: `python predict.py ckpt=PATH input=VIDEOS`, or test it on a "
+                         "dataset with `python train.py model.pretrained=PATH data=... trainer.max_epochs=0`")
     return OmegaConf.create(run_config)
 
 

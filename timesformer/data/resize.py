@@ -10,7 +10,8 @@ This is the usual preparation for Kinetics (short side 256, as mmaction2 and PyS
 
 The folder tree is mirrored: every video (by suffix) whose short side is above `--short-side` is re-encoded
 with its short side at that size (aspect ratio kept, even sides), the same frames and timestamps, as h264 (x264
-CRF 23, preset veryfast) in the same container (VP9 for .webm); smaller videos and every other file (annotation
+CRF 23, preset veryfast) in the same container (VP9 for .webm; an MP4 container, name kept, for suffixes whose
+container cannot hold h264: .mpg, .ts, .wmv, ...); smaller videos and every other file (annotation
 CSVs, split lists) are copied, so the same data config reads the copy: absolute paths into `src` in text files
 (PySlowFast lists, `data=csv` lists) are rewritten to point into `dst`. Folders reached through symbolic links are
 mirrored as folders; hidden files and folders (`.DS_Store`, macOS `._*` files) are left out, as the data

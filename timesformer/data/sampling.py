@@ -74,7 +74,7 @@ def segment_clip_indices(
     """Frame indices of one TSN-style clip: the video cut into `num_frames` equal segments, one frame from each.
 
     The clip always covers the whole video, whatever its length or fps (Something-Something's actions fill
-    their short videos; DESIGN.md section 4).
+    their short videos; the paper's recipe).
     - training (`clip_index` None): a uniformly random frame in each segment, drawn from `rng` (None: the
       global `random` module).
     - evaluation: in each segment, the frame at (clip_index + 0.5) / num_clips of its length: the middle for

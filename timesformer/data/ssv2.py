@@ -11,7 +11,7 @@
 
 The files may also carry the official archive's prefix (`something-something-v2-labels.json`, ...).
 Class ids are the ids of labels.json. Motion direction is part of many labels, so the data config turns
-horizontal flips off, and clips are TSN-style segment samples (DESIGN.md section 4).
+horizontal flips off, and clips are TSN-style segment samples (the paper's recipe).
 """
 
 from __future__ import annotations
