@@ -39,6 +39,11 @@ class PreemptionCheckpoint(L.Callback):
       is finished (its optimizer step taken) first;
     - during validation, a resumed run would never validate that epoch: validation is finished first.
 
+    Under DDP the processes must stop at the same batch, whichever of them got the signal (a cluster signals all,
+    ``kill`` one): they stop on rank 0's flag only, which Lightning broadcasts as each batch starts. Lightning's
+    own handler also broadcasts from inside the signal handler, i.e. at whatever collective the process is in
+    (gloo: "Received data size doesn't match expected size"); here the handler only sets the flag.
+
     SIGUSR1 is handled the same way unless Lightning handles it (SLURM with auto-requeue: it checkpoints and
     requeues). A signal outside fit (train.py's test after training) writes nothing: ``last.ckpt`` keeps the
     final state.
@@ -50,15 +55,31 @@ class PreemptionCheckpoint(L.Callback):
         self._signal_name = "SIGTERM"
         self._mid_window = False  # the last training batch did not end an accumulation window
         self._validating = False
+        self._distributed = False
+        self._broadcasting = False  # inside Lightning's per-batch broadcast of rank 0's flag
         self._previous_usr1: Any = None
 
-    def _resumable_here(self) -> bool:
-        return not (self._mid_window or self._validating)
+    def _lightning_may_see_signal(self) -> bool:
+        resumable = not (self._mid_window or self._validating)
+        return resumable and (self._broadcasting or not self._distributed)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._trainer = trainer
-        self._mid_window = self._validating = False
-        _gate_signal_flag(trainer._signal_connector, self._resumable_here)
+        self._mid_window = self._validating = self._broadcasting = False
+        self._distributed = trainer.world_size > 1
+        _gate_signal_flag(trainer._signal_connector, self._lightning_may_see_signal)
+        if self._distributed:
+            epoch_loop = trainer.fit_loop.epoch_loop
+            broadcast = epoch_loop._broadcast_sigterm_tensor
+
+            def broadcast_rank_zero_flag() -> None:
+                self._broadcasting = True
+                try:
+                    broadcast()
+                finally:
+                    self._broadcasting = False
+
+            epoch_loop._broadcast_sigterm_tensor = broadcast_rank_zero_flag
         environment = trainer._accelerator_connector.cluster_environment
         lightning_requeues = isinstance(environment, SLURMEnvironment) and environment.auto_requeue
         if (hasattr(signal, "SIGUSR1") and not lightning_requeues
@@ -92,6 +113,7 @@ class PreemptionCheckpoint(L.Callback):
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._trainer is not None:
             _gate_signal_flag(self._trainer._signal_connector, None)
+            self._trainer.fit_loop.epoch_loop.__dict__.pop("_broadcast_sigterm_tensor", None)
             self._trainer = None
         if self._previous_usr1 is not None:
             signal.signal(signal.SIGUSR1, self._previous_usr1)
@@ -119,6 +141,13 @@ def _gate_signal_flag(connector: Any, is_open: Callable[[], bool] | None) -> Non
         @received_sigterm.setter
         def received_sigterm(self, value: bool) -> None:
             self._received = value
+
+        def _sigterm_notifier_fn(self, signum: int, frame: Any) -> None:
+            # Lightning's, less its broadcast from inside the signal handler (see PreemptionCheckpoint).
+            log.info("Received signal %d", signum)
+            if not self._received and self.trainer.strategy.launcher is not None:
+                self.trainer.strategy.launcher.kill(signum)
+            self._received = True
 
     received = connector.__dict__.pop("received_sigterm", connector.__dict__.get("_received", False))
     connector._received = received

@@ -80,7 +80,8 @@ class ResumableDataLoader(DataLoader):
                  **kwargs: Any) -> None:
         super().__init__(dataset, sampler=sampler, **kwargs)
         self.epoch = epoch
-        self.batches_taken = 0  # batches of the current epoch handed out
+        self.batches_taken = 0  # batches handed out in the epoch of the last iteration...
+        self._iterated_epoch: int | None = None  # ...this one (the sampler's may be set for the next already)
         self._resume: dict[str, int] | None = None  # a checkpoint's state_dict()
 
     def __iter__(self) -> Iterator[Any]:
@@ -89,7 +90,7 @@ class ResumableDataLoader(DataLoader):
         if self.epoch is not None:
             self.sampler.set_epoch(self.epoch())
         resume, self._resume = self._resume, None
-        self.batches_taken = 0
+        self._iterated_epoch, self.batches_taken = self.sampler.epoch, 0
         if resume is not None and resume["epoch"] == self.sampler.epoch:
             self.batches_taken = resume["batches_taken"]
             self._check_same_batches(resume)
@@ -109,7 +110,8 @@ class ResumableDataLoader(DataLoader):
             )
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.sampler.epoch, "batches_taken": self.batches_taken, "batches": len(self),
+        epoch = self.sampler.epoch if self._iterated_epoch is None else self._iterated_epoch
+        return {"epoch": epoch, "batches_taken": self.batches_taken, "batches": len(self),
                 "batch_size": self.batch_size, "num_replicas": self.sampler.num_replicas}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
