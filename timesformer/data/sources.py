@@ -284,10 +284,11 @@ class CsvSource(AnnotatedVideoSource):
             return len(fields) >= 2 and is_video_file(os.path.basename(fields[0].strip()))
 
         data_lines = lines[1:] if len(lines) > 1 else lines  # the first may be a header
-        space_separated = (all(video_path_first(line.rsplit(maxsplit=1)) for line in data_lines)
-                           and not all(video_path_first(next(csv.reader([line]))) for line in data_lines))
-        if not any(video_path_first(line.rsplit(maxsplit=1)) or video_path_first(next(csv.reader([line])))
-                   for line in data_lines):  # paths without a video extension: a comma means CSV
+        as_space = [video_path_first(line.rsplit(maxsplit=1)) for line in data_lines]
+        as_csv = [video_path_first(next(csv.reader([line]))) for line in data_lines]
+        if any(as_space) or any(as_csv):
+            space_separated = all(as_space) and not all(as_csv)
+        else:  # paths without a video extension: a comma means CSV
             space_separated = not any("," in line for line in data_lines)
         rows = []
         for number, line in enumerate(lines, start=1):
