@@ -74,6 +74,49 @@ def test_original_checkpoint_layout_loads_to_the_same_logits(tmp_path):
             torch.testing.assert_close(other(video), loaded(video), atol=0, rtol=0, msg=name)
 
 
+@pytest.mark.parametrize("weights_format", ["safetensors", "bin"])
+def test_a_sharded_hugging_face_folder_loads_to_the_same_logits(weights_format, tmp_path):
+    """Large models are saved in shards named by ``*.index.json``; a shard missing is named."""
+    import json
+
+    from safetensors.torch import load_file
+
+    hf_model = random_hf_model("divided_space_time")
+    hf_model.save_pretrained(tmp_path / "hf", max_shard_size="100KB")
+    index = tmp_path / "hf" / "model.safetensors.index.json"
+    if weights_format == "bin":  # as older transformers wrote them (torch.save shards)
+        weight_map = json.loads(index.read_text())["weight_map"]
+        for shard in set(weight_map.values()):
+            torch.save(load_file(tmp_path / "hf" / shard), tmp_path / "hf" / shard.replace(".safetensors", ".bin"))
+            (tmp_path / "hf" / shard).unlink()
+        index.unlink()
+        index = tmp_path / "hf" / "pytorch_model.bin.index.json"
+        index.write_text(json.dumps({"weight_map": {k: v.replace(".safetensors", ".bin")
+                                                    for k, v in weight_map.items()}}))
+    shards = sorted(p.name for p in (tmp_path / "hf").iterdir() if "-of-" in p.name)
+    assert len(shards) > 1 and all(shard.endswith(weights_format) for shard in shards)
+    ours = TimeSformer.from_pretrained(tmp_path / "hf").eval()
+    video = torch.randn(2, 4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(video), hf_model(pixel_values=video).logits, atol=1e-4, rtol=0)
+    (tmp_path / "hf" / shards[-1]).unlink()
+    with pytest.raises(FileNotFoundError, match=shards[-1]):
+        TimeSformer.from_pretrained(tmp_path / "hf")
+
+
+def test_saving_over_an_export_warns_of_the_preprocessor_config_left(tmp_path, caplog):
+    """save_pretrained without clip settings keeps a preprocessor_config.json found in the folder, whose mean and
+    std predict.py would then use: it says so."""
+    model = TimeSformer(TimeSformerConfig(**TINY, num_classes=3))
+    model.save_pretrained(tmp_path / "m", clip={"mean": [0.5] * 3, "std": [0.5] * 3})
+    with caplog.at_level("WARNING"):
+        model.save_pretrained(tmp_path / "fresh")
+    assert "preprocessor_config" not in caplog.text
+    with caplog.at_level("WARNING"):
+        model.save_pretrained(tmp_path / "m")
+    assert "keeps the preprocessor_config.json" in caplog.text
+
+
 def test_class_names_are_matched_by_name(tmp_path, caplog):
     """The dataset's classes in another order reorder the head's rows (they kept their positions and took the new
     names: every prediction mislabelled); other classes get a new head."""

@@ -118,15 +118,32 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def _read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The weights of a Hugging Face folder, in transformers' order of preference: one file, else the shards an
+    index (``*.index.json``, its ``weight_map``) names."""
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / filename).is_file():
+            return _read_tensors(folder / filename)
+    for filename in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = folder / filename
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+            missing = [shard for shard in shards if not (folder / shard).is_file()]
+            if not shards or missing:
+                raise FileNotFoundError(f"{index} names no weight files" if not shards else
+                                        f"{index} names shard(s) that are not in {folder}: {', '.join(missing)}")
+            state: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                state.update(_read_tensors(folder / shard))
+            return state
+    raise FileNotFoundError(f"{folder} has a config.json but no weights: neither model.safetensors nor "
+                            "pytorch_model.bin, nor a sharded model's *.index.json")
+
+
 def read_hf_folder(folder: Path) -> tuple[TimeSformerConfig, dict[str, torch.Tensor]]:
     """A Hugging Face model folder -> (config, state dict in our names)."""
     config = hf_config_to_ours(json.loads((folder / "config.json").read_text()))
-    for filename in ("model.safetensors", "pytorch_model.bin"):
-        if (folder / filename).is_file():
-            hf_state = _read_tensors(folder / filename)
-            break
-    else:
-        raise FileNotFoundError(f"{folder} has a config.json but neither model.safetensors nor pytorch_model.bin")
+    hf_state = _read_hf_weights(folder)
     state, unplaced = {}, []
     for name, tensor in hf_state.items():
         if name.split(".")[0] in ("embeddings", "encoder", "layernorm"):  # a TimesformerModel (backbone) folder
@@ -170,6 +187,13 @@ def write_hf_folder(folder: Path, config: TimeSformerConfig, state: dict[str, to
             "do_center_crop": True, "crop_size": {"height": size, "width": size}, "do_rescale": True,
             "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(clip["mean"]),
             "image_std": list(clip["std"]), "resample": 2}, indent=2) + "\n")
+    elif (folder / "preprocessor_config.json").is_file():
+        # Not ours to delete, but it no longer describes these weights' clips for certain: predict.py would take
+        # its mean and std.
+        log.warning("%s keeps the preprocessor_config.json that was there before (its mean and std are used by "
+                    "predict.py and transformers' image processor): delete it if these weights were trained with "
+                    "other ones, or export with timesformer.inference.export_pretrained, which writes it",
+                    folder)
     (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
 
 
