@@ -1,9 +1,9 @@
 """Video-level evaluation: several views per video aggregated into one prediction, each video counted once.
 
 A dataset yields views (temporal clips x spatial crops) of its videos; every sample carries the video's
-``index`` in its split and, with several views, the ``view`` number. DDP's sampler pads the last batch with
-repeated samples and spreads a video's views over ranks, so scores are gathered from every rank and de-duplicated
-by (index, view) before they are averaged per video.
+``index`` in its split and, with several views, the ``view`` number. Under DDP a video's views are spread over
+ranks (and Lightning's sampler repeats samples when a split has fewer views than processes), so scores are gathered
+from every rank and de-duplicated by (index, view) before they are averaged per video.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from typing import Any
 
 import lightning
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 
 from timesformer.data.dataset import SAMPLINGS, SPLITS, VideoClipDataset, VideoIndex, VideoSource
@@ -389,7 +390,17 @@ class VideoDataModule(lightning.LightningDataModule):
         return self._train_loader
 
     def _evaluation_loader(self, split: str) -> DataLoader:
+        """The split in order; under DDP each process gets every ``num_replicas``-th view, without the repeats
+        Lightning's own sampler pads the last batches with (they were counted again in the clip-level loss and
+        accuracy; the video-level results drop them anyway). Processes may then run one batch more than others:
+        nothing in an evaluation step waits for the other processes."""
         dataset = self._dataset(split)
+        replicas = (self.trainer.distributed_sampler_kwargs if self.trainer is not None else None) or {}
+        num_replicas = replicas.get("num_replicas", 1)
+        if num_replicas > 1 and len(dataset) >= num_replicas:  # fewer views than processes: Lightning pads
+            sampler = UnrepeatedDistributedSampler(dataset, num_replicas=num_replicas, rank=replicas.get("rank", 0),
+                                                   shuffle=False)
+            return DataLoader(dataset, sampler=sampler, **self._loader_settings(dataset))
         return DataLoader(dataset, shuffle=False, **self._loader_settings(dataset))
 
     def val_dataloader(self) -> DataLoader:
