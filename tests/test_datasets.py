@@ -542,6 +542,15 @@ def test_evaluate_reads_moved_data_and_lists_failed_videos(tmp_path):
     assert report["views"] == {"test_temporal_clips": 1, "test_spatial_crops": 3}
     assert report["videos_total"] == 2 and report["videos_evaluated"] == 1
     assert report["failed_videos"] == [str(moved / "test" / "dog" / "broken.mp4")]
+    # Nothing decodes: an error, after an eval.json that lists the videos and has no accuracies (torchmetrics
+    # reported 0.0 for the clips).
+    (moved / "test" / "cat" / "a.mp4").write_text("not a video either")
+    with pytest.raises(RuntimeError, match="None of the 2 test videos could be decoded"):
+        evaluate(compose_config("eval", [f"ckpt={metrics['best_checkpoint']}", f"++data.root={moved}",
+                                         "trainer.enable_progress_bar=false"], tmp_path / "eval_none"))
+    report = json.loads((tmp_path / "eval_none" / "eval.json").read_text())
+    assert report["videos_evaluated"] == 0 and len(report["failed_videos"]) == 2
+    assert set(report["clip"].values()) == set(report["video"].values()) == {None}
 
     # A dataset with the model's "dog" class only: its own numbering has dog = 0, the model's cat = 0, dog = 1.
     subset = tmp_path / "dogs"

@@ -337,11 +337,13 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     entries = datamodule.test_dataloader().dataset.entries
     class_names = model.config.class_names or [str(c) for c in range(model.config.num_classes)]
     video_metrics = results.metrics(len(class_names))
+    evaluated = len(results.indices) > 0  # else torchmetrics gives 0.0 for accuracies that saw no sample: null
     report = {
         "checkpoint": str(Path(cfg.ckpt).resolve()),
-        "clip": {"top1": clip_metrics.get("test/acc"), "top5": clip_metrics.get("test/acc_top5"),
-                 "loss": clip_metrics.get("test/loss")},
-        "video": video_metrics,
+        "clip": {"top1": clip_metrics.get("test/acc") if evaluated else None,
+                 "top5": clip_metrics.get("test/acc_top5") if evaluated else None,
+                 "loss": clip_metrics.get("test/loss") if evaluated else None},
+        "video": {k: v if evaluated else None for k, v in video_metrics.items()},  # NaN is not JSON
         "views": {"test_temporal_clips": datamodule.test_temporal_clips,
                   "test_spatial_crops": datamodule.test_spatial_crops},
         "view_aggregation": module.test_videos.aggregation,
@@ -352,6 +354,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     }
     (output_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
     write_report_files(output_dir, results, entries, class_names)
+    if not evaluated:
+        raise RuntimeError(f"None of the {len(entries)} test videos could be decoded: nothing was evaluated. They "
+                           f"are listed in {output_dir / 'eval.json'} (failed_videos); `python -m "
+                           "timesformer.data.check` scans a dataset for videos that do not decode")
     if results.failed:
         log.warning("%d of %d videos could not be decoded and were not evaluated; see eval.json",
                     len(results.failed), len(entries))
