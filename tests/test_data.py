@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from torch.overrides import TorchFunctionMode
 from torchvision.transforms import v2
 
 from timesformer.data import (
+    EvalViewTransform,
     SyntheticMotionSource,
     VideoClipDataset,
     VideoDataModule,
@@ -592,6 +594,33 @@ def test_datamodule_batches(tiny_source):
     assert sum(len(b["label"]) for b in batches) == 4
     assert torch.equal(torch.cat([b["index"] for b in batches]), torch.arange(4))
     assert len(list(datamodule.test_dataloader())) == len(batches)
+
+
+def test_a_single_evaluation_crop_is_cut_at_the_smallest_training_scale(tiny_source):
+    """As the original tests: one centre crop from the short side at train_short_side_range[0] (256 for 224 crops,
+    the training crops' scale), several crops from the short side at the crop size (together they span the frame).
+    predict.py cuts the same views as evaluate.py."""
+    from timesformer.inference import ClipSettings, load_views
+
+    datamodule = _datamodule(tiny_source, train_short_side_range=(20, 24), test_spatial_crops=3, val_views_full=False)
+    datamodule.prepare_data()
+    datamodule.setup("test")
+    val, test = datamodule.datasets["val"], datamodule.datasets["test"]
+    assert (val.views_per_video, test.views_per_video) == (1, 3)
+    assert (val.transform.short_side, test.transform.short_side) == (20, 16)
+    path = val.entries[0][0]
+    for dataset, crops in ((val, 1), (test, 3)):
+        settings = ClipSettings(num_frames=4, sampling_rate=2, image_size=16, spatial_crops=crops,
+                                train_short_side_min=20)
+        views = load_views(Path(path), settings)
+        assert views.shape == (crops, 4, 3, 16, 16)
+        for view in range(crops):
+            assert torch.equal(views[view], dataset[view]["video"])
+    frames = decode_frames(path, list(range(4)))  # the centre of the short side at 20, not the whole short side
+    centre = v2.CenterCrop(16)(v2.Resize(20, antialias=True)(frames.permute(0, 3, 1, 2)))
+    assert torch.equal(EvalViewTransform(16, 1, short_side=20)(frames.permute(0, 3, 1, 2)), centre)
+    with pytest.raises(ValueError, match="smaller than the crop size"):
+        EvalViewTransform(16, 1, short_side=12)
 
 
 def test_datamodule_with_workers(tiny_source):

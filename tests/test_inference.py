@@ -134,7 +134,8 @@ def test_an_exported_checkpoint_keeps_how_its_clips_are_cut(tmp_path):
     model = tiny_model("divided_space_time")
     # (clips of 8 frames at 48 px for a model built for 4 at 32: fine-tuned from weights of another size)
     data = {"num_frames": 8, "image_size": 48, "sampling_rate": 3, "target_fps": 25.0, "test_temporal_clips": 2,
-            "test_spatial_crops": 3, "sampling": "dense", "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}
+            "test_spatial_crops": 3, "sampling": "dense", "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3],
+            "train_short_side_range": [56, 64]}
     ckpt = tmp_path / "last.ckpt"  # what train.py writes, less the optimizer and loop states
     torch.save({"timesformer_config": model.config.to_dict(),
                 "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
@@ -144,6 +145,7 @@ def test_an_exported_checkpoint_keeps_how_its_clips_are_cut(tmp_path):
     assert clip_settings(tmp_path / "export", exported) == clip_settings(ckpt, model)
     settings = clip_settings(tmp_path / "export", exported)
     assert (settings.sampling_rate, settings.num_frames, settings.image_size) == (3, 8, 48)  # not the model's 4, 32
+    assert settings.train_short_side_min == 56  # the scale of a single crop (num_crops=1)
     assert settings.view_aggregation == "logits"  # how predict.py combines the views, as evaluate.py
     processor = transformers.VideoMAEImageProcessor.from_pretrained(tmp_path / "export")
     assert list(processor.image_mean) == data["mean"] and list(processor.image_std) == data["std"]

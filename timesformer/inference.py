@@ -22,6 +22,7 @@ from timesformer.data import (
     EvalViewTransform,
     VideoDataModule,
     dense_clip_indices,
+    eval_short_side,
     normalize,
     segment_clip_indices,
 )
@@ -59,6 +60,9 @@ class ClipSettings:
     mean: tuple[float, ...] = DEFAULT_MEAN
     std: tuple[float, ...] = DEFAULT_STD
     view_aggregation: str = "softmax"  # how a video's views are combined (module.view_aggregation), as evaluate.py
+    # The smallest training short side (data.train_short_side_range[0]): a single crop is cut at that scale, as in
+    # evaluate.py. None (weights from elsewhere): image_size, as Hugging Face's image processor does.
+    train_short_side_min: int | None = None
 
 
 def saved_data_config(ckpt: str | Path, group: str = "data") -> dict[str, Any]:
@@ -99,7 +103,8 @@ def export_pretrained(ckpt: str | Path, folder: str | Path) -> None:
         "num_frames": settings.num_frames, "image_size": settings.image_size,
         "sampling": settings.sampling, "sampling_rate": settings.sampling_rate, "target_fps": settings.target_fps,
         "test_temporal_clips": settings.temporal_clips, "test_spatial_crops": settings.spatial_crops,
-        "mean": list(settings.mean), "std": list(settings.std), "view_aggregation": settings.view_aggregation})
+        "mean": list(settings.mean), "std": list(settings.std), "view_aggregation": settings.view_aggregation,
+        **({"train_short_side_range": [settings.train_short_side_min]} if settings.train_short_side_min else {})})
 
 
 def clip_settings(ckpt: str | Path, model: TimeSformer, **overrides: Any) -> ClipSettings:
@@ -118,6 +123,7 @@ def clip_settings(ckpt: str | Path, model: TimeSformer, **overrides: Any) -> Cli
         mean=tuple(data.get("mean", DEFAULT_MEAN)),
         std=tuple(data.get("std", DEFAULT_STD)),
         view_aggregation=str(aggregation or "softmax"),
+        train_short_side_min=int(data["train_short_side_range"][0]) if data.get("train_short_side_range") else None,
     )
     for name, value in overrides.items():
         if value is not None:
@@ -141,7 +147,9 @@ def find_videos(input_path: str | Path) -> list[Path]:
 def load_views(path: Path, settings: ClipSettings) -> torch.Tensor:
     """The evaluation views of a video, as in evaluate.py: ``temporal_clips`` clips x ``spatial_crops`` crops
     (V, T, C, H, W) uint8 (``normalize`` them on the model's device)."""
-    transform = EvalViewTransform(settings.image_size, settings.spatial_crops)
+    short_side = eval_short_side(settings.image_size, settings.spatial_crops,
+                                 settings.train_short_side_min or settings.image_size)
+    transform = EvalViewTransform(settings.image_size, settings.spatial_crops, short_side)
     views = []
     for clip in range(settings.temporal_clips):
         def choose(num_video_frames: int, fps: float, clip: int = clip) -> list[int]:

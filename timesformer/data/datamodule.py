@@ -20,6 +20,7 @@ from timesformer.data.transforms import (
     DEFAULT_STD,
     EvalViewTransform,
     check_mean_std,
+    eval_short_side,
     normalize,
     train_transform,
 )
@@ -96,9 +97,10 @@ class VideoDataModule(lightning.LightningDataModule):
     real fps); `"segment"`: one frame from each of `num_frames` equal segments of the whole video (TSN).
     Training: a random clip, short side jittered in `train_short_side_range`, random `image_size` crop,
     optional horizontal flip.
-    Test / predict: `test_temporal_clips x test_spatial_crops` views per video: evenly spread clips, short side
-    to `image_size`, crops spread along the long side (left/centre/right). Validation: the same views with
-    `val_views_full`, else the centre clip only.
+    Test / predict: `test_temporal_clips x test_spatial_crops` views per video: evenly spread clips, crops spread
+    along the long side (left/centre/right) of the short side scaled to `image_size`; a single (centre) crop is
+    cut at `train_short_side_range[0]` instead, as in the original (`eval_short_side`). Validation: the same views
+    with `val_views_full`, else the centre clip and crop only.
 
     Decoding: `decoder` "decord" (default) or "pyav", the same frames either way (pyav skips decoding unwanted
     non-reference frames: faster on h264 with B-frames; benchmarks/README.md part 3). `repeated_augmentation`
@@ -316,7 +318,9 @@ class VideoDataModule(lightning.LightningDataModule):
             entries,
             num_frames=self.num_frames,
             sampling_rate=self.sampling_rate,
-            transform=self.train_transform if training else EvalViewTransform(self.image_size, spatial_crops),
+            transform=self.train_transform if training else EvalViewTransform(
+                self.image_size, spatial_crops, eval_short_side(self.image_size, spatial_crops,
+                                                                self.train_short_side_range[0])),
             training=training,
             target_fps=self.target_fps,
             decode_threads=self.decode_threads,

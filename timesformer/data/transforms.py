@@ -103,25 +103,37 @@ def spatial_crop_offset(length: int, crop_size: int, crop_index: int, num_crops:
     return round((length - crop_size) * crop_index / (num_crops - 1))
 
 
+def eval_short_side(crop_size: int, num_crops: int, train_short_side_min: int) -> int:
+    """The short side evaluation views are cut from, as the original (PySlowFast) tests: several crops from the
+    short side at the crop size (together they span the frame), one centre crop from the short side at the
+    smallest training scale (256 for 224 crops: the scale the training crops were cut at)."""
+    return int(crop_size) if num_crops > 1 else int(train_short_side_min)
+
+
 class EvalViewTransform:
-    """Evaluation views: short side to `crop_size`, then crop `crop_index` of `num_crops` square crops spread
-    along the long side (left/centre/right for landscape video, top/centre/bottom for portrait).
+    """Evaluation views: short side to `short_side` (default `crop_size`), then crop `crop_index` of `num_crops`
+    square crops spread along the long side (left/centre/right for landscape video, top/centre/bottom for
+    portrait), centred across the short side.
 
     Split in two steps so that a dataset can resize a decoded clip once and cut all its crops from it:
     `resize(frames)` and `crop(resized, crop_index)`, uint8 in and out.
-    With `num_crops=1` it equals `eval_transform` (the centre crop).
+    With `num_crops=1` and the default short side it equals `eval_transform` (the centre crop).
     """
 
-    def __init__(self, crop_size: int, num_crops: int = 1) -> None:
+    def __init__(self, crop_size: int, num_crops: int = 1, short_side: int | None = None) -> None:
         _check_crop_size(crop_size)
         if num_crops < 1:
             raise ValueError(f"num_crops must be >= 1, got {num_crops}")
         self.crop_size = int(crop_size)
         self.num_crops = int(num_crops)
-        self._resize = v2.Resize(self.crop_size, antialias=True)  # an int resizes the short side
+        self.short_side = self.crop_size if short_side is None else int(short_side)
+        if self.short_side < self.crop_size:
+            raise ValueError(f"the evaluation short side ({self.short_side}) is smaller than the crop size "
+                             f"({self.crop_size})")
+        self._resize = v2.Resize(self.short_side, antialias=True)  # an int resizes the short side
 
     def resize(self, frames: torch.Tensor) -> torch.Tensor:
-        """uint8 (T, C, H, W) -> uint8 (T, C, H', W') with min(H', W') == crop_size."""
+        """uint8 (T, C, H, W) -> uint8 (T, C, H', W') with min(H', W') == short_side."""
         return self._resize(frames)
 
     def crop(self, resized: torch.Tensor, crop_index: int = 0) -> torch.Tensor:
@@ -130,7 +142,7 @@ class EvalViewTransform:
             raise ValueError(f"crop_index must be in [0, {self.num_crops - 1}], got {crop_index}")
         height, width = resized.shape[-2:]
         size = self.crop_size
-        # centred across the short side (which equals crop_size after resize(), unless the clip is smaller)
+        # centred across the short side
         top, left = spatial_crop_offset(height, size, 0, 1), spatial_crop_offset(width, size, 0, 1)
         if width >= height:
             left = spatial_crop_offset(width, size, crop_index, self.num_crops)
