@@ -2,6 +2,7 @@
 
 import os
 import signal
+import subprocess
 from pathlib import Path
 
 import lightning as L
@@ -20,15 +21,21 @@ class KillAtEpoch(L.Callback):
 
 
 class SignalAtStep(L.Callback):
-    """Send ``signal_name`` to this process after global step ``step`` (what a cluster does on preemption)."""
+    """Send ``signal_name`` to this process after global step ``step`` (what a cluster does on preemption); with
+    ``group``, to its whole process group, DataLoader workers included (as SLURM signals every process of a job
+    step; start the run in a session of its own)."""
 
-    def __init__(self, step: int, signal_name: str = "SIGTERM") -> None:
-        self.step, self.signum = step, getattr(signal, signal_name)
+    def __init__(self, step: int, signal_name: str = "SIGTERM", group: bool = False) -> None:
+        self.step, self.signum, self.group = step, getattr(signal, signal_name), group
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step and not getattr(self, "sent", False):
             self.sent = True
-            os.kill(os.getpid(), self.signum)
+            if self.group:  # from another process, as from the cluster (PyTorch's workers exit for their parent's)
+                assert os.getpgid(0) == os.getpid(), "a process group of its own: start the run in a new session"
+                subprocess.run(["kill", "-s", self.signum.name[3:], "--", f"-{os.getpid()}"], check=False)
+            else:
+                os.kill(os.getpid(), self.signum)
 
 
 class SignalInEpoch(L.Callback):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -623,6 +624,30 @@ def test_a_single_evaluation_crop_is_cut_at_the_smallest_training_scale(tiny_sou
         EvalViewTransform(16, 1, short_side=12)
 
 
+def test_workers_outlive_sigterm_from_other_processes_but_not_from_the_main_one(tiny_source):
+    """A cluster's SIGTERM reaches the DataLoader workers too: they keep serving the main process, which finishes
+    its batch and checkpoints (PyTorch's own handler killed them and the main process raised); the main process's
+    SIGTERM (its shutdown) still ends them."""
+    import signal
+    import subprocess
+    import time
+
+    datamodule = _datamodule(tiny_source, num_workers=1, persistent_workers=True, batch_size=1)
+    datamodule.setup("fit")
+    loader = datamodule.val_dataloader()
+    iterator = iter(loader)
+    next(iterator)
+    worker = iterator._workers[0]
+    subprocess.run(["kill", "-s", "TERM", str(worker.pid)], check=True)  # from a process that is not the main one
+    time.sleep(0.5)
+    assert worker.is_alive()
+    assert len([next(iterator) for _ in range(len(loader) - 1)]) == 3  # the rest of the split still comes
+    os.kill(worker.pid, signal.SIGTERM)
+    worker.join(timeout=10)
+    assert worker.exitcode == 0
+    iterator._shutdown_workers()
+
+
 def test_datamodule_with_workers(tiny_source):
     datamodule = _datamodule(tiny_source, num_workers=2)
     assert datamodule.persistent_workers
@@ -848,7 +873,7 @@ def test_each_ddp_process_trains_on_its_own_share(tiny_source):
     for rank in (0, 1):
         datamodule = _datamodule(tiny_source, batch_size=2)
         datamodule.trainer = SimpleNamespace(distributed_sampler_kwargs={"num_replicas": 2, "rank": rank},
-                                             overfit_batches=0, current_epoch=0)
+                                             overfit_batches=0, current_epoch=0, global_rank=rank)
         datamodule.setup("fit")
         shares.append([int(i) for batch in datamodule.train_dataloader() for i in batch["index"]])
     assert len(shares[0]) == len(shares[1]) == 4

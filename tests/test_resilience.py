@@ -19,10 +19,10 @@ from timesformer.module import VideoClassifier
 from timesformer.pipeline import _apply_global_batch_size, find_resume_checkpoint, run_name
 
 
-def run_train(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_train(*args: str, timeout: int = 600, new_session: bool = False) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, start_new_session=new_session)
 
 
 def base_args(synthetic_root, run_dir) -> list[str]:
@@ -128,9 +128,12 @@ def test_a_step_bounded_run_resumes_exactly(synthetic_root, tmp_path, uninterrup
 
 @pytest.mark.slow
 def test_sigterm_mid_epoch_writes_a_checkpoint_that_resumes_exactly(synthetic_root, tmp_path, uninterrupted_run):
+    """SIGTERM to the run's whole process group, as a cluster sends it: the DataLoader workers get it too (PyTorch's
+    own handler killed them, and the run crashed without a checkpoint)."""
     run_dir = tmp_path / "run"
     result = run_train(*base_args(synthetic_root, run_dir), *WORKERS, "trainer.max_epochs=2", "resume=auto",
-                       "+callbacks.term._target_=tests.callbacks.SignalAtStep", "+callbacks.term.step=3")
+                       "+callbacks.term._target_=tests.callbacks.SignalAtStep", "+callbacks.term.step=3",
+                       "+callbacks.term.group=true", new_session=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "SIGTERM received: checkpoint written" in result.stdout + result.stderr
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)

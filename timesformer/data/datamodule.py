@@ -3,13 +3,17 @@ bookkeeping of videos that fail to decode."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import signal
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning
 import torch
+from lightning.fabric.utilities.seed import pl_worker_init_function
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 
@@ -374,9 +378,14 @@ class VideoDataModule(lightning.LightningDataModule):
         return self.datasets[split]
 
     def _loader_settings(self, dataset: VideoClipDataset) -> dict[str, Any]:
+        worker_init_fn = None
+        if self.num_workers:
+            rank = self.trainer.global_rank if self.trainer is not None else 0
+            worker_init_fn = functools.partial(keep_worker_through_sigterm, os.getpid(), rank)
         # batch_size counts clips: with repeated augmentation, each video gives `repeated_augmentation`
         return {"batch_size": self.batch_size // dataset.repeated_augmentation, "num_workers": self.num_workers,
-                "pin_memory": self.pin_memory, "persistent_workers": self.persistent_workers, "drop_last": False}
+                "pin_memory": self.pin_memory, "persistent_workers": self.persistent_workers, "drop_last": False,
+                "worker_init_fn": worker_init_fn}
 
     def train_dataloader(self) -> ResumableDataLoader:
         """The shuffled training order of this process (its share under DDP, which Lightning would otherwise
@@ -415,6 +424,35 @@ class VideoDataModule(lightning.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._evaluation_loader("test")
+
+
+def keep_worker_through_sigterm(main_pid: int, rank: int, worker_id: int) -> None:
+    """A DataLoader worker's ``worker_init_fn``: SIGTERM from anyone but the process that reads its batches is left
+    to that process.
+
+    A cluster preempting a job (SLURM: every process of the job step), `kill -- -PGID` and `timeout` signal the
+    workers with the main process. PyTorch's handler in a worker exits only for its parent's SIGTERM and dies of
+    any other, and the main process then raises "DataLoader worker is killed by signal: Terminated" instead of
+    finishing its batch and writing the preemption checkpoint. Here the worker keeps serving batches until the
+    main process shuts it down as usual; SIGTERM from the main process (or the worker's parent) still ends it at
+    once, as PyTorch's does. The sender is read from the signal (``sigwaitinfo``), which a Python handler cannot
+    see. Lightning's worker seeding runs first when ``seed_everything(workers=True)`` asked for it.
+    """
+    if int(os.environ.get("PL_SEED_WORKERS", 0)):
+        pl_worker_init_function(worker_id, rank)
+    if not hasattr(signal, "sigwaitinfo"):  # macOS, Windows: PyTorch's handling as it is
+        return
+    # Blocked in this thread (and the threads it starts: decoders, queue feeders), the signal waits for the thread
+    # below.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def wait_for_sigterm() -> None:
+        while True:
+            sender = signal.sigwaitinfo({signal.SIGTERM}).si_pid
+            if sender in (main_pid, os.getppid()):
+                os._exit(0)
+
+    threading.Thread(target=wait_for_sigterm, name="sigterm", daemon=True).start()
 
 
 def flatten_repeated_clips(batch: dict[str, Any]) -> dict[str, Any]:
