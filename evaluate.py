@@ -1,7 +1,8 @@
 """Evaluate a checkpoint written by train.py: `python evaluate.py ckpt=PATH [overrides]`.
 
-Model and data are rebuilt from the checkpoint's saved config. `data=<name>` swaps the dataset;
-`data.<key>=<value>` changes one value of the saved data config. Results go to eval.json in the run dir.
+Model and data are rebuilt from the checkpoint's saved config. `data=<name>` swaps the dataset (clips still cut as
+the checkpoint's); `data.<key>=<value>` changes one value of the saved data config. Results go to eval.json in the
+run dir.
 """
 
 import os

@@ -542,6 +542,14 @@ def test_evaluate_reads_moved_data_and_lists_failed_videos(tmp_path):
     assert report["views"] == {"test_temporal_clips": 1, "test_spatial_crops": 3}
     assert report["videos_total"] == 2 and report["videos_evaluated"] == 1
     assert report["failed_videos"] == [str(moved / "test" / "dog" / "broken.mp4")]
+    assert report["clips"]["sampling_rate"] == 2 and report["clips"]["num_frames"] == 8
+    # data=<name> swaps the dataset but keeps how the model's clips were cut (folder.yaml's sampling_rate is 8),
+    # except what the command line sets
+    evaluate(compose_config("eval", [f"ckpt={metrics['best_checkpoint']}", "data=folder", f"++data.root={moved}",
+                                     "++data.mean=[0.5,0.5,0.5]", "trainer.enable_progress_bar=false"],
+                            tmp_path / "eval_swapped"))
+    swapped = json.loads((tmp_path / "eval_swapped" / "eval.json").read_text())
+    assert swapped["clips"] == {**report["clips"], "mean": [0.5, 0.5, 0.5]}
     # Nothing decodes: an error, after an eval.json that lists the videos and has no accuracies (torchmetrics
     # reported 0.0 for the clips).
     (moved / "test" / "cat" / "a.mp4").write_text("not a video either")

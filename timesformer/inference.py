@@ -218,16 +218,17 @@ def check_options(cfg: DictConfig) -> None:
 
 
 def dataset_config(cfg: DictConfig, model: TimeSformer) -> DictConfig:
-    """The data config of ``cfg``: ``data=<name>`` (a group choice, with ``_target_``) as it is, else the checkpoint's
-    saved one (train.py checkpoints) with ``data.<key>=<value>`` merged over it, as evaluate.py does.
+    """The data config of ``cfg``, as evaluate.py makes it: ``data=<name>`` (a group choice, with ``_target_``), with
+    the clips cut as a train.py checkpoint's were (``pipeline.swap_dataset``); else the checkpoint's saved config with
+    ``data.<key>=<value>`` merged over it.
 
     The data configs size their clips from ``${model.num_frames}`` / ``${model.image_size}``: here those are the
     loaded model's, whatever the checkpoint format."""
     chosen = cfg.get("data") or OmegaConf.create({})
+    saved = saved_data_config(cfg.ckpt)
     if "_target_" in chosen:
-        data = chosen
+        data = timesformer.pipeline.swap_dataset(saved, chosen) if saved else chosen
     else:
-        saved = saved_data_config(cfg.ckpt)
         if not saved:
             raise ValueError(f"ckpt={cfg.ckpt} carries no data config (only train.py checkpoints do): choose the "
                              "dataset with data=<name> (`python predict.py --help` lists them) and data.root=PATH")

@@ -288,6 +288,37 @@ def _finish_wandb(loggers: list[Any]) -> None:
             logger.experiment.finish()
 
 
+# How a model's clips are cut. `data=<name>` (evaluate.py, predict.py) swaps the dataset, but these stay the
+# checkpoint's unless set on the command line: the new config's values are for training on that dataset.
+CLIP_KEYS = ("num_frames", "image_size", "sampling", "sampling_rate", "target_fps", "mean", "std",
+             "train_short_side_range")
+
+
+def command_line_data_keys() -> set[str]:
+    """The data keys set on this run's command line (``data.<key>=``, ``++data.<key>=``), as Hydra recorded them."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return set()
+    keys = set()
+    for override in HydraConfig.get().overrides.task:
+        name = override.split("=", 1)[0].lstrip("+~")
+        if name.startswith("data."):
+            keys.add(name.split(".")[1])
+    return keys
+
+
+def swap_dataset(saved_data: DictConfig | dict[str, Any], chosen: DictConfig) -> DictConfig:
+    """``chosen`` (a ``data=<name>`` config) with the clip settings (`CLIP_KEYS`) of ``saved_data`` (a
+    checkpoint's), except those set on the command line."""
+    explicit = command_line_data_keys()
+    kept = {key: saved_data[key] for key in CLIP_KEYS if key in saved_data and key not in explicit}
+    log.info("data=<name>: clips cut as the checkpoint's (%s)%s", ", ".join(f"{k}={v}" for k, v in kept.items()),
+             f"; from the command line: {', '.join(sorted(explicit & set(CLIP_KEYS)))}"
+             if explicit & set(CLIP_KEYS) else "")
+    return OmegaConf.merge(chosen, kept)
+
+
 def _saved_run_config(ckpt_path: str) -> DictConfig:
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     run_config = checkpoint.get("hyper_parameters", {}).get("run_config")
@@ -309,7 +340,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     saved = _saved_run_config(cfg.ckpt)
     data_cfg = cfg.get("data")
     if data_cfg and "_target_" in data_cfg:
-        saved.data = data_cfg  # a data=<name> group choice replaces the saved dataset
+        saved.data = swap_dataset(saved.data, data_cfg)  # a data=<name> group choice replaces the saved dataset
     elif data_cfg:
         saved.data = OmegaConf.merge(saved.data, data_cfg)  # data.<key>=<value> overrides
     L.seed_everything(cfg.seed, workers=True)
@@ -346,6 +377,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         "video": {k: v if evaluated else None for k, v in video_metrics.items()},  # NaN is not JSON
         "views": {"test_temporal_clips": datamodule.test_temporal_clips,
                   "test_spatial_crops": datamodule.test_spatial_crops},
+        "clips": {key: OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+                  for key, value in saved.data.items() if key in CLIP_KEYS},
         "view_aggregation": module.test_videos.aggregation,
         "videos_total": len(entries),
         "videos_evaluated": len(results.indices),
