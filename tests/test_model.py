@@ -132,6 +132,7 @@ def test_drop_path_drops_a_videos_whole_mlp_branch(attention_type):
         (dict(image_size=30), "image_size=30 is not divisible by patch_size=8"),
         (dict(hidden_size=30), "hidden_size=30 is not divisible by num_attention_heads=4"),
         (dict(drop_path_rate=1.5), "drop_path_rate"),
+        (dict(qkv_bias="no"), "qkv_bias must be true or false, got 'no'"),  # a non-empty string is truthy
     ],
 )
 def test_invalid_configs_fail_at_construction(overrides, message):

@@ -117,6 +117,55 @@ def test_saving_over_an_export_warns_of_the_preprocessor_config_left(tmp_path, c
     assert "keeps the preprocessor_config.json" in caplog.text
 
 
+def test_another_clip_length_and_size_resize_the_stored_embeddings(tmp_path, caplog):
+    """Fine-tuning at 8 frames x 48 px from a 4 x 32 checkpoint: the embeddings are stored at the new size (the
+    run's config is the model's), resized as the run-time interpolation does: the same logits."""
+    hf_model = random_hf_model("divided_space_time")
+    hf_model.save_pretrained(tmp_path / "hf")
+    source = TimeSformer.from_pretrained(tmp_path / "hf").eval()
+    with caplog.at_level("INFO"):
+        resized = TimeSformer.from_pretrained(tmp_path / "hf", num_frames=8, image_size=48).eval()
+    assert "time embedding resized from 4 to 8 frames" in caplog.text and "from 4x4 to 6x6 patches" in caplog.text
+    assert (resized.config.num_frames, resized.config.image_size) == (8, 48)
+    assert resized.time_embed.shape[1] == 8 and resized.pos_embed.shape[1] == 37
+    video = torch.randn(1, 8, 3, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(resized(video), source(video), atol=1e-5, rtol=0)
+
+
+def test_architecture_other_than_the_checkpoints_is_an_error(tmp_path):
+    """model.pretrained with model.attention_type=... (or width, depth, heads) of another model was ignored: the run
+    config and every log described a model that was not trained."""
+    from omegaconf import OmegaConf
+
+    from timesformer.pipeline import build_model
+
+    hf_model = random_hf_model("divided_space_time")
+    hf_model.save_pretrained(tmp_path / "hf")
+    with pytest.raises(ValueError, match=r"attention_type='joint_space_time' \(it has 'divided_space_time'\)"):
+        TimeSformer.from_pretrained(tmp_path / "hf", attention_type="joint_space_time")
+    model_cfg = OmegaConf.create({**TINY, "attention_type": "divided_space_time", "pretrained": str(tmp_path / "hf"),
+                                  "num_classes": None, "drop_path_rate": 0.2})
+    model = build_model(model_cfg, [f"class {i}" for i in range(7)])
+    assert model.config.drop_path_rate == 0.2  # fine-tuning options are free
+    model_cfg.hidden_size, model_cfg.num_attention_heads = 64, 4
+    with pytest.raises(ValueError, match="hidden_size=64 \\(it has 48\\)"):
+        build_model(model_cfg, [f"class {i}" for i in range(7)])
+    # A *.pyth does not store its head count: that one is taken from the config
+    original = {"model." + k: v for k, v in TimeSformer.from_pretrained(tmp_path / "hf").state_dict().items()}
+    torch.save({"model_state": original}, tmp_path / "original.pyth")
+    heads = TimeSformer.from_pretrained(tmp_path / "original.pyth", num_attention_heads=2).config.num_attention_heads
+    assert heads == 2
+    with pytest.raises(ValueError, match="num_hidden_layers=2 \\(it has 3\\)"):
+        TimeSformer.from_pretrained(tmp_path / "original.pyth", num_hidden_layers=2)
+
+
+def test_a_file_that_is_not_a_checkpoint_is_named(tmp_path):
+    (tmp_path / "notes.ckpt").write_text("hello")
+    with pytest.raises(ValueError, match="notes.ckpt cannot be read as a PyTorch checkpoint"):
+        TimeSformer.from_pretrained(tmp_path / "notes.ckpt")
+
+
 def test_class_names_are_matched_by_name(tmp_path, caplog):
     """The dataset's classes in another order reorder the head's rows (they kept their positions and took the new
     names: every prediction mislabelled); other classes get a new head."""

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from timesformer.evaluation import write_report_files
 from timesformer.loggers import CSVLogger
 from timesformer.model import TimeSformer, TimeSformerConfig
+from timesformer.model.config import ARCHITECTURE_FIELDS
 from timesformer.module import VideoClassifier
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,8 @@ OmegaConf.register_new_resolver("run_name", run_name, replace=True)
 
 # Model config keys that are not TimeSformerConfig fields.
 _WEIGHT_SOURCES = ("pretrained", "init_from")
-# Fields a pretrained checkpoint may have changed for fine-tuning; its architecture fields are kept.
+# Fields a pretrained checkpoint may have changed for fine-tuning. Its architecture fields must be the config's (an
+# error otherwise: the run config would describe another model); num_frames and image_size resize its embeddings.
 _FINETUNE_FIELDS = ("drop_path_rate", "hidden_dropout_prob", "attention_probs_dropout_prob", "gradient_checkpointing",
                     "memory_saving_backward", "bf16_residual_stream", "fused_short_attention")
 
@@ -60,9 +62,9 @@ def build_model(model_cfg: DictConfig, class_names: list[str]) -> TimeSformer:
     if sources["pretrained"] and sources["init_from"]:
         raise ValueError("set at most one of model.pretrained (a video checkpoint) and model.init_from (an image ViT)")
     if sources["pretrained"]:
-        finetune = {key: fields[key] for key in _FINETUNE_FIELDS if key in fields}
+        wanted = (*ARCHITECTURE_FIELDS, "num_frames", "image_size", *_FINETUNE_FIELDS)
         return TimeSformer.from_pretrained(sources["pretrained"], num_classes=num_classes, class_names=class_names,
-                                           **finetune)
+                                           **{key: fields[key] for key in wanted if key in fields})
     if sources["init_from"]:
         return TimeSformer.from_image_vit(sources["init_from"], **fields, num_classes=num_classes,
                                           class_names=class_names)

@@ -13,6 +13,12 @@ from typing import Any
 # The paper's five attention schemes (§3, Fig. 1); the first three are the original code's and Hugging Face's.
 ATTENTION_TYPES = ("divided_space_time", "space_only", "joint_space_time", "sparse_local_global", "axial")
 HIDDEN_ACTS = ("gelu", "gelu_tanh", "relu", "silu")
+# What a checkpoint's weights fix: loading them into a model built otherwise is an error (``num_frames`` and
+# ``image_size`` may differ: the time and position embeddings are resized).
+ARCHITECTURE_FIELDS = ("patch_size", "num_channels", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                       "intermediate_size", "hidden_act", "layer_norm_eps", "qkv_bias", "attention_type")
+BOOL_FIELDS = ("qkv_bias", "gradient_checkpointing", "memory_saving_backward", "bf16_residual_stream",
+               "fused_short_attention")
 
 
 @dataclass
@@ -82,6 +88,9 @@ class TimeSformerConfig:
             raise ValueError(
                 f"hidden_size={self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}"
             )
+        for name in BOOL_FIELDS:  # a string such as "no" would count as true
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"):
             value = getattr(self, name)
             if not 0.0 <= float(value) < 1.0:

@@ -211,8 +211,9 @@ def resize_patch_position_embedding(patch_pos: torch.Tensor, old_grid: tuple[int
                                     new_grid: tuple[int, int]) -> torch.Tensor:
     """(1, h0·w0, D) patch position embeddings of an h0 × w0 grid -> (1, h·w, D) for an h × w grid.
 
-    Bicubic in 2-D, so a row of patches stays a row (the original code interpolates the flattened sequence in
-    1-D, which scrambles rows). Used at run time for other resolutions and when initialising from an image ViT.
+    Bicubic in 2-D, so a row of patches stays a row (the original's checkpoint loader interpolates the flattened
+    sequence in 1-D, which scrambles rows). Used at run time for other resolutions, when loading weights for
+    another image size and when initialising from an image ViT.
     """
     if old_grid == new_grid:
         return patch_pos
@@ -220,6 +221,34 @@ def resize_patch_position_embedding(patch_pos: torch.Tensor, old_grid: tuple[int
     grid = patch_pos.reshape(1, *old_grid, D).permute(0, 3, 1, 2)  # (1, D, h0, w0)
     grid = F.interpolate(grid.float(), size=new_grid, mode="bicubic", align_corners=False)  # (1, D, h, w)
     return grid.to(patch_pos.dtype).permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], D)
+
+
+def resize_time_embedding(time_embed: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """(1, T0, D) time embeddings -> (1, num_frames, D), linearly interpolated."""
+    if time_embed.shape[1] == num_frames:
+        return time_embed
+    resized = F.interpolate(time_embed.float().transpose(1, 2), size=num_frames, mode="linear", align_corners=False)
+    return resized.transpose(1, 2).to(time_embed.dtype)
+
+
+def fit_embeddings(state: dict[str, torch.Tensor], config: TimeSformerConfig, source: str | Path
+                   ) -> dict[str, torch.Tensor]:
+    """A checkpoint's time and position embeddings resized to ``config.num_frames`` and ``config.image_size`` (a model
+    fine-tuned at another clip length or resolution stores them at its own size, as the original's loader does,
+    with the positions resized in 2-D); each resize is logged."""
+    state = dict(state)
+    time_embed = state.get("time_embed")
+    if time_embed is not None and time_embed.shape[1] != config.num_frames:
+        log.info("%s: time embedding resized from %d to %d frames", source, time_embed.shape[1], config.num_frames)
+        state["time_embed"] = resize_time_embedding(time_embed, config.num_frames)
+    pos_embed, grid = state.get("pos_embed"), config.image_size // config.patch_size
+    if pos_embed is not None and pos_embed.shape[1] != grid * grid + 1:
+        stored = int(round((pos_embed.shape[1] - 1) ** 0.5))
+        log.info("%s: position embedding resized from %dx%d to %dx%d patches (%d px)", source, stored, stored, grid,
+                 grid, config.image_size)
+        patches = resize_patch_position_embedding(pos_embed[:, 1:], (stored, stored), (grid, grid))
+        state["pos_embed"] = torch.cat([pos_embed[:, :1], patches], dim=1)
+    return state
 
 
 class DropPath(nn.Module):
@@ -643,8 +672,9 @@ class TimeSformer(nn.Module):
 
     ``forward(pixel_values)`` takes (B, T, C, H, W) and returns logits (B, num_classes). T, H and W are read
     from the input: when they differ from ``config.num_frames`` / ``config.image_size`` the time embedding is
-    interpolated linearly and the position embedding bicubically in 2-D (the original code interpolates it
-    in 1-D over the flattened grid, which scrambles rows; Hugging Face silently misbehaves).
+    interpolated linearly and the position embedding bicubically in 2-D (the original code and Hugging Face resize
+    by nearest neighbour at run time, and Hugging Face's layers reshape with the config's sizes: wrong results
+    for another frame count).
     """
 
     def __init__(self, config: TimeSformerConfig) -> None:
@@ -706,12 +736,7 @@ class TimeSformer(nn.Module):
 
     def _time_embedding(self, num_frames: int) -> torch.Tensor:
         """(1, T, D) time embedding for T frames."""
-        time_embed = self.time_embed
-        if num_frames != time_embed.shape[1]:
-            resized = F.interpolate(time_embed.float().transpose(1, 2), size=num_frames, mode="linear",
-                                    align_corners=False)
-            time_embed = resized.transpose(1, 2).to(time_embed.dtype)
-        return time_embed
+        return resize_time_embedding(self.time_embed, num_frames)
 
     def _log_resize_once(self, T: int, H: int, W: int) -> None:
         if (T, H, W) == (self.config.num_frames, self.config.image_size, self.config.image_size):
@@ -805,9 +830,13 @@ class TimeSformer(nn.Module):
         ``num_classes`` different from the checkpoint's replaces the head with a new one (logged). ``class_names``
         (the classes the model is for, in order) are matched by name with the checkpoint's when it has names: the
         same classes in another order reorder the head's rows; other classes get a new head (logged). Other
-        keyword arguments override config fields, e.g. ``num_attention_heads`` for a ``*.pyth``.
+        keyword arguments set config fields: ``num_frames`` and ``image_size`` resize the stored embeddings (logged),
+        architecture fields must be the checkpoint's (an error names those that are not), except
+        ``num_attention_heads`` for formats that do not store it (a ``*.pyth``); dropout, stochastic depth and
+        memory options are free.
         """
         config, state = weights.read_checkpoint(Path(path), **overrides)
+        state = fit_embeddings(state, config, path)
         replace_head = num_classes is not None and num_classes != config.num_classes
         if class_names is not None and not replace_head and config.class_names and "head.weight" in state:
             saved, wanted = list(config.class_names), list(class_names)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from timesformer.model.config import TimeSformerConfig
+from timesformer.model.config import ARCHITECTURE_FIELDS, TimeSformerConfig
 
 log = logging.getLogger(__name__)
 
@@ -269,12 +269,28 @@ def read_image_vit(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _check_architecture(path: Path, stored: TimeSformerConfig, overrides: dict[str, Any],
+                        unseen: tuple[str, ...] = ()) -> None:
+    """Architecture fields in ``overrides`` must be the checkpoint's (``unseen``: fields it does not store)."""
+    differ = [f"{name}={overrides[name]!r} (it has {getattr(stored, name)!r})" for name in ARCHITECTURE_FIELDS
+              if name in overrides and name not in unseen and overrides[name] != getattr(stored, name)]
+    if differ:
+        raise ValueError(
+            f"{path} is a {stored.attention_type} TimeSformer of width {stored.hidden_size} and depth "
+            f"{stored.num_hidden_layers}; its weights cannot be loaded into a model with {', '.join(differ)}. Use the "
+            f"checkpoint's values (e.g. the model config it was trained with) or another checkpoint; only the frame "
+            f"count and image size may differ (the time and position embeddings are resized)"
+        )
+
+
 def read_checkpoint(path: Path, **overrides: Any) -> tuple[TimeSformerConfig, dict[str, torch.Tensor]]:
     """Detect the format at ``path`` and return (config, state dict in our names).
 
     Formats: a Hugging Face folder (config.json + weights), an original checkpoint (``model_state`` with
     ``model.`` keys), a Lightning checkpoint written by our trainer (``state_dict`` + ``timesformer_config``),
-    or a bare state dict in our names.
+    or a bare state dict in our names. ``overrides`` set config fields; architecture fields
+    (``ARCHITECTURE_FIELDS``) other than the checkpoint's are an error, except the head count of formats that
+    do not store it (original checkpoints, state dicts).
     """
     path = Path(path)
     if not path.exists():
@@ -283,11 +299,17 @@ def read_checkpoint(path: Path, **overrides: Any) -> tuple[TimeSformerConfig, di
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} is a folder without config.json: not a Hugging Face model folder")
         config, state = read_hf_folder(path)
+        _check_architecture(path, config, overrides)
         return (TimeSformerConfig(**{**config.to_dict(), **overrides}) if overrides else config), state
     # weights_only=False: original and Lightning checkpoints hold plain Python objects besides tensors.
     # Only load checkpoints you trust (as with any pickle).
-    blob = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # a text file, a truncated download, ...: pickle's own message names nothing
+        raise ValueError(f"{path} cannot be read as a PyTorch checkpoint ({type(error).__name__}: {error}); is it "
+                         "truncated, or another kind of file?") from error
     if isinstance(blob, dict) and "timesformer_config" in blob and "state_dict" in blob:
+        _check_architecture(path, TimeSformerConfig.from_dict(blob["timesformer_config"]), overrides)
         config = TimeSformerConfig.from_dict({**blob["timesformer_config"], **overrides})
         return config, strip_prefix(blob["state_dict"], "model.")
     state = blob.get("model_state", blob) if isinstance(blob, dict) else None
@@ -299,7 +321,10 @@ def read_checkpoint(path: Path, **overrides: Any) -> tuple[TimeSformerConfig, di
         if any(key.startswith("model.") for key in state):
             state = strip_prefix(state, "model.")
         if "cls_token" in state:
-            return infer_config_from_state(state, **overrides), state
+            heads = {k: v for k, v in overrides.items() if k == "num_attention_heads"}  # not in the shapes
+            inferred = infer_config_from_state(state, **heads)
+            _check_architecture(path, inferred, overrides, unseen=tuple(heads))
+            return TimeSformerConfig(**{**inferred.to_dict(), **overrides}), state
     raise ValueError(
         f"{path}: unrecognised checkpoint format (expected a Hugging Face folder, an original TimeSformer "
         f"*.pyth with 'model_state', a Lightning checkpoint from train.py, or a state dict)"
