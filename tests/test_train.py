@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from hydra.errors import InstantiationException
 
 from tests.conftest import ROOT, TINY_DATA, compose_config
 from timesformer import TimeSformer
@@ -117,6 +118,30 @@ def test_unknown_optimizer_names_the_valid_choices(synthetic_root, tmp_path):
     cfg = compose_config("train", [*tiny_overrides(synthetic_root), "optimizer.name=lamb"], tmp_path)
     with pytest.raises(ValueError, match="optimizer.name='lamb'.*adamw, sgd"):
         train(cfg)
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("callbacks.model_checkpoint.monitor=val/acc1", "callbacks.model_checkpoint.monitor=val/acc1 is not a metric"),
+    ("optimized_metric=val/accuracy", "optimized_metric=val/accuracy is not a metric the model logs; valid values: "
+                                      "train/loss"),
+    ("trainer.gradient_clip_val=-1", "gradient_clip_val=-1 must be >= 0"),  # clipping to -1 flipped the gradients
+    ("test=no", "test must be true or false, got 'no'"),  # "no" is a non-empty string: true
+    ("data.horizontal_flip=off", "horizontal_flip must be true or false, got 'off'"),
+    ("global_batch_size=-32", "global_batch_size=-32 must be a positive integer"),
+    ("module.label_smoothing=1.5", r"module.label_smoothing=1.5 must be in \[0, 1\)"),
+    ("optimizer.weight_decay=-0.1", "optimizer.weight_decay=-0.1 must be >= 0"),
+    ("scheduler.min_lr_ratio=2", r"scheduler.min_lr_ratio=2 must be in \[0, 1\]"),
+])
+def test_options_that_failed_late_or_were_misread_fail_first(override, message, synthetic_root, tmp_path, monkeypatch):
+    """Each failed only after the first validation or step, or trained on a misread value; now before any epoch."""
+    import timesformer.pipeline as pipeline
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("fit started")
+
+    monkeypatch.setattr(pipeline.L.Trainer, "fit", no_fit)
+    with pytest.raises((ValueError, InstantiationException), match=message):  # Hydra wraps the data module's
+        train(compose_config("train", [*tiny_overrides(synthetic_root), override], tmp_path))
 
 
 def test_last_checkpoint_every_epoch_even_without_validation(synthetic_root, tmp_path):

@@ -6,6 +6,7 @@ are kept and how the optimizer and learning-rate schedule are built.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from pathlib import Path
@@ -22,7 +23,15 @@ from torchmetrics.classification import MulticlassAccuracy
 from timesformer.evaluation import VideoResults, ViewAggregator
 from timesformer.model import TimeSformer
 
+log = logging.getLogger(__name__)
+
 OPTIMIZERS = ("adamw", "sgd")
+# The metrics VideoClassifier logs (per epoch, but train/loss and train/grad_norm per logging interval too).
+LOGGED_METRICS = (
+    "train/loss", "train/acc", "train/acc_top5", "train/grad_norm", "train/replaced_videos", "train/skipped_batches",
+    *(f"{stage}/{name}" for stage in ("val", "test") for name in (
+        "loss", "acc", "acc_top5", "failed_views", "video_acc", "video_acc_top5", "video_mean_class_acc")),
+)
 SCHEDULERS = ("cosine", "multistep", "constant")
 
 
@@ -95,6 +104,30 @@ def lr_multiplier(step: int, name: str, total_steps: int, warmup_steps: int = 0,
     return 1.0
 
 
+def check_settings(optimizer: dict[str, Any], scheduler: dict[str, Any], label_smoothing: float = 0.0) -> None:
+    """Values torch would accept and train badly with (or reject only at the first step), named by their option."""
+    problems = []
+    if not 0.0 <= float(label_smoothing) < 1.0:
+        problems.append(f"module.label_smoothing={label_smoothing} must be in [0, 1)")
+    if float(optimizer.get("weight_decay", 0.0)) < 0:  # torch checks its defaults, not parameter groups
+        problems.append(f"optimizer.weight_decay={optimizer['weight_decay']} must be >= 0")
+    betas = optimizer.get("betas")
+    if betas is not None and (len(betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas)):
+        problems.append(f"optimizer.betas={list(betas)} must be two numbers in [0, 1), e.g. [0.9, 0.999]")
+    if not 0.0 <= float(scheduler.get("min_lr_ratio", 0.0)) <= 1.0:
+        problems.append(f"scheduler.min_lr_ratio={scheduler['min_lr_ratio']} must be in [0, 1] (a fraction of the "
+                        "peak learning rate)")
+    if not 0.0 < float(scheduler.get("gamma", 0.1)) <= 1.0:
+        problems.append(f"scheduler.gamma={scheduler['gamma']} must be in (0, 1] (the factor at each milestone)")
+    if float(scheduler.get("warmup_epochs", 0.0)) < 0:
+        problems.append(f"scheduler.warmup_epochs={scheduler['warmup_epochs']} must be >= 0")
+    for name in ("nesterov", "decay_norm_bias_embed"):
+        if name in optimizer and not isinstance(optimizer[name], bool):
+            problems.append(f"optimizer.{name} must be true or false, got {optimizer[name]!r}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
 class VideoClassifier(L.LightningModule):
     """Cross-entropy training of a TimeSformer with top-1/top-5 accuracy.
 
@@ -131,6 +164,7 @@ class VideoClassifier(L.LightningModule):
                              f"valid values: {', '.join(SCHEDULERS)}")
         if nonfinite_loss not in ("error", "skip"):
             raise ValueError(f"module.nonfinite_loss={nonfinite_loss!r} is not supported; valid values: error, skip")
+        check_settings(optimizer, scheduler, label_smoothing)
         # Kept out of the module tree so that checkpoints hold the plain model's names.
         self._compiled = [torch.compile(model)] if compile else []
         self.skipped_batches = 0
@@ -284,7 +318,8 @@ class VideoClassifier(L.LightningModule):
         """Lightning's clipping, except for a fused optimizer under bf16: Lightning's mixed-precision plugin refuses to
         clip for an optimizer that unscales gradients in its step (loss scaling), though bf16 has no scaling."""
         scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
-        if gradient_clip_val and getattr(optimizer, "_step_supports_amp_scaling", False) and not scaled:
+        # (a negative value would flip the gradients in clip_grad_norm_: pipeline.train refuses it)
+        if (gradient_clip_val or 0) > 0 and getattr(optimizer, "_step_supports_amp_scaling", False) and not scaled:
             parameters = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
             if gradient_clip_algorithm == "value":
                 torch.nn.utils.clip_grad_value_(parameters, gradient_clip_val)
@@ -316,6 +351,10 @@ class VideoClassifier(L.LightningModule):
         if warmup_epochs and steps_per_epoch is None:
             raise ValueError("scheduler.warmup_epochs needs a dataset with a length (an epoch of known size)")
         warmup_steps = int(round(warmup_epochs * steps_per_epoch)) if warmup_epochs else 0
+        if warmup_steps > total_steps:
+            log.warning("scheduler.warmup_epochs=%s is %d steps, longer than the %d steps of training: the learning "
+                        "rate never reaches its peak (%.2g of it at the end)", warmup_epochs, warmup_steps,
+                        total_steps, total_steps / warmup_steps)
         settings["milestones"] = tuple(settings.get("milestones", ()))
 
         def factor(step: int) -> float:

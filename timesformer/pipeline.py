@@ -25,7 +25,7 @@ from timesformer.evaluation import write_report_files
 from timesformer.loggers import CSVLogger
 from timesformer.model import TimeSformer, TimeSformerConfig
 from timesformer.model.config import ARCHITECTURE_FIELDS
-from timesformer.module import VideoClassifier
+from timesformer.module import LOGGED_METRICS, VideoClassifier
 
 log = logging.getLogger(__name__)
 
@@ -200,8 +200,33 @@ def _apply_global_batch_size(trainer: L.Trainer, global_batch_size: int | None, 
              trainer.accumulate_grad_batches)
 
 
+def check_run_options(cfg: DictConfig) -> None:
+    """train.py options that would otherwise fail late (a misspelt monitored metric: after the first validation) or
+    be misread (``test=no`` is true), before any data is read."""
+    problems = []
+    clip = cfg.trainer.get("gradient_clip_val")
+    if clip is not None and clip < 0:  # Lightning skips it; torch's clip_grad_norm_ would flip the gradients
+        problems.append(f"trainer.gradient_clip_val={clip} must be >= 0 (0 or null: no clipping)")
+    global_batch = cfg.get("global_batch_size")
+    if global_batch is not None and (not isinstance(global_batch, int) or global_batch <= 0):
+        problems.append(f"global_batch_size={global_batch} must be a positive integer (or null)")
+    for name, value in (("test", cfg.get("test")), ("module.compile", (cfg.get("module") or {}).get("compile"))):
+        if value is not None and not isinstance(value, bool):
+            problems.append(f"{name} must be true or false, got {value!r}")
+    metrics = [(f"callbacks.{key}.monitor", entry.get("monitor")) for key, entry in (cfg.get("callbacks") or {}).items()
+               if entry and "monitor" in entry]
+    for option, metric in [*metrics, ("optimized_metric", cfg.get("optimized_metric"))]:
+        # our metrics only: a callback of the user's may log others
+        if metric and str(metric).split("/")[0] in ("train", "val", "test") and metric not in LOGGED_METRICS:
+            problems.append(f"{option}={metric} is not a metric the model logs; valid values: "
+                            f"{', '.join(LOGGED_METRICS)}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, test the best checkpoint, write ``metrics.json`` in the run dir; return the final metrics."""
+    check_run_options(cfg)
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -160,6 +160,11 @@ class VideoDataModule(lightning.LightningDataModule):
                 raise ValueError(f"VideoDataModule {name} must be >= 1, got {value}")
         if num_workers < 0:
             raise ValueError(f"VideoDataModule num_workers must be >= 0, got {num_workers}")
+        for name, value, optional in (("horizontal_flip", horizontal_flip, False), ("val_views_full", val_views_full, False),
+                                      ("pin_memory", pin_memory, True), ("persistent_workers", persistent_workers, True)):
+            if not isinstance(value, bool) and not (optional and value is None):  # "no" would count as true
+                raise ValueError(f"VideoDataModule {name} must be true or false{' (or null)' if optional else ''}, "
+                                 f"got {value!r}")
         if target_fps <= 0:
             raise ValueError(f"VideoDataModule target_fps must be positive, got {target_fps}")
         if len(train_short_side_range) != 2:
