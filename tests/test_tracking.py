@@ -86,6 +86,20 @@ def test_local_optuna_sweep_runs_two_trials(synthetic_root, tmp_path):
     assert len([d for d in tmp_path.iterdir() if d.is_dir() and d.name.isdigit()]) == 2
 
 
+@pytest.mark.slow
+def test_resume_auto_under_multirun_needs_a_sweep_dir_of_its_own(synthetic_root, tmp_path):
+    """The default sweep dir is named by the time: resume=auto never found the restarted sweep's checkpoints."""
+    args = ["-m", "experiment=demo", f"data.source.root={synthetic_root}", *TINY_DATA, "trainer.max_epochs=1",
+            "trainer.enable_progress_bar=false", "test=false", "resume=auto", "optimizer.lr=0.001,0.002"]
+    refused = run("train.py", *args, f"paths.log_dir={tmp_path / 'logs'}")
+    assert refused.returncode != 0 and "needs a sweep dir of its own" in refused.stderr
+    for _ in range(2):  # the same command, restarted: each job continues from its own dir
+        result = run("train.py", *args, f"hydra.sweep.dir={tmp_path / 'sweep'}")
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert (result.stdout + result.stderr).count("resume=auto: continuing from") == 2
+    assert all((tmp_path / "sweep" / job / "checkpoints" / "last.ckpt").is_file() for job in ("0", "1"))
+
+
 def _tensorboard_scalars(folder: Path) -> set[str]:
     """Tags of the scalars in TensorBoard event files (TFRecord: length, crc, Event proto, crc)."""
     import struct

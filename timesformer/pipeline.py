@@ -173,11 +173,27 @@ def _resolve_ckpt_path(cfg: DictConfig, output_dir: Path) -> str | None:
             raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file")
         return str(ckpt_path)
     if resume == "auto":
+        _check_sweep_dir_is_fixed()
         found = find_resume_checkpoint(output_dir)
         log.info("resume=auto: %s", f"continuing from {found}" if found else f"no checkpoint in {output_dir}, "
                  "starting a new run")
         return str(found) if found else None
     return None
+
+
+def _check_sweep_dir_is_fixed() -> None:
+    """resume=auto under ``-m``: each job continues from its own dir, ``<sweep dir>/<job number>``, which only a sweep
+    dir named on the command line keeps (the default one is named by the time)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    if not any(override.lstrip("+").startswith("hydra.sweep.dir=") for override in HydraConfig.get().overrides.hydra):
+        raise ValueError("resume=auto under -m (multirun) needs a sweep dir of its own, e.g. "
+                         "hydra.sweep.dir=logs/train/multiruns/my_sweep: the default one is named by the time, so a "
+                         "restarted sweep would never find its checkpoints. Each job then continues from "
+                         "<sweep dir>/<job number> (the basic sweeper numbers its jobs the same way each time)")
 
 
 def _apply_global_batch_size(trainer: L.Trainer, global_batch_size: int | None, batch_size: int) -> None:
