@@ -144,6 +144,31 @@ def test_options_that_failed_late_or_were_misread_fail_first(override, message, 
         train(compose_config("train", [*tiny_overrides(synthetic_root), override], tmp_path))
 
 
+def test_checkpoints_of_the_wrong_kind_are_named(synthetic_root, tmp_path):
+    """Pickle errors, KeyError('global_step') and pages of size mismatches named no file or option."""
+    from timesformer.pipeline import evaluate
+
+    overrides = [*tiny_overrides(synthetic_root), "trainer.max_epochs=1", "test=false",
+                 "trainer.enable_progress_bar=false"]
+    train(compose_config("train", overrides, tmp_path / "run"))
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    (tmp_path / "notes.ckpt").write_text("hello")
+    torch.save(torch.load(last, weights_only=False)["state_dict"], tmp_path / "weights.pth")
+    for ckpt_path, message in [
+        (tmp_path / "notes.ckpt", "notes.ckpt cannot be read as a PyTorch checkpoint"),
+        (tmp_path / "weights.pth", "is not a checkpoint of a train.py run.*use model.pretrained="),
+        (tmp_path / "run" / "checkpoints", "no such checkpoint file \\(a folder: pass one of its .ckpt files\\)"),
+    ]:
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            train(compose_config("train", [*overrides, f"ckpt_path={ckpt_path}"], tmp_path / "resumed"))
+    with pytest.raises(ValueError, match="continues a run of another model: model.hidden_size=64 \\(it has"):
+        train(compose_config("train", [*overrides, f"ckpt_path={last}", "model.hidden_size=64"], tmp_path / "other"))
+    with pytest.raises(FileNotFoundError, match="is a folder: pass a train.py checkpoint file"):
+        evaluate(compose_config("eval", [f"ckpt={tmp_path / 'run' / 'checkpoints'}"], tmp_path / "eval"))
+    with pytest.raises(ValueError, match="notes.ckpt cannot be read as a PyTorch checkpoint"):
+        evaluate(compose_config("eval", [f"ckpt={tmp_path / 'notes.ckpt'}"], tmp_path / "eval"))
+
+
 def test_last_checkpoint_every_epoch_even_without_validation(synthetic_root, tmp_path):
     overrides = [*tiny_overrides(synthetic_root), "trainer.max_epochs=3", "trainer.check_val_every_n_epoch=2",
                  "test=false", "trainer.enable_progress_bar=false"]

@@ -170,7 +170,9 @@ def _resolve_ckpt_path(cfg: DictConfig, output_dir: Path) -> str | None:
         raise ValueError(f"resume={resume!r} is not supported; valid values: auto, null (or set ckpt_path=PATH)")
     if ckpt_path:
         if not Path(ckpt_path).is_file():
-            raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file")
+            raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file" + (
+                " (a folder: pass one of its .ckpt files)" if Path(ckpt_path).is_dir() else ""))
+        _check_resumable(Path(ckpt_path), cfg)
         return str(ckpt_path)
     if resume == "auto":
         _check_sweep_dir_is_fixed()
@@ -179,6 +181,25 @@ def _resolve_ckpt_path(cfg: DictConfig, output_dir: Path) -> str | None:
                  "starting a new run")
         return str(found) if found else None
     return None
+
+
+def _check_resumable(path: Path, cfg: DictConfig) -> None:
+    """ckpt_path continues a train.py run: a Lightning checkpoint of a model built as ``cfg.model`` builds it."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as error:
+        raise ValueError(f"ckpt_path={path} cannot be read as a PyTorch checkpoint ({type(error).__name__}: {error})"
+                         ) from error
+    if not isinstance(checkpoint, dict) or "pytorch-lightning_version" not in checkpoint:
+        raise ValueError(f"ckpt_path={path} is not a checkpoint of a train.py run (ckpt_path continues one, with its "
+                         f"optimizer and loop state); to start from its weights use model.pretrained={path}")
+    saved = checkpoint.get("timesformer_config") or {}
+    differ = [f"model.{name}={cfg.model.get(name)!r} (it has {saved[name]!r})"
+              for name in (*ARCHITECTURE_FIELDS, "num_frames", "image_size")
+              if name in saved and cfg.model.get(name) is not None and cfg.model.get(name) != saved[name]]
+    if differ:
+        raise ValueError(f"ckpt_path={path} continues a run of another model: {', '.join(differ)}. Resume with the "
+                         f"run's own config, or start from its weights with model.pretrained={path}")
 
 
 def _check_sweep_dir_is_fixed() -> None:
@@ -363,7 +384,13 @@ def swap_dataset(saved_data: DictConfig | dict[str, Any], chosen: DictConfig) ->
 
 
 def _saved_run_config(ckpt_path: str) -> DictConfig:
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    try:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        raise ValueError(f"ckpt={ckpt_path} cannot be read as a PyTorch checkpoint ({type(error).__name__}: "
+                         f"{error}); is it truncated, or another kind of file?") from error
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"ckpt={ckpt_path} is not a train.py checkpoint")
     run_config = checkpoint.get("hyper_parameters", {}).get("run_config")
     if run_config is None:
         raise ValueError(f"{ckpt_path} carries no run config: it was not written by train.py. For a Hugging Face "
@@ -378,6 +405,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     ``cfg.data``, when set, is merged over the saved data config; a full data config (a ``data=<name>``
     group choice, with ``_target_``) replaces it.
     """
+    if Path(cfg.ckpt).is_dir():
+        raise FileNotFoundError(f"ckpt={cfg.ckpt} is a folder: pass a train.py checkpoint file (e.g. "
+                                f"{Path(cfg.ckpt) / 'last.ckpt'}). A Hugging Face folder has no dataset to test on: "
+                                "`python predict.py ckpt=FOLDER input=VIDEOS`, or `python train.py "
+                                "model.pretrained=FOLDER data=... trainer.max_epochs=0`")
     if not Path(cfg.ckpt).is_file():
         raise FileNotFoundError(f"ckpt={cfg.ckpt}: no such checkpoint file")
     saved = _saved_run_config(cfg.ckpt)
