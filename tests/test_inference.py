@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, compose_config
 from timesformer import TimeSformer, TimeSformerConfig
 from timesformer.attention_maps import attention_rollout, overlay_frames
 from timesformer.data import SyntheticMotionSource
@@ -104,6 +104,44 @@ def test_predict_prints_top5_writes_json_features_and_attention_maps(videos, tmp
     features = torch.load(tmp_path / "feats.pt")
     assert features["features"].shape == (4, 32) and len(features["videos"]) == 4
     assert features["class_names"] == ["left", "right", "up", "down"] and features["labels"] is None  # the model's
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("num_clips=0", "num_clips=0 must be a positive integer"),  # was: stack expects a non-empty TensorList
+    ("top_k=0", "top_k=0 must be a positive integer"),  # was: an empty table
+    ("attention_maps=no", "attention_maps must be true or false"),
+    ("+data.test_spatial_crops=3", "for files, num_clips=, num_crops= and sampling_rate= set the views"),
+])
+def test_predict_options_are_checked_before_the_model_is_read(override, message, tmp_path):
+    from timesformer.inference import run
+
+    cfg = compose_config("predict", ["ckpt=not/read/yet", "input=clip.mp4", override], tmp_path)
+    with pytest.raises(ValueError, match=message):
+        run(cfg)
+
+
+def test_predict_fails_when_no_input_decodes_and_assumes_a_frame_rate_when_there_is_none(videos, tmp_path,
+                                                                                          monkeypatch):
+    import timesformer.inference as inference
+
+    tiny_model("divided_space_time").save_pretrained(tmp_path / "model")
+    cfg = compose_config("predict", [f"ckpt={tmp_path / 'model'}", f"input={videos / 'broken.mp4'}",
+                                     f"json={tmp_path / 'p.json'}"], tmp_path / "run")
+    with pytest.raises(RuntimeError, match="none of the 1 video"):
+        inference.run(cfg)
+    assert "error" in json.loads((tmp_path / "p.json").read_text())[0]  # written first
+    # A container without a frame rate (PyAV reports 0): the usual 30 fps is assumed, as in training and evaluate.py
+    chosen = []
+
+    def no_frame_rate(path, choose, **kwargs):
+        chosen.append(choose(300, 0.0))
+        return torch.zeros(len(chosen[-1]), 32, 32, 3, dtype=torch.uint8), None
+
+    monkeypatch.setattr(inference, "decode_clip", no_frame_rate)
+    views = inference.load_views(videos / "broken.mp4", inference.ClipSettings(num_frames=4, sampling_rate=8,
+                                                                               image_size=32))
+    assert views.shape == (1, 4, 3, 32, 32) and chosen[0] == inference.dense_clip_indices(
+        300, 4, 8, 30.0, target_fps=30.0, clip_index=0, num_clips=1)
 
 
 def test_rollout_of_one_joint_block_is_its_normed_attention():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -153,6 +154,8 @@ def load_views(path: Path, settings: ClipSettings) -> torch.Tensor:
     views = []
     for clip in range(settings.temporal_clips):
         def choose(num_video_frames: int, fps: float, clip: int = clip) -> list[int]:
+            if not (fps > 0 and math.isfinite(fps)):  # no rate in the container: the usual one, as the dataset
+                fps = settings.target_fps
             if settings.sampling == "segment":
                 return segment_clip_indices(num_video_frames, settings.num_frames, clip_index=clip,
                                             num_clips=settings.temporal_clips)
@@ -196,9 +199,16 @@ def check_options(cfg: DictConfig) -> None:
     if features and Path(features).suffix.lower() not in FEATURE_FORMATS:
         raise ValueError(f"features={features}: the file name must end in one of {', '.join(FEATURE_FORMATS)} "
                          "(that is the format written)")
+    for name in ("num_clips", "num_crops", "sampling_rate", "top_k"):
+        value = cfg.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{name}={value!r} must be a positive integer" + (" (or null)" if name != "top_k" else ""))
+    if not isinstance(cfg.get("attention_maps", False), bool):
+        raise ValueError(f"attention_maps must be true or false, got {cfg.get('attention_maps')!r}")
     from_dataset = bool(cfg.get("data")) or cfg.get("split") is not None
     if cfg.get("input") is not None and from_dataset:
-        raise ValueError("input= (video files) and data= / split= (a dataset split) are exclusive: set one of them")
+        raise ValueError("input= (video files) and data= / split= (a dataset split) are exclusive: set one of them "
+                         "(for files, num_clips=, num_crops= and sampling_rate= set the views)")
     if cfg.get("input") is None and not from_dataset:
         raise ValueError("set input=VIDEO_OR_FOLDER (predictions for files), or split=train|val|test with "
                          "data=<name> (the features of a dataset split)")
@@ -402,6 +412,8 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
             "split": None,
             "failed": [{"video": r["video"], "label": None, "error": r["error"]} for r in results if "error" in r],
         })
+    if all("error" in result for result in results):  # the outputs above list them
+        raise RuntimeError(f"none of the {len(results)} video(s) under input={cfg.input} could be decoded")
     return results
 
 
