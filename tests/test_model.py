@@ -202,3 +202,57 @@ def test_embedding_dropout_is_applied_as_in_the_original():
         cls, patches = model.embed(torch.randn(64, 4, 3, 32, 32))
     assert (patches == 0).float().mean().item() == pytest.approx(0.75, abs=0.01)
     assert (cls == 0).float().mean().item() == pytest.approx(0.5, abs=0.05)
+
+
+class LowRankAdapter(torch.nn.Module):
+    """A LoRA-style wrapper as PEFT makes them: the base layer's weight and bias as attributes, and a forward that
+    adds B·A·x. The model read such a layer's .weight directly: the adapter was silently ignored."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int = 2) -> None:
+        super().__init__()
+        self.base = base
+        self.down = torch.nn.Parameter(torch.randn(rank, base.in_features) * 0.1)
+        self.up = torch.nn.Parameter(torch.randn(base.out_features, rank) * 0.1)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor:
+        return self.base.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + x @ (self.up @ self.down).T
+
+
+@pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
+def test_hooks_and_wrapped_layers_take_effect(attention_type):
+    """Forward hooks fire on every Linear and LayerNorm, and a wrapped layer computes what its weights say: the
+    fused paths run only for plain layers."""
+    torch.manual_seed(0)
+    model = TimeSformer(tiny_config(attention_type=attention_type)).train()
+    layers = {name: module for name, module in model.named_modules()
+              if isinstance(module, (torch.nn.Linear, torch.nn.LayerNorm))}
+    fired = set()
+    handles = [module.register_forward_hook(lambda m, i, o, name=name: fired.add(name))
+               for name, module in layers.items()]
+    video = torch.randn(2, 4, 3, 32, 32)
+    model(video).sum().backward()
+    assert fired == set(layers)
+    for handle in handles:
+        handle.remove()
+
+    # Adapters on every linear layer of the blocks == the same model with W + B·A as its weights.
+    reference = TimeSformer(model.config)
+    reference.load_state_dict(model.state_dict())
+    for name, module in list(model.blocks.named_modules()):
+        if isinstance(module, torch.nn.Linear):
+            parent_name, _, child = name.rpartition(".")
+            adapter = LowRankAdapter(module)
+            setattr(model.blocks.get_submodule(parent_name), child, adapter)
+            with torch.no_grad():
+                reference.blocks.get_submodule(name).weight += adapter.up @ adapter.down
+    model.eval(), reference.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(video), reference(video), atol=1e-5, rtol=1e-5)

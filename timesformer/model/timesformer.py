@@ -193,9 +193,20 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+def plain(*modules: nn.Module) -> bool:
+    """Whether the modules are exactly ``nn.Linear`` / ``nn.LayerNorm`` without hooks: only then do the fused paths
+    below read their weights directly. Anything else (a forward hook, a LoRA/PEFT wrapper, ``torch.nn.utils.prune``,
+    a parametrization, a quantised layer) is called as the module it is, so that it takes effect."""
+    return all(type(module) in (nn.Linear, nn.LayerNorm) and not (
+        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks)
+        for module in modules)
+
+
 def layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     """``norm(x)``, in float32 for a bf16 x and float32 weights, as ``norm_linear`` computes it: CUDA's autocast
     runs nn.LayerNorm in float32, the CPU's in x's dtype (with the bf16 residual stream, 7x the gradient error)."""
+    if not plain(norm):
+        return norm(x)
     return F.layer_norm(_norm_input(x, norm.weight), norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
@@ -203,6 +214,9 @@ def norm_linear(norm: nn.LayerNorm, linear: nn.Linear, x: torch.Tensor,
                 chunks: int = 1) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """``linear(norm(x))``, keeping x rather than norm(x) for the backward pass; ``chunks`` > 1: the output
     features cut into that many separate tensors (``linear(norm(x)).chunk(chunks, -1)``, not views)."""
+    if not plain(norm, linear):
+        out = linear(norm(x))
+        return out.chunk(chunks, dim=-1) if chunks > 1 else out
     out = _LayerNormLinear.apply(x, norm.weight, norm.bias, linear.weight, linear.bias, norm.eps, chunks)
     return out if chunks > 1 else out[0]
 
@@ -347,6 +361,9 @@ class Attention(nn.Module):
                 q, k, v = norm_linear(norm, self.qkv, x, chunks=3)
             else:
                 q, k, v = self.qkv(layer_norm(norm, x) if norm is not None else x).chunk(3, dim=-1)
+        elif not plain(self.qkv, *([norm] if norm is not None else [])):  # called as modules: whole qkv outputs
+            q = self.qkv(layer_norm(norm, queries) if norm is not None else queries)[..., :dim]
+            k, v = self.qkv(layer_norm(norm, x) if norm is not None else x)[..., dim:].chunk(2, dim=-1)
         else:  # q from the queries, k and v from x: qkv's weight cut in its q and kv parts
             q_weight, kv_weight = self.qkv.weight.split([dim, 2 * dim])
             q_bias, kv_bias = self.qkv.bias.split([dim, 2 * dim]) if self.qkv.bias is not None else (None, None)
@@ -394,7 +411,7 @@ class Mlp(nn.Module):
             x = norm_linear(norm, self.fc1, x)
         else:
             x = self.fc1(layer_norm(norm, x) if norm is not None else x)
-        if not self.memory_saving or (self.drop.p > 0 and self.training):  # dropout: no recomputation
+        if not self.memory_saving or (self.drop.p > 0 and self.training) or not plain(self.fc2):  # no recomputation
             return self.drop(self.fc2(self.drop(_ACTIVATIONS[self.hidden_act][0](x))))
         return self.drop(_ActivationLinear.apply(x, self.fc2.weight, self.fc2.bias, self.hidden_act))
 
@@ -582,7 +599,8 @@ class Block(nn.Module):
         # Folding costs 4 D³ multiply-adds (the product, its recomputation and two in the backward) and saves 3 M·D²
         # for M tokens: it pays from M > 4/3 D (1,024 tokens at base width; a base 8x224 clip has 1,568).
         tokens, dim = x.numel() // x.shape[-1], x.shape[-1]
-        if not self.fold_projections or 3 * tokens <= 4 * dim or (self.training and attn.proj_drop.p > 0):
+        if (not self.fold_projections or 3 * tokens <= 4 * dim or (self.training and attn.proj_drop.p > 0)
+                or not plain(proj, fc)):
             return fc(self.drop_path(attn.proj_drop(proj(x))))
         # drop_path scales whole samples, which commutes with fc's weight but not with its bias: when it drops, b_fc
         # is added after it.
