@@ -648,6 +648,16 @@ def test_workers_outlive_sigterm_from_other_processes_but_not_from_the_main_one(
     iterator._shutdown_workers()
 
 
+@pytest.mark.parametrize(("overrides", "message"), [
+    (dict(sampling_rate=2.5), "data.sampling_rate must be an integer >= 1, got 2.5"),  # was truncated to 2
+    (dict(num_frames="eight"), "data.num_frames must be an integer >= 1, got 'eight' \\(model.num_frames"),
+    (dict(repeated_augmentation=2, batch_size=3), "data.repeated_augmentation=2 must be >= 1 and divide"),
+])
+def test_bad_data_values_name_the_option(overrides, message, tiny_source):
+    with pytest.raises(ValueError, match=message):
+        _datamodule(tiny_source, **overrides)
+
+
 def test_datamodule_with_workers(tiny_source):
     datamodule = _datamodule(tiny_source, num_workers=2)
     assert datamodule.persistent_workers

@@ -29,7 +29,8 @@ def test_failed_views_are_excluded_and_failed_videos_listed():
                       valid=torch.tensor([False, True, False]))
     results = aggregator.compute()
     assert results.indices.tolist() == [0] and results.failed == [1]
-    torch.testing.assert_close(results.scores[0], torch.tensor([0.0, 1.0]))
+    # logits aggregation: the mean of the views' logits, reported as probabilities (predictions.csv's scores)
+    torch.testing.assert_close(results.scores[0], torch.tensor([0.0, 1.0]).softmax(0))
 
 
 def test_mean_class_accuracy_weights_classes_equally():

@@ -25,7 +25,7 @@ class VideoResults:
 
     indices: torch.Tensor  # (V,) int64
     labels: torch.Tensor  # (V,) int64
-    scores: torch.Tensor  # (V, C) float32: mean softmax or mean logits over the video's views
+    scores: torch.Tensor  # (V, C) float32 probabilities: the mean softmax, or the softmax of the mean logits
     num_views: torch.Tensor  # (V,) int64
     failed: list[int]  # indices of videos none of whose views could be decoded
 
@@ -54,7 +54,9 @@ class ViewAggregator:
     """Collects per-view scores during an evaluation epoch; ``compute()`` returns one row per video."""
 
     def __init__(self, aggregation: str = "softmax") -> None:
-        if aggregation not in AGGREGATIONS:
+        """``aggregation``: "softmax" or "logits" (``AGGREGATIONS``), or "mean" for any per-view vectors averaged as
+        they are (features)."""
+        if aggregation not in (*AGGREGATIONS, "mean"):
             raise ValueError(f"module.view_aggregation={aggregation!r} is not supported; valid values: "
                              f"{', '.join(AGGREGATIONS)}")
         self.aggregation = aggregation
@@ -103,6 +105,8 @@ class ViewAggregator:
         failed = sorted(video for video in counts if counts[video] == 0)
         if evaluated:
             scores = torch.stack([sums[v] / counts[v] for v in evaluated])
+            if self.aggregation == "logits":  # same ranking; probabilities in predictions.csv, as predict.py's
+                scores = scores.softmax(dim=-1)
         else:
             scores = torch.zeros(0, 0)
         return VideoResults(

@@ -271,8 +271,8 @@ def extract_features(cfg: DictConfig) -> dict[str, Any]:
     log.info("Features of %d %s videos, %d views each, on %s (%s)", len(entries), cfg.split, dataset.views_per_video,
              device, cfg.precision)
 
-    # "logits" aggregation is a plain mean over a video's decoded views: what the embeddings need (no softmax).
-    aggregator = ViewAggregator("logits")
+    # A plain mean over a video's decoded views (no softmax): what the embeddings need.
+    aggregator = ViewAggregator("mean")
     errors: dict[str, str] = {}
     report_every = max(1, len(loader) // 10)
     for number, batch in enumerate(loader, 1):

@@ -300,6 +300,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
         callbacks = [callback for callback in callbacks if not isinstance(callback, ModelCheckpoint)]
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     _apply_global_batch_size(trainer, cfg.get("global_batch_size"), cfg.data.batch_size)
+    if trainer.limit_val_batches not in (1.0, 0, 0.0) or trainer.limit_test_batches != 1.0:
+        log.warning("trainer.limit_val_batches / limit_test_batches: validation and test read the first batches of "
+                    "their lists in order (class by class in most lists), so their accuracy is not the split's, nor "
+                    "the best checkpoint chosen by it")
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except SIGTERMException:

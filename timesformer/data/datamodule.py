@@ -156,53 +156,54 @@ class VideoDataModule(lightning.LightningDataModule):
             ("test_temporal_clips", test_temporal_clips),
             ("test_spatial_crops", test_spatial_crops),
         ):
-            if value < 1:
-                raise ValueError(f"VideoDataModule {name} must be >= 1, got {value}")
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:  # 2.5 was truncated to 2
+                raise ValueError(f"data.{name} must be an integer >= 1, got {value!r}" + (
+                    " (model.num_frames / model.image_size set it)" if name in ("num_frames", "image_size") else ""))
         if num_workers < 0:
-            raise ValueError(f"VideoDataModule num_workers must be >= 0, got {num_workers}")
+            raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
         for name, value, optional in (("horizontal_flip", horizontal_flip, False), ("val_views_full", val_views_full, False),
                                       ("pin_memory", pin_memory, True), ("persistent_workers", persistent_workers, True)):
             if not isinstance(value, bool) and not (optional and value is None):  # "no" would count as true
-                raise ValueError(f"VideoDataModule {name} must be true or false{' (or null)' if optional else ''}, "
+                raise ValueError(f"data.{name} must be true or false{' (or null)' if optional else ''}, "
                                  f"got {value!r}")
         if target_fps <= 0:
-            raise ValueError(f"VideoDataModule target_fps must be positive, got {target_fps}")
+            raise ValueError(f"data.target_fps must be positive, got {target_fps}")
         if len(train_short_side_range) != 2:
             raise ValueError(
-                f"VideoDataModule train_short_side_range must be [low, high], got {list(train_short_side_range)}"
+                f"data.train_short_side_range must be [low, high], got {list(train_short_side_range)}"
             )
         low, high = (int(side) for side in train_short_side_range)
         if not 0 < low <= high:
             raise ValueError(
-                f"VideoDataModule train_short_side_range must be [low, high] with 0 < low <= high, got {[low, high]}"
+                f"data.train_short_side_range must be [low, high] with 0 < low <= high, got {[low, high]}"
             )
         if image_size > low:
             raise ValueError(
-                f"VideoDataModule image_size={image_size} is larger than train_short_side_range[0]={low}: "
+                f"data.image_size={image_size} is larger than train_short_side_range[0]={low}: "
                 "training crops would not fit. Lower image_size or raise train_short_side_range."
             )
         if sampling not in SAMPLINGS:
-            raise ValueError(f"VideoDataModule sampling={sampling!r} is not supported; valid values: "
+            raise ValueError(f"data.sampling={sampling!r} is not supported; valid values: "
                              f"{', '.join(SAMPLINGS)}")
         if decoder not in DECODERS:
-            raise ValueError(f"VideoDataModule decoder={decoder!r} is not supported; valid values: "
+            raise ValueError(f"data.decoder={decoder!r} is not supported; valid values: "
                              f"{', '.join(DECODERS)}")
         if repeated_augmentation < 1 or batch_size % repeated_augmentation:
             raise ValueError(
-                f"VideoDataModule repeated_augmentation={repeated_augmentation} must be >= 1 and divide "
+                f"data.repeated_augmentation={repeated_augmentation} must be >= 1 and divide "
                 f"batch_size={batch_size}: a training batch is batch_size clips, repeated_augmentation from each "
                 "decoded video"
             )
         if decode_retries < 0:
-            raise ValueError(f"VideoDataModule decode_retries must be >= 0, got {decode_retries}")
+            raise ValueError(f"data.decode_retries must be >= 0, got {decode_retries}")
         if not 0 <= max_failed_fraction <= 1:
-            raise ValueError(f"VideoDataModule max_failed_fraction must be in [0, 1], got {max_failed_fraction}")
+            raise ValueError(f"data.max_failed_fraction must be in [0, 1], got {max_failed_fraction}")
         if pin_memory is None:
             pin_memory = torch.cuda.is_available()
         if persistent_workers is None:
             persistent_workers = num_workers > 0
         if persistent_workers and num_workers == 0:
-            raise ValueError("VideoDataModule persistent_workers=True needs num_workers > 0")
+            raise ValueError("data.persistent_workers=True needs num_workers > 0")
 
         self.save_hyperparameters(ignore=["source"])
         self.source = source
@@ -245,7 +246,7 @@ class VideoDataModule(lightning.LightningDataModule):
                                  "already has its own (set them in data.source)")
             return source
         if not callable(source):
-            raise TypeError(f"VideoDataModule source must have prepare() and load() methods, got {source!r}")
+            raise TypeError(f"data.source must have prepare() and load() methods, got {source!r}")
         if root is None:
             raise ValueError("data.root is not set: set data.root=PATH to the dataset's folder (see data/README.md)")
         preset = getattr(source, "keywords", {})  # a functools.partial's own arguments (data.source.*)
@@ -255,7 +256,7 @@ class VideoDataModule(lightning.LightningDataModule):
                                  f"data.{name} only")
         built = source(root=root) if split is None else source(root=root, split=split)
         if not (callable(getattr(built, "prepare", None)) and callable(getattr(built, "load", None))):
-            raise TypeError(f"VideoDataModule source must have prepare() and load() methods, got {built!r}")
+            raise TypeError(f"data.source must have prepare() and load() methods, got {built!r}")
         return built
 
     def state_dict(self) -> dict:

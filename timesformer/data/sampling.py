@@ -34,6 +34,11 @@ def dense_clip_indices(
 
     A video shorter than the span is padded by repeating its last frame; indices are always in
     [0, video_num_frames - 1], so a short video never fails.
+
+    Two differences from the original's (PySlowFast's) decoder, kept on purpose and worth knowing when scoring
+    its released checkpoints: it spreads the frames with ``linspace`` over the whole span (8 x 32 at 30 fps:
+    frames 0, 36, 72, ..., 255, ~36.4 apart, where these are exactly 32 apart, 0 ... 224), and its evaluation
+    clip k of n starts at ``max_start * k / n`` (one clip: the video's first frames, where this one is centred).
     """
     if video_num_frames <= 0:
         raise ValueError(f"video_num_frames must be positive, got {video_num_frames} (empty or unreadable video?)")
