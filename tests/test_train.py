@@ -131,6 +131,11 @@ def test_unknown_optimizer_names_the_valid_choices(synthetic_root, tmp_path):
     ("module.label_smoothing=1.5", r"module.label_smoothing=1.5 must be in \[0, 1\)"),
     ("optimizer.weight_decay=-0.1", "optimizer.weight_decay=-0.1 must be >= 0"),
     ("scheduler.min_lr_ratio=2", r"scheduler.min_lr_ratio=2 must be in \[0, 1\]"),
+    # keys nothing reads
+    ("+global_batch=64", "global_batch is not an option of train.py"),
+    ("+optimizer.momentum=0.8", "optimizer.momentum has no effect with optimizer.name=adamw"),
+    ("+scheduler.gamma=0.5", "scheduler.gamma has no effect with scheduler.name=cosine"),
+    ("+callbacks.typo.every_n_epochs=1", "callbacks.typo: an entry of this group needs a _target_"),
 ])
 def test_options_that_failed_late_or_were_misread_fail_first(override, message, synthetic_root, tmp_path, monkeypatch):
     """Each failed only after the first validation or step, or trained on a misread value; now before any epoch."""

@@ -121,6 +121,14 @@ def check_settings(optimizer: dict[str, Any], scheduler: dict[str, Any], label_s
         problems.append(f"scheduler.gamma={scheduler['gamma']} must be in (0, 1] (the factor at each milestone)")
     if float(scheduler.get("warmup_epochs", 0.0)) < 0:
         problems.append(f"scheduler.warmup_epochs={scheduler['warmup_epochs']} must be >= 0")
+    # Options the chosen optimizer or schedule does not read (a `+optimizer.momentum=0.8` under adamw did nothing)
+    unused = {"adamw": ("momentum", "nesterov"), "sgd": ("betas",)}.get(optimizer.get("name"), ())
+    problems += [f"optimizer.{key} has no effect with optimizer.name={optimizer['name']}" for key in unused
+                 if key in optimizer]
+    unused = {"cosine": ("milestones", "gamma"), "multistep": ("min_lr_ratio",),
+              "constant": ("min_lr_ratio", "milestones", "gamma")}.get(scheduler.get("name"), ())
+    problems += [f"scheduler.{key} has no effect with scheduler.name={scheduler['name']}" for key in unused
+                 if key in scheduler]
     for name in ("nesterov", "decay_norm_bias_embed"):
         if name in optimizer and not isinstance(optimizer[name], bool):
             problems.append(f"optimizer.{name} must be true or false, got {optimizer[name]!r}")

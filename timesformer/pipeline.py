@@ -72,11 +72,11 @@ def build_model(model_cfg: DictConfig, class_names: list[str]) -> TimeSformer:
 
 
 def _instantiate_all(group: DictConfig | None) -> list[Any]:
-    """Instantiate every ``_target_`` entry of a config group (callbacks, loggers); None entries are skipped."""
+    """Instantiate every entry of a config group (callbacks, loggers; `check_run_options` saw their _target_s); None
+    entries are skipped."""
     if not group:
         return []
-    entries = [entry for entry in group.values() if entry and "_target_" in entry]
-    return [hydra.utils.instantiate(entry, _convert_="all") for entry in entries]
+    return [hydra.utils.instantiate(entry, _convert_="all") for entry in group.values() if entry]
 
 
 def _use_wandb_offline_without_credentials(cfg: DictConfig) -> None:
@@ -257,8 +257,24 @@ def check_run_options(cfg: DictConfig) -> None:
         if metric and str(metric).split("/")[0] in ("train", "val", "test") and metric not in LOGGED_METRICS:
             problems.append(f"{option}={metric} is not a metric the model logs; valid values: "
                             f"{', '.join(LOGGED_METRICS)}")
+    for group in ("callbacks", "logger"):  # e.g. +callbacks.x.y=1: nothing would be built from it
+        problems += [f"{group}.{key}: an entry of this group needs a _target_ (the class to build); set it to null "
+                     "to turn an entry off" for key, entry in (cfg.get(group) or {}).items()
+                     if entry and "_target_" not in entry]
+    problems += [f"{key} is not an option of train.py (nothing reads it): remove the +{key}=..., or check its "
+                 f"spelling against {', '.join(sorted(k for k in cfg if k != key))}" for key in _added_top_level_keys()]
     if problems:
         raise ValueError("; ".join(problems))
+
+
+def _added_top_level_keys() -> list[str]:
+    """Top-level keys added on the command line with ``+key=`` (e.g. ``+global_batch=64`` for global_batch_size)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    keys = [override.split("=", 1)[0] for override in HydraConfig.get().overrides.task]
+    return [key[1:] for key in keys if key.startswith("+") and not key.startswith("++") and "." not in key]
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
