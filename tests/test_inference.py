@@ -111,6 +111,7 @@ def test_predict_prints_top5_writes_json_features_and_attention_maps(videos, tmp
     ("top_k=0", "top_k=0 must be a positive integer"),  # was: an empty table
     ("attention_maps=no", "attention_maps must be true or false"),
     ("+data.test_spatial_crops=3", "for files, num_clips=, num_crops= and sampling_rate= set the views"),
+    ("+num_frames=16", "predict.py has no option num_frames"),  # was ignored
 ])
 def test_predict_options_are_checked_before_the_model_is_read(override, message, tmp_path):
     from timesformer.inference import run

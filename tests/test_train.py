@@ -149,6 +149,14 @@ def test_options_that_failed_late_or_were_misread_fail_first(override, message, 
         train(compose_config("train", [*tiny_overrides(synthetic_root), override], tmp_path))
 
 
+def test_evaluate_refuses_keys_it_does_not_read(tmp_path):
+    """evaluate.py +model.num_frames=16 did nothing (the model is the checkpoint's; data.num_frames sets the clips)."""
+    from timesformer.pipeline import evaluate
+
+    with pytest.raises(ValueError, match="evaluate.py does not read model.num_frames"):
+        evaluate(compose_config("eval", ["ckpt=any.ckpt", "+model.num_frames=16"], tmp_path))
+
+
 def test_checkpoints_of_the_wrong_kind_are_named(synthetic_root, tmp_path):
     """Pickle errors, KeyError('global_step') and pages of size mismatches named no file or option."""
     from timesformer.pipeline import evaluate

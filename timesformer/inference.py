@@ -199,6 +199,10 @@ def check_options(cfg: DictConfig) -> None:
     if features and Path(features).suffix.lower() not in FEATURE_FORMATS:
         raise ValueError(f"features={features}: the file name must end in one of {', '.join(FEATURE_FORMATS)} "
                          "(that is the format written)")
+    unread = timesformer.pipeline.created_keys(cfg)
+    if unread:
+        raise ValueError(f"predict.py has no option {', '.join(unread)} (`python predict.py --help` lists them); the "
+                         "clips are set by num_clips=, num_crops= and sampling_rate=, the rest by the checkpoint")
     for name in ("num_clips", "num_crops", "sampling_rate", "top_k"):
         value = cfg.get(name)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):

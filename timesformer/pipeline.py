@@ -262,19 +262,33 @@ def check_run_options(cfg: DictConfig) -> None:
                      "to turn an entry off" for key, entry in (cfg.get(group) or {}).items()
                      if entry and "_target_" not in entry]
     problems += [f"{key} is not an option of train.py (nothing reads it): remove the +{key}=..., or check its "
-                 f"spelling against {', '.join(sorted(k for k in cfg if k != key))}" for key in _added_top_level_keys()]
+                 f"spelling against {', '.join(sorted(k for k in cfg if k != key))}" for key in created_keys(cfg)]
     if problems:
         raise ValueError("; ".join(problems))
 
 
-def _added_top_level_keys() -> list[str]:
-    """Top-level keys added on the command line with ``+key=`` (e.g. ``+global_batch=64`` for global_batch_size)."""
+def _override_keys() -> list[str]:
+    """The keys of this run's command-line overrides, as written (``+x``, ``++data.y``, ``z``)."""
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
         return []
-    keys = [override.split("=", 1)[0] for override in HydraConfig.get().overrides.task]
-    return [key[1:] for key in keys if key.startswith("+") and not key.startswith("++") and "." not in key]
+    return [override.split("=", 1)[0] for override in HydraConfig.get().overrides.task]
+
+
+def created_keys(cfg: DictConfig) -> list[str]:
+    """Top-level keys of ``cfg`` that a ``+key=`` override created (a single + without a dot can only create: Hydra
+    refuses + for a key that exists), e.g. ``+global_batch=64`` for global_batch_size."""
+    created = {key[1:] for key in _override_keys() if key.startswith("+") and not key.startswith("++")
+               and "." not in key}
+    return added_keys(declared={str(key) for key in cfg} - created)
+
+
+def added_keys(declared: set[str]) -> list[str]:
+    """Keys added on the command line with ``+key=`` / ``++key=`` under a top-level node ``declared`` does not hold
+    (e.g. ``+global_batch=64`` for global_batch_size, ``+model.num_frames=16`` in evaluate.py): nothing reads them."""
+    return [key.lstrip("+") for key in _override_keys()
+            if key.startswith("+") and key.lstrip("+").split(".")[0] not in declared]
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -380,16 +394,8 @@ CLIP_KEYS = ("num_frames", "image_size", "sampling", "sampling_rate", "target_fp
 
 def command_line_data_keys() -> set[str]:
     """The data keys set on this run's command line (``data.<key>=``, ``++data.<key>=``), as Hydra recorded them."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return set()
-    keys = set()
-    for override in HydraConfig.get().overrides.task:
-        name = override.split("=", 1)[0].lstrip("+~")
-        if name.startswith("data."):
-            keys.add(name.split(".")[1])
-    return keys
+    names = (key.lstrip("+~") for key in _override_keys())
+    return {name.split(".")[1] for name in names if name.startswith("data.")}
 
 
 def swap_dataset(saved_data: DictConfig | dict[str, Any], chosen: DictConfig) -> DictConfig:
@@ -425,6 +431,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     ``cfg.data``, when set, is merged over the saved data config; a full data config (a ``data=<name>``
     group choice, with ``_target_``) replaces it.
     """
+    unread = added_keys({"task_name", "seed", "ckpt", "module", "data", "trainer", "paths"})
+    if unread:
+        raise ValueError(f"evaluate.py does not read {', '.join(unread)}: the model is the checkpoint's; its clips are "
+                         "set with data.<key>=... (e.g. data.num_frames, data.test_temporal_clips)")
     if Path(cfg.ckpt).is_dir():
         raise FileNotFoundError(f"ckpt={cfg.ckpt} is a folder: pass a train.py checkpoint file (e.g. "
                                 f"{Path(cfg.ckpt) / 'last.ckpt'}). A Hugging Face folder has no dataset to test on: "
