@@ -136,6 +136,8 @@ def test_unknown_optimizer_names_the_valid_choices(synthetic_root, tmp_path):
     ("+optimizer.momentum=0.8", "optimizer.momentum has no effect with optimizer.name=adamw"),
     ("+scheduler.gamma=0.5", "scheduler.gamma has no effect with scheduler.name=cosine"),
     ("+callbacks.typo.every_n_epochs=1", "callbacks.typo: an entry of this group needs a _target_"),
+    pytest.param("trainer=gpu", "needs a CUDA GPU and none is visible here: use trainer=cpu",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")),
 ])
 def test_options_that_failed_late_or_were_misread_fail_first(override, message, synthetic_root, tmp_path, monkeypatch):
     """Each failed only after the first validation or step, or trained on a misread value; now before any epoch."""

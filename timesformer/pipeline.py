@@ -257,6 +257,9 @@ def check_run_options(cfg: DictConfig) -> None:
         if metric and str(metric).split("/")[0] in ("train", "val", "test") and metric not in LOGGED_METRICS:
             problems.append(f"{option}={metric} is not a metric the model logs; valid values: "
                             f"{', '.join(LOGGED_METRICS)}")
+    if cfg.trainer.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
+        problems.append("trainer.accelerator=gpu (trainer=gpu, ddp) needs a CUDA GPU and none is visible here: use "
+                        "trainer=cpu, or trainer=default, which takes what there is")
     for group in ("callbacks", "logger"):  # e.g. +callbacks.x.y=1: nothing would be built from it
         problems += [f"{group}.{key}: an entry of this group needs a _target_ (the class to build); set it to null "
                      "to turn an entry off" for key, entry in (cfg.get(group) or {}).items()
@@ -302,6 +305,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data, _convert_="all")
     datamodule.prepare_data()  # generated data is written here, before the model needs the class list
     model = build_model(cfg.model, datamodule.class_names)
+    if (cfg.optimizer.get("layer_decay") and not cfg.model.get("pretrained") and not cfg.model.get("init_from")):
+        log.warning("optimizer.layer_decay=%s on a model trained from scratch only slows its early blocks down: it is "
+                    "for fine-tuning (model.init_from= or model.pretrained=); optimizer.layer_decay=null turns it off",
+                    cfg.optimizer.layer_decay)
     module = VideoClassifier(
         model,
         optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
