@@ -260,3 +260,4 @@ def test_new_attention_types_round_trip_through_a_state_dict(attention_type, tmp
         torch.testing.assert_close(loaded(video), model(video), rtol=0, atol=0)
     with pytest.raises(ValueError, match="cannot be exported"):
         model.save_pretrained(tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()  # nothing written

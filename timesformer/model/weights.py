@@ -169,14 +169,14 @@ def write_hf_folder(folder: Path, config: TimeSformerConfig, state: dict[str, to
     """
     from safetensors.torch import save_file
 
-    folder.mkdir(parents=True, exist_ok=True)
     hf_state = {}
     for name, tensor in state.items():
         hf_name = to_hf_key(name)
-        if hf_name is None:
+        if hf_name is None:  # before anything is written: no empty folder left behind
             raise ValueError(f"parameter {name!r} has no Hugging Face equivalent "
                              f"(attention_type={config.attention_type!r} cannot be exported)")
         hf_state[hf_name] = tensor.detach().contiguous().cpu()
+    folder.mkdir(parents=True, exist_ok=True)
     save_file(hf_state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     hf_config = ours_config_to_hf(config)
     if clip:
