@@ -624,10 +624,12 @@ def test_a_single_evaluation_crop_is_cut_at_the_smallest_training_scale(tiny_sou
         EvalViewTransform(16, 1, short_side=12)
 
 
-def test_workers_outlive_sigterm_from_other_processes_but_not_from_the_main_one(tiny_source):
+@pytest.mark.parametrize("default_start_method", ["fork", "spawn"])
+def test_workers_outlive_sigterm_from_other_processes_but_not_from_the_main_one(default_start_method, tiny_source):
     """A cluster's SIGTERM reaches the DataLoader workers too: they keep serving the main process, which finishes
     its batch and checkpoints (PyTorch's own handler killed them and the main process raised); the main process's
     SIGTERM (its shutdown) still ends them."""
+    import multiprocessing
     import signal
     import subprocess
     import time
@@ -635,7 +637,13 @@ def test_workers_outlive_sigterm_from_other_processes_but_not_from_the_main_one(
     datamodule = _datamodule(tiny_source, num_workers=1, persistent_workers=True, batch_size=1)
     datamodule.setup("fit")
     loader = datamodule.val_dataloader()
-    iterator = iter(loader)
+    # Spawned workers (forkserver: Python 3.14's default) had library threads with SIGTERM unmasked: the loader forks
+    previous = multiprocessing.get_start_method()
+    multiprocessing.set_start_method(default_start_method, force=True)
+    try:
+        iterator = iter(loader)
+    finally:
+        multiprocessing.set_start_method(previous, force=True)
     next(iterator)
     worker = iterator._workers[0]
     subprocess.run(["kill", "-s", "TERM", str(worker.pid)], check=True)  # from a process that is not the main one

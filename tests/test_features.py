@@ -124,6 +124,17 @@ def test_a_train_checkpoint_brings_its_own_data_config(val_features, dataset, ch
     assert torch.load(output)["num_views"].tolist() == [3] * 8  # the override reached the views
 
 
+def test_an_exported_folder_keeps_its_clips_on_another_dataset(tmp_path):
+    """predict.py data=<name> on an export_pretrained folder: the dataset's files, the export's clip settings."""
+    model = tiny_model("divided_space_time")
+    model.save_pretrained(tmp_path / "export", clip={"num_frames": 4, "image_size": 32, "sampling_rate": 3,
+                                                     "mean": [0.5, 0.5, 0.5], "std": [0.2, 0.2, 0.2]})
+    cfg = compose_config("predict", [f"ckpt={tmp_path / 'export'}", "data=folder", "data.root=/d", "split=val",
+                                     "features=f.pt"], tmp_path / "run")
+    data = dataset_config(cfg, model)
+    assert data.sampling_rate == 3 and list(data.mean) == [0.5, 0.5, 0.5]  # folder.yaml's: 8 and 0.45
+
+
 def test_data_config_is_sized_from_the_loaded_model(tmp_path):
     model = tiny_model("divided_space_time")
     cfg = compose_config("predict", ["ckpt=x", "data=ucf101", "data.root=/ucf", "split=train", "features=f.pt"],

@@ -189,6 +189,7 @@ def test_an_exported_checkpoint_keeps_how_its_clips_are_cut(tmp_path):
     processor = transformers.VideoMAEImageProcessor.from_pretrained(tmp_path / "export")
     assert list(processor.image_mean) == data["mean"] and list(processor.image_std) == data["std"]
     assert processor.crop_size == {"height": 48, "width": 48}
+    assert processor.size == {"shortest_edge": 56}  # one centre crop, cut as evaluate.py's: at the smallest scale
     hf_model = transformers.TimesformerForVideoClassification.from_pretrained(tmp_path / "export").eval()
     video = torch.randn(1, 4, 3, 32, 32)
     with torch.no_grad():

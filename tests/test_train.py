@@ -151,6 +151,21 @@ def test_options_that_failed_late_or_were_misread_fail_first(override, message, 
         train(compose_config("train", [*tiny_overrides(synthetic_root), override], tmp_path))
 
 
+def test_a_checkpoints_saved_settings_are_not_judged_when_it_is_evaluated(tmp_path):
+    """evaluate.py builds the module from a checkpoint's optimizer and scheduler settings, which it does not use:
+    settings train.py now refuses (an adamw key left under sgd) must not stop it."""
+    from timesformer import TimeSformer, TimeSformerConfig
+    from timesformer.module import VideoClassifier
+
+    model = TimeSformer(TimeSformerConfig(image_size=32, patch_size=8, num_frames=4, hidden_size=32, num_classes=3,
+                                         num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
+    VideoClassifier(model, optimizer={"name": "sgd", "lr": 0.1, "weight_decay": 0.0, "betas": [0.9, 0.999]},
+                    scheduler={"name": "multistep", "min_lr_ratio": 0.01})
+    with pytest.raises(ValueError, match="module.view_aggregation='mean' is not supported; valid values: softmax"):
+        VideoClassifier(model, optimizer={"name": "sgd", "lr": 0.1, "weight_decay": 0.0},
+                        scheduler={"name": "constant"}, view_aggregation="mean")
+
+
 def test_evaluate_refuses_keys_it_does_not_read(tmp_path):
     """evaluate.py +model.num_frames=16 did nothing (the model is the checkpoint's; data.num_frames sets the clips)."""
     from timesformer.pipeline import evaluate

@@ -158,6 +158,10 @@ def test_architecture_other_than_the_checkpoints_is_an_error(tmp_path):
     assert heads == 2
     with pytest.raises(ValueError, match="num_hidden_layers=2 \\(it has 3\\)"):
         TimeSformer.from_pretrained(tmp_path / "original.pyth", num_hidden_layers=2)
+    # nor its activation and norm epsilon
+    other = TimeSformer.from_pretrained(tmp_path / "original.pyth", num_attention_heads=4, hidden_act="gelu_tanh",
+                                        layer_norm_eps=1e-5)
+    assert (other.config.hidden_act, other.config.layer_norm_eps) == ("gelu_tanh", 1e-5)
 
 
 def test_a_file_that_is_not_a_checkpoint_is_named(tmp_path):

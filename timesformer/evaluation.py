@@ -74,11 +74,10 @@ class ViewAggregator:
         self._parts.append(tuple(t.detach().cpu() for t in (scores, labels, indices, views, valid)))
 
     def _gathered(self) -> list[tuple[torch.Tensor, ...]]:
-        if not self._parts:
-            return []
-        local = tuple(torch.cat(column) for column in zip(*self._parts, strict=True))
+        # A process without views still joins the gather (returning early, it left the others waiting in it).
+        local = tuple(torch.cat(column) for column in zip(*self._parts, strict=True)) if self._parts else None
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-            return [local]
+            return [local] if local is not None else []
         everyone: list[tuple[torch.Tensor, ...] | None] = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, local)
         return [part for part in everyone if part is not None]

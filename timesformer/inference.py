@@ -105,7 +105,10 @@ def export_pretrained(ckpt: str | Path, folder: str | Path) -> None:
         "sampling": settings.sampling, "sampling_rate": settings.sampling_rate, "target_fps": settings.target_fps,
         "test_temporal_clips": settings.temporal_clips, "test_spatial_crops": settings.spatial_crops,
         "mean": list(settings.mean), "std": list(settings.std), "view_aggregation": settings.view_aggregation,
-        **({"train_short_side_range": [settings.train_short_side_min]} if settings.train_short_side_min else {})})
+        **({"train_short_side_range": [settings.train_short_side_min]} if settings.train_short_side_min else {}),
+        # the short side transformers' image processor resizes to before its centre crop, as evaluate.py's one crop
+        "test_short_side": eval_short_side(settings.image_size, 1,
+                                           settings.train_short_side_min or settings.image_size)})
 
 
 def clip_settings(ckpt: str | Path, model: TimeSformer, **overrides: Any) -> ClipSettings:
@@ -241,7 +244,8 @@ def dataset_config(cfg: DictConfig, model: TimeSformer) -> DictConfig:
     chosen = cfg.get("data") or OmegaConf.create({})
     saved = saved_data_config(cfg.ckpt)
     if "_target_" in chosen:
-        data = timesformer.pipeline.swap_dataset(saved, chosen) if saved else chosen
+        clips = saved or exported_data_config(cfg.ckpt)  # a train.py checkpoint's, or an export_pretrained folder's
+        data = timesformer.pipeline.swap_dataset(clips, chosen) if clips else chosen
     else:
         if not saved:
             raise ValueError(f"ckpt={cfg.ckpt} carries no data config (only train.py checkpoints do): choose the "

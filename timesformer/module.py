@@ -20,7 +20,7 @@ from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from timesformer.evaluation import VideoResults, ViewAggregator
+from timesformer.evaluation import AGGREGATIONS, VideoResults, ViewAggregator
 from timesformer.model import TimeSformer
 
 log = logging.getLogger(__name__)
@@ -123,12 +123,14 @@ def check_settings(optimizer: dict[str, Any], scheduler: dict[str, Any], label_s
         problems.append(f"scheduler.warmup_epochs={scheduler['warmup_epochs']} must be >= 0")
     # Options the chosen optimizer or schedule does not read (a `+optimizer.momentum=0.8` under adamw did nothing)
     unused = {"adamw": ("momentum", "nesterov"), "sgd": ("betas",)}.get(optimizer.get("name"), ())
-    problems += [f"optimizer.{key} has no effect with optimizer.name={optimizer['name']}" for key in unused
-                 if key in optimizer]
+    problems += [f"optimizer.{key} has no effect with optimizer.name={optimizer['name']} (choose the optimizer with "
+                 f"optimizer={optimizer['name']}, which has its own options, or drop the key: ~optimizer.{key})"
+                 for key in unused if key in optimizer]
     unused = {"cosine": ("milestones", "gamma"), "multistep": ("min_lr_ratio",),
               "constant": ("min_lr_ratio", "milestones", "gamma")}.get(scheduler.get("name"), ())
-    problems += [f"scheduler.{key} has no effect with scheduler.name={scheduler['name']}" for key in unused
-                 if key in scheduler]
+    problems += [f"scheduler.{key} has no effect with scheduler.name={scheduler['name']} (choose the schedule with "
+                 f"scheduler={scheduler['name']}, or drop the key: ~scheduler.{key})"
+                 for key in unused if key in scheduler]
     for name in ("nesterov", "decay_norm_bias_embed"):
         if name in optimizer and not isinstance(optimizer[name], bool):
             problems.append(f"optimizer.{name} must be true or false, got {optimizer[name]!r}")
@@ -172,7 +174,9 @@ class VideoClassifier(L.LightningModule):
                              f"valid values: {', '.join(SCHEDULERS)}")
         if nonfinite_loss not in ("error", "skip"):
             raise ValueError(f"module.nonfinite_loss={nonfinite_loss!r} is not supported; valid values: error, skip")
-        check_settings(optimizer, scheduler, label_smoothing)
+        if view_aggregation not in AGGREGATIONS:  # ("mean", for features, is not a way to score views)
+            raise ValueError(f"module.view_aggregation={view_aggregation!r} is not supported; valid values: "
+                             f"{', '.join(AGGREGATIONS)}")
         # Kept out of the module tree so that checkpoints hold the plain model's names.
         self._compiled = [torch.compile(model)] if compile else []
         self.skipped_batches = 0

@@ -25,7 +25,7 @@ from timesformer.evaluation import write_report_files
 from timesformer.loggers import CSVLogger
 from timesformer.model import TimeSformer, TimeSformerConfig
 from timesformer.model.config import ARCHITECTURE_FIELDS
-from timesformer.module import LOGGED_METRICS, VideoClassifier
+from timesformer.module import LOGGED_METRICS, VideoClassifier, check_settings
 
 log = logging.getLogger(__name__)
 
@@ -266,6 +266,12 @@ def check_run_options(cfg: DictConfig) -> None:
                      if entry and "_target_" not in entry]
     problems += [f"{key} is not an option of train.py (nothing reads it): remove the +{key}=..., or check its "
                  f"spelling against {', '.join(sorted(k for k in cfg if k != key))}" for key in created_keys(cfg)]
+    try:  # optimizer, schedule and loss settings (checked for training only: evaluate.py ignores them)
+        check_settings(OmegaConf.to_container(cfg.optimizer, resolve=True),
+                       OmegaConf.to_container(cfg.scheduler, resolve=True),
+                       (cfg.get("module") or {}).get("label_smoothing", 0.0))
+    except ValueError as error:
+        problems.append(str(error))
     if problems:
         raise ValueError("; ".join(problems))
 
@@ -337,7 +343,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         callbacks = [callback for callback in callbacks if not isinstance(callback, ModelCheckpoint)]
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     _apply_global_batch_size(trainer, cfg.get("global_batch_size"), cfg.data.batch_size)
-    if trainer.limit_val_batches not in (1.0, 0, 0.0) or trainer.limit_test_batches != 1.0:
+    if any(limit != 0 and (isinstance(limit, int) or limit != 1.0)  # an int counts batches: 1 is one batch
+           for limit in (trainer.limit_val_batches, trainer.limit_test_batches)):
         log.warning("trainer.limit_val_batches / limit_test_batches: validation and test read the first batches of "
                     "their lists in order (class by class in most lists), so their accuracy is not the split's, nor "
                     "the best checkpoint chosen by it")

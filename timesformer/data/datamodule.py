@@ -7,6 +7,7 @@ import functools
 import logging
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -384,14 +385,17 @@ class VideoDataModule(lightning.LightningDataModule):
         return self.datasets[split]
 
     def _loader_settings(self, dataset: VideoClipDataset) -> dict[str, Any]:
-        worker_init_fn = None
+        worker_init_fn, context = None, None
         if self.num_workers:
             rank = self.trainer.global_rank if self.trainer is not None else 0
             worker_init_fn = functools.partial(keep_worker_through_sigterm, os.getpid(), rank)
+            # Forked workers start with one thread, whose signal mask every later thread inherits; spawned ones
+            # (forkserver is Python 3.14's default) have started OpenBLAS's threads, unmasked, before worker_init_fn.
+            context = "fork" if sys.platform == "linux" else None
         # batch_size counts clips: with repeated augmentation, each video gives `repeated_augmentation`
         return {"batch_size": self.batch_size // dataset.repeated_augmentation, "num_workers": self.num_workers,
                 "pin_memory": self.pin_memory, "persistent_workers": self.persistent_workers, "drop_last": False,
-                "worker_init_fn": worker_init_fn}
+                "worker_init_fn": worker_init_fn, "multiprocessing_context": context}
 
     def train_dataloader(self) -> ResumableDataLoader:
         """The shuffled training order of this process (its share under DDP, which Lightning would otherwise

@@ -182,8 +182,9 @@ def write_hf_folder(folder: Path, config: TimeSformerConfig, state: dict[str, to
     if clip:
         hf_config["timesformer_clip"] = clip
         size = int(clip.get("image_size", config.image_size))  # the crops the model was trained and tested on
+        short_side = int(clip.get("test_short_side", size))  # what a (centre) crop is cut from
         (folder / "preprocessor_config.json").write_text(json.dumps({
-            "image_processor_type": "VideoMAEImageProcessor", "do_resize": True, "size": {"shortest_edge": size},
+            "image_processor_type": "VideoMAEImageProcessor", "do_resize": True, "size": {"shortest_edge": short_side},
             "do_center_crop": True, "crop_size": {"height": size, "width": size}, "do_rescale": True,
             "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(clip["mean"]),
             "image_std": list(clip["std"]), "resample": 2}, indent=2) + "\n")
@@ -289,8 +290,8 @@ def read_checkpoint(path: Path, **overrides: Any) -> tuple[TimeSformerConfig, di
     Formats: a Hugging Face folder (config.json + weights), an original checkpoint (``model_state`` with
     ``model.`` keys), a Lightning checkpoint written by our trainer (``state_dict`` + ``timesformer_config``),
     or a bare state dict in our names. ``overrides`` set config fields; architecture fields
-    (``ARCHITECTURE_FIELDS``) other than the checkpoint's are an error, except the head count of formats that
-    do not store it (original checkpoints, state dicts).
+    (``ARCHITECTURE_FIELDS``) other than the checkpoint's are an error, except those formats that hold only tensors
+    (original checkpoints, state dicts) do not store: the head count, activation and norm epsilon.
     """
     path = Path(path)
     if not path.exists():
@@ -323,7 +324,8 @@ def read_checkpoint(path: Path, **overrides: Any) -> tuple[TimeSformerConfig, di
         if "cls_token" in state:
             heads = {k: v for k, v in overrides.items() if k == "num_attention_heads"}  # not in the shapes
             inferred = infer_config_from_state(state, **heads)
-            _check_architecture(path, inferred, overrides, unseen=tuple(heads))
+            _check_architecture(path, inferred, overrides,
+                                unseen=("num_attention_heads", "hidden_act", "layer_norm_eps"))  # not stored
             return TimeSformerConfig(**{**inferred.to_dict(), **overrides}), state
     raise ValueError(
         f"{path}: unrecognised checkpoint format (expected a Hugging Face folder, an original TimeSformer "
