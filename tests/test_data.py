@@ -666,6 +666,28 @@ def test_bad_data_values_name_the_option(overrides, message, tiny_source):
         _datamodule(tiny_source, **overrides)
 
 
+def test_clips_longer_than_their_videos_are_counted_and_warned_about(tiny_source, caplog):
+    """A clip spanning more frames than its video repeats the last frame: said once per stage, with what to do
+    (it went unnoticed, e.g. 8 x 32 clips of short UCF101 videos)."""
+    import logging
+
+    for sampling_rate, padded in ((2, False), (20, True)):  # 4 frames spanning 8 or 80 of the videos' 24
+        datamodule = _datamodule(tiny_source, sampling_rate=sampling_rate, val_views_full=False)
+        datamodule.setup("fit")
+        assert all(datamodule.datasets["val"][i]["padded"] is padded for i in range(4))
+        assert datamodule.datasets["train"][0]["padded"] is padded
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            for _ in range(2):  # two epochs: warned once
+                for batch in datamodule.val_dataloader():
+                    assert "padded" not in datamodule.on_before_batch_transfer(batch, 0)
+                datamodule.failures.finish_period()
+        warnings = [r.getMessage() for r in caplog.records if "longer than their videos" in r.getMessage()]
+        assert len(warnings) == (1 if padded else 0)
+        if padded:
+            assert "4 of 4 clips" in warnings[0] and "4 frames 20 apart at 30 fps" in warnings[0]
+
+
 def test_datamodule_with_workers(tiny_source):
     datamodule = _datamodule(tiny_source, num_workers=2)
     assert datamodule.persistent_workers

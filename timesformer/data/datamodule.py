@@ -33,6 +33,8 @@ from timesformer.data.video import DECODERS
 
 log = logging.getLogger(__name__)
 
+# More clips than this longer than their videos (their last frame repeated) are warned about, once per stage.
+PADDED_WARNING_FRACTION = 0.2
 # The failure fraction is judged once this many videos (or the whole split, if smaller) have been read in an
 # epoch: a few unlucky early batches must not stop a run.
 MIN_VIDEOS_READ = 100
@@ -43,20 +45,25 @@ class DecodeFailureMonitor:
     batches): names each failed file once, logs a count per epoch, and raises when more than
     `max_failed_fraction` of the videos read in a training or validation epoch fail."""
 
-    def __init__(self, max_failed_fraction: float) -> None:
+    def __init__(self, max_failed_fraction: float, clip: str = "") -> None:
         self.max_failed_fraction = max_failed_fraction
+        self.clip = clip  # what a clip spans, for the padded-clips warning
         self.reported: set[str] = set()
         self.period: tuple[str, int] | None = None  # (stage, epoch) being counted
-        self.failed = 0
-        self.read = 0
+        self.failed = self.read = self.padded = self.items = 0
+        self.padding_reported: set[str] = set()  # stages warned about clips longer than their videos
 
-    def update(self, stage: str, epoch: int, error_lines: Sequence[str], num_items: int, split_size: int) -> None:
+    def update(self, stage: str, epoch: int, error_lines: Sequence[str], num_items: int, split_size: int,
+               padded: int = 0) -> None:
         """One batch of `stage` ("train", "val", "sanity_check", "test", "predict") from a split of `split_size`
-        videos: its "decode_errors" lines and number of items. A training item may have replaced failed
-        videos (each an extra read); an evaluation item that failed is a zero clip (one read)."""
+        videos: its "decode_errors" lines, number of items and how many of them were clips longer than their
+        video (``padded``). A training item may have replaced failed videos (each an extra read); an evaluation
+        item that failed is a zero clip (one read)."""
         if self.period != (stage, epoch):
             self.finish_period()
-            self.period, self.failed, self.read = (stage, epoch), 0, 0
+            self.period, self.failed, self.read, self.padded, self.items = (stage, epoch), 0, 0, 0, 0
+        self.padded += padded
+        self.items += num_items
         failures = [line.split("\t", 1) for text in error_lines for line in text.splitlines() if line]
         self.failed += len(failures)
         self.read += num_items + (len(failures) if stage == "train" else 0)
@@ -83,6 +90,13 @@ class DecodeFailureMonitor:
             what = "videos" if stage == "train" else "views"
             log.warning("%s, epoch %d: %d of %d %s read could not be decoded", stage, epoch, self.failed, self.read,
                         what)
+        if self.period is not None and self.padded > PADDED_WARNING_FRACTION * self.items:
+            stage, epoch = self.period
+            if stage not in self.padding_reported:  # once per stage: the videos do not get longer
+                self.padding_reported.add(stage)
+                log.warning("%s, epoch %d: %d of %d clips were longer than their videos (%s), which repeat their "
+                            "last frame to fill them: lower data.sampling_rate, or sample whole videos with "
+                            "data.sampling=segment", stage, epoch, self.padded, self.items, self.clip)
         self.period = None
 
 
@@ -228,7 +242,10 @@ class VideoDataModule(lightning.LightningDataModule):
         self.decode_retries = int(decode_retries)
         self.decoder = decoder
         self.repeated_augmentation = int(repeated_augmentation)
-        self.failures = DecodeFailureMonitor(float(max_failed_fraction))
+        clip = (f"one frame from each of {self.num_frames} segments" if self.sampling == "segment" else
+                f"{self.num_frames} frames {self.sampling_rate} apart at {self.target_fps:g} fps, "
+                f"{self.num_frames * self.sampling_rate / self.target_fps:.1f} s")
+        self.failures = DecodeFailureMonitor(float(max_failed_fraction), clip)
 
         self.train_transform = train_transform(self.image_size, self.train_short_side_range, self.horizontal_flip)
         self.index: VideoIndex | None = None
@@ -344,12 +361,13 @@ class VideoDataModule(lightning.LightningDataModule):
         )
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Takes the failed-video report out of a batch (in the main process, which sees every worker's batches)
-        and hands it to the failure monitor; the batch keeps its tensors ("replaced", "valid", ...). With repeated
+        """Takes the failed-video report and the padded-clip flags out of a batch (in the main process, which sees
+        every worker's batches) and hands them to the failure monitor; the batch keeps its tensors ("replaced", "valid", ...). With repeated
         augmentation, flattens a training batch's (B, k, T, C, H, W) clips to (B*k, T, C, H, W)."""
         if not isinstance(batch, dict) or "decode_errors" not in batch:
             return batch
         error_lines = batch.pop("decode_errors")
+        padded = batch.pop("padded", None)
         trainer = self.trainer
         if trainer is None:
             stage, epoch = "train", 0
@@ -364,7 +382,8 @@ class VideoDataModule(lightning.LightningDataModule):
         # Each DDP process reads its share of the split.
         world_size = trainer.world_size if trainer is not None else 1
         split_size = len(dataset.entries) // max(world_size, 1) if dataset is not None else 0
-        self.failures.update(stage, epoch, error_lines, len(batch["video"]), split_size)
+        self.failures.update(stage, epoch, error_lines, len(batch["video"]), split_size,
+                             int(padded.sum()) if isinstance(padded, torch.Tensor) else 0)
         return flatten_repeated_clips(batch)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:

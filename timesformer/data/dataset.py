@@ -55,8 +55,8 @@ SAMPLINGS = ("dense", "segment")
 
 
 class VideoClipDataset(Dataset):
-    """Clips of videos: {"video": uint8 (T, C, H, W), "label", "index", "view", "valid", "replaced",
-    "decode_errors"}.
+    """Clips of videos: {"video": uint8 (T, C, H, W), "label", "index", "view", "valid", "replaced", "padded",
+    "decode_errors"}. "padded": the clip was longer than its video, whose last frame fills the rest.
 
     Training: one item per video, a random clip (dense: a random start; segment: a random frame per segment)
     through the random `transform`.
@@ -136,7 +136,9 @@ class VideoClipDataset(Dataset):
         self.repeated_augmentation = repeated_augmentation
         # The last decoded clip: ((video index, temporal clip), resized uint8 frames or its error line). Views
         # are neighbours and a batch goes to one DataLoader worker, so the spatial crops of a clip hit it.
-        self._cached: tuple[tuple[int, int], torch.Tensor | str] | None = None
+        # (video, temporal clip) -> its resized frames (or the error line) and whether it ran past the video's end
+        self._cached: tuple[tuple[int, int], torch.Tensor | str, bool] | None = None
+        self._ran_past_end = False  # the last clip chosen was longer than its video: its last frame is repeated
 
     @property
     def views_per_video(self) -> int:
@@ -153,6 +155,9 @@ class VideoClipDataset(Dataset):
         # A fresh stdlib RNG seeded from torch's: keeps sampling.py free of torch while the draws follow torch's
         # per-worker, per-epoch seeding.
         rng = random.Random(int(torch.randint(0, 2**62, ()))) if temporal_clip is None else None
+        step = self.sampling_rate * video_fps / self.target_fps  # as dense_clip_indices measures it
+        self._ran_past_end = (video_num_frames < self.num_frames if self.sampling == "segment"
+                              else math.floor((self.num_frames - 1) * step) > video_num_frames - 1)
         if self.sampling == "segment":
             return segment_clip_indices(video_num_frames, self.num_frames, temporal_clip, self.temporal_clips, rng)
         return dense_clip_indices(
@@ -208,7 +213,8 @@ class VideoClipDataset(Dataset):
             else:  # one decode, several draws of scale / crop / flip: (repeated_augmentation, T, C, H, W)
                 video = torch.stack([self.transform(frames) for _ in range(self.repeated_augmentation)])
             return {"video": video, "label": label, "index": candidate, "view": 0, "valid": True,
-                    "replaced": candidate != video_index, "decode_errors": "\n".join(errors)}
+                    "replaced": candidate != video_index, "padded": self._ran_past_end,
+                    "decode_errors": "\n".join(errors)}
         raise RuntimeError(
             f"{len(errors)} videos in a row could not be decoded; the data looks misconfigured (wrong data.root, "
             f"files that are not videos, a codec FFmpeg lacks?). The last: {errors[-1].replace(chr(9), ': ')}. "
@@ -221,17 +227,17 @@ class VideoClipDataset(Dataset):
         key = (video_index, temporal_clip)
         if self._cached is None or self._cached[0] != key:
             try:
-                self._cached = (key, self.transform.resize(self._decode(path, temporal_clip)))
+                self._cached = (key, self.transform.resize(self._decode(path, temporal_clip)), self._ran_past_end)
             except (VideoDecodeError, FileNotFoundError) as error:
-                self._cached = (key, _error_line(path, error))  # the views of this clip fail alike, undecoded
-        resized = self._cached[1]
+                self._cached = (key, _error_line(path, error), False)  # the views of this clip fail alike
+        resized, padded = self._cached[1], self._cached[2]
         if isinstance(resized, str):
             video = torch.zeros(self.num_frames, 3, *self._crop_shape(), dtype=torch.uint8)
             valid, errors = False, resized
         else:
             video, valid, errors = self.transform.crop(resized, spatial_crop), True, ""
         return {"video": video, "label": label, "index": video_index, "view": view, "valid": valid,
-                "replaced": False, "decode_errors": errors}
+                "replaced": False, "padded": padded, "decode_errors": errors}
 
     def _crop_shape(self) -> tuple[int, int]:
         size = getattr(self.transform, "crop_size", None)
