@@ -362,8 +362,9 @@ class VideoDataModule(lightning.LightningDataModule):
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Takes the failed-video report and the padded-clip flags out of a batch (in the main process, which sees
-        every worker's batches) and hands them to the failure monitor; the batch keeps its tensors ("replaced", "valid", ...). With repeated
-        augmentation, flattens a training batch's (B, k, T, C, H, W) clips to (B*k, T, C, H, W)."""
+        every worker's batches) and hands them to the failure monitor; the batch keeps its tensors ("replaced",
+        "valid", ...). With repeated augmentation, flattens a training batch's (B, k, T, C, H, W) clips to
+        (B*k, T, C, H, W)."""
         if not isinstance(batch, dict) or "decode_errors" not in batch:
             return batch
         error_lines = batch.pop("decode_errors")
