@@ -36,9 +36,11 @@ SYNCING = {"item", "__bool__", "__int__", "__float__", "__index__", "tolist", "n
 # Code whose tensors stay on the CPU in a GPU run: optimizer step counters (torch.optim keeps them there unless
 # capturable/fused; the training step runs inside optimizer.step, so only the calling frame is checked) and
 # the DataLoader's fetching and collating (in worker processes; the batch's normalisation on the device, after
-# the transfer, is not in it and counts).
+# the transfer, is not in it and counts), and the data module's on_before_batch_transfer (Lightning calls it
+# before moving the batch: it counts the batch's padded clips on the host).
 OPTIMIZER_CODE = str(Path(torch.__file__).parent / "optim")
 DATA_LOADING_CODE = str(Path(torch.__file__).parent / "utils" / "data")
+HOST_SIDE_HOOKS = {"on_before_batch_transfer"}
 
 
 def _is_sync(func: Any, args: tuple, kwargs: dict) -> bool:
@@ -63,7 +65,8 @@ class HostSyncCounter(TorchFunctionMode):
         kwargs = kwargs or {}
         if _is_sync(func, args, kwargs):
             frames = traceback.extract_stack()[:-1]
-            in_data_loading = any(frame.filename.startswith(DATA_LOADING_CODE) for frame in frames)
+            in_data_loading = any(frame.filename.startswith(DATA_LOADING_CODE) or frame.name in HOST_SIDE_HOOKS
+                                  for frame in frames)
             if not in_data_loading and not frames[-1].filename.startswith(OPTIMIZER_CODE):
                 torch_dir = str(Path(torch.__file__).parent)
                 caller = next(f for f in reversed(frames) if not f.filename.startswith(torch_dir))
