@@ -32,6 +32,7 @@ from timesformer.data.sources import VIDEO_EXTENSIONS
 from timesformer.data.video import VideoDecodeError, decode_clip
 from timesformer.evaluation import ViewAggregator
 from timesformer.model import TimeSformer
+from timesformer.model.weights import load_checkpoint_file
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def saved_data_config(ckpt: str | Path, group: str = "data") -> dict[str, Any]:
     path = Path(ckpt)
     if not path.is_file():
         return {}
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint = load_checkpoint_file(path, "ckpt")
     if not isinstance(checkpoint, dict):
         return {}
     return ((checkpoint.get("hyper_parameters") or {}).get("run_config") or {}).get(group) or {}

@@ -25,6 +25,7 @@ from timesformer.evaluation import write_report_files
 from timesformer.loggers import CSVLogger
 from timesformer.model import TimeSformer, TimeSformerConfig
 from timesformer.model.config import ARCHITECTURE_FIELDS
+from timesformer.model.weights import load_checkpoint_file
 from timesformer.module import LOGGED_METRICS, VideoClassifier, check_settings
 
 log = logging.getLogger(__name__)
@@ -185,11 +186,7 @@ def _resolve_ckpt_path(cfg: DictConfig, output_dir: Path) -> str | None:
 
 def _check_resumable(path: Path, cfg: DictConfig) -> None:
     """ckpt_path continues a train.py run: a Lightning checkpoint of a model built as ``cfg.model`` builds it."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as error:
-        raise ValueError(f"ckpt_path={path} cannot be read as a PyTorch checkpoint ({type(error).__name__}: {error})"
-                         ) from error
+    checkpoint = load_checkpoint_file(path, "ckpt_path", mmap=True)
     if not isinstance(checkpoint, dict) or "pytorch-lightning_version" not in checkpoint:
         raise ValueError(f"ckpt_path={path} is not a checkpoint of a train.py run (ckpt_path continues one, with its "
                          f"optimizer and loop state); to start from its weights use model.pretrained={path}")
@@ -424,11 +421,7 @@ def swap_dataset(saved_data: DictConfig | dict[str, Any], chosen: DictConfig) ->
 
 
 def _saved_run_config(ckpt_path: str) -> DictConfig:
-    try:
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    except Exception as error:
-        raise ValueError(f"ckpt={ckpt_path} cannot be read as a PyTorch checkpoint ({type(error).__name__}: "
-                         f"{error}); is it truncated, or another kind of file?") from error
+    checkpoint = load_checkpoint_file(ckpt_path, "ckpt")
     if not isinstance(checkpoint, dict):
         raise ValueError(f"ckpt={ckpt_path} is not a train.py checkpoint")
     run_config = checkpoint.get("hyper_parameters", {}).get("run_config")

@@ -284,6 +284,19 @@ def _check_architecture(path: Path, stored: TimeSformerConfig, overrides: dict[s
         )
 
 
+def load_checkpoint_file(path: str | Path, option: str = "", mmap: bool = False) -> Any:
+    """``torch.load`` of a checkpoint file on the CPU, with an error naming the file (and ``option``, e.g.
+    "ckpt_path") when it is not one: pickle's own message (a text file, a truncated download) names nothing.
+
+    weights_only=False: original and Lightning checkpoints hold plain Python objects besides tensors. Only load
+    checkpoints you trust (as with any pickle)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    except Exception as error:
+        raise ValueError(f"{option + '=' if option else ''}{path} cannot be read as a PyTorch checkpoint "
+                         f"({type(error).__name__}: {error}); is it truncated, or another kind of file?") from error
+
+
 def read_checkpoint(path: Path, **overrides: Any) -> tuple[TimeSformerConfig, dict[str, torch.Tensor]]:
     """Detect the format at ``path`` and return (config, state dict in our names).
 
@@ -302,13 +315,7 @@ def read_checkpoint(path: Path, **overrides: Any) -> tuple[TimeSformerConfig, di
         config, state = read_hf_folder(path)
         _check_architecture(path, config, overrides)
         return (TimeSformerConfig(**{**config.to_dict(), **overrides}) if overrides else config), state
-    # weights_only=False: original and Lightning checkpoints hold plain Python objects besides tensors.
-    # Only load checkpoints you trust (as with any pickle).
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # a text file, a truncated download, ...: pickle's own message names nothing
-        raise ValueError(f"{path} cannot be read as a PyTorch checkpoint ({type(error).__name__}: {error}); is it "
-                         "truncated, or another kind of file?") from error
+    blob = load_checkpoint_file(path)
     if isinstance(blob, dict) and "timesformer_config" in blob and "state_dict" in blob:
         _check_architecture(path, TimeSformerConfig.from_dict(blob["timesformer_config"]), overrides)
         config = TimeSformerConfig.from_dict({**blob["timesformer_config"], **overrides})
