@@ -17,8 +17,8 @@ import torch
 
 from tests.conftest import compose_config
 from timesformer.data.kinetics import KineticsSource
-from timesformer.data.sampling import segment_clip_indices
-from timesformer.data.sources import CsvSource, FolderSource
+from timesformer.data.sampling import dense_clip_indices, segment_clip_indices
+from timesformer.data.sources import CsvSource, FolderSource, consistency_warnings
 from timesformer.data.ssv2 import SomethingSomethingV2Source
 from timesformer.data.ucf101 import UCF101Source
 from timesformer.pipeline import train
@@ -474,6 +474,23 @@ def test_check_lists_problems_and_writes_a_clean_list(tmp_path, capsys):
     assert len(index.splits["train"]) == 6 and len(index.splits["val"]) == 2
 
 
+@pytest.mark.parametrize("num_frames, sampling_rate, fps", [(8, 8, 30.0), (8, 32, 30.0), (8, 4, 25.0), (16, 4, 60.0)])
+def test_check_calls_too_short_exactly_the_videos_whose_clips_repeat_frames(num_frames, sampling_rate, fps):
+    """`check` lists a video as too short exactly when the dataset pads its clips (repeats the last frame): a
+    60-frame video fits 8 x 8 (frames 0 ... 56), which check used to count as 64 frames."""
+    from types import SimpleNamespace
+
+    from timesformer.data.check import frames_needed
+
+    datamodule = SimpleNamespace(sampling="dense", num_frames=num_frames, sampling_rate=sampling_rate,
+                                 target_fps=30.0)
+    needed = frames_needed(datamodule, fps)
+    spaced = [int(i * sampling_rate * fps / 30.0) for i in range(num_frames)]  # the clip at the video's start
+    for length in (needed - 1, needed):  # both shorter than the span: the clip starts at frame 0
+        indices = dense_clip_indices(length, num_frames, sampling_rate, fps, clip_index=0)
+        assert (indices != spaced) == (length < needed), (length, indices)  # the end clamped: last frame repeated
+
+
 @pytest.mark.parametrize("arguments, message", [
     (["--splits=trian,val"], "valid splits are train, val, test"),
     (["--limit=-1"], "--limit must be >= 1"),
@@ -657,6 +674,73 @@ def test_folder_reports_nested_videos_and_reads_transport_streams(tmp_path, capl
     assert index.class_names == ["jump", "swim"]
     assert len(index.splits["train"]) == 2 and len(index.splits["val"]) == 2
     assert "1 videos outside" in caplog.text and "run/day1/b.mp4" in caplog.text
+
+
+def test_list_rows_are_read_whole_or_refused(tmp_path):
+    write_lines(tmp_path / "quoted.csv", ['"a.mp4", "cat"', "b.mp4,cat"])  # a space before a quoted field
+    assert CsvSource.read_rows(tmp_path / "quoted.csv") == [("a.mp4", "cat"), ("b.mp4", "cat")]
+    write_lines(tmp_path / "tabs.csv", ["a.mp4\tplaying guitar", "b.mp4\tdog"])
+    assert CsvSource.read_rows(tmp_path / "tabs.csv") == [("a.mp4", "playing guitar"), ("b.mp4", "dog")]
+    write_lines(tmp_path / "header.csv", ["filepath,activity", "a.mp4,running", "b.mp4,walking"])  # unknown words
+    assert CsvSource.read_rows(tmp_path / "header.csv") == [("a.mp4", "running"), ("b.mp4", "walking")]
+    write_lines(tmp_path / "extra.csv", ["path,label,start", "a.mp4,cat,3"])  # columns the header names
+    assert CsvSource.read_rows(tmp_path / "extra.csv") == [("a.mp4", "cat")]
+    write_lines(tmp_path / "comma.csv", ["a.mp4,dancing, solo", "b.mp4,dancing"])  # was read as "dancing"
+    with pytest.raises(ValueError, match=r"comma.csv, line 1: 3 fields where the list has 2.*quote"):
+        CsvSource.read_rows(tmp_path / "comma.csv")
+    (tmp_path / "latin.csv").write_bytes("a.mp4,café\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin.csv is not UTF-8"):
+        CsvSource.read_rows(tmp_path / "latin.csv")
+
+
+def test_class_name_files_cannot_shift_or_merge_ids(tmp_path):
+    touch(tmp_path, "a.mp4")
+    write_lines(tmp_path / "train.csv", ["a.mp4,c"])
+    (tmp_path / "classes.txt").write_text("x\n\na\nb\nc\n")
+    with pytest.raises(ValueError, match=r"classes.txt: blank line 2"):
+        CsvSource(tmp_path).scan()
+    (tmp_path / "classes.txt").write_text("a\nb\na\nc\n")
+    with pytest.raises(ValueError, match=r"classes.txt: a named more than once"):
+        CsvSource(tmp_path).scan()
+    (tmp_path / "classes.txt").write_text("a\nb\nc\n\n")  # blank lines at the end are no class
+    assert CsvSource(tmp_path).scan().class_names == ["a", "b", "c"]
+
+
+def test_lists_that_disagree_are_reported(tmp_path, caplog):
+    touch(tmp_path, "a.mp4", "b.mp4", "c.mp4", "d.mp4")
+    write_lines(tmp_path / "train.csv", ["a.mp4,cat", "a.mp4,dog", "b.mp4,dog", "b.mp4,dog"])
+    write_lines(tmp_path / "val.csv", ["c.mp4,Dog", "a.mp4,cat"])
+    with caplog.at_level(logging.WARNING):
+        CsvSource(tmp_path).load()
+    assert "val has classes with no training video: Dog" in caplog.text  # another case: never classified right
+    assert "train: 2 videos are listed more than once" in caplog.text
+    assert "train: 1 videos are listed with different labels" in caplog.text and "a.mp4 (cat / dog)" in caplog.text
+    assert "1 videos are in both train and val" in caplog.text
+    write_lines(tmp_path / "train.csv", ["a.mp4,1", "b.mp4,2"])  # class ids counted from 1
+    write_lines(tmp_path / "val.csv", ["c.mp4,1", "d.mp4,2"])
+    scan = CsvSource(tmp_path).scan()
+    assert scan.class_names == ["0", "1", "2"]
+    assert [warning.split(":")[0] for warning in consistency_warnings(scan)] == [
+        "1 of 3 classes have no video in any split (0)"]
+
+
+def test_annotations_left_out_are_named(tmp_path):
+    touch(tmp_path, "train/abcdefghijk_000000_000010.mp4", "val/x.mp4")
+    write_lines(tmp_path / "train.csv", ["label,youtube_id,time_start,time_end,split", "cat,abcdefghijk,0,10,train"])
+    write_lines(tmp_path / "val.csv", ["val/x.mp4 0"])  # a PySlowFast list beside an official CSV
+    assert any("val.csv not read" in warning for warning in KineticsSource(tmp_path).scan().warnings)
+
+    ssv2 = tmp_path / "ssv2"
+    touch(ssv2, *(f"20bn-something-something-v2/{i}.webm" for i in range(1, 5)))
+    (ssv2 / "labels.json").write_text(json.dumps({"Tearing something": "0"}))
+    for name, ids in (("train", [1]), ("validation", [2])):
+        (ssv2 / f"{name}.json").write_text(json.dumps([{"id": str(i), "template": "Tearing [something]"} for i in ids]))
+    (ssv2 / "test.json").write_text(json.dumps([{"id": "3"}, {"id": "4"}]))
+    write_lines(ssv2 / "test-answers.csv", ["3;Tearing something"])  # no answer for video 4
+    scan = SomethingSomethingV2Source(ssv2).scan()
+    assert len(scan.splits["test"]) == 1
+    assert any("1 videos have no answer in test-answers.csv" in warning and "4.webm" in warning
+               for warning in scan.warnings)
 
 
 def test_malformed_annotation_files_name_the_file_and_line(tmp_path):

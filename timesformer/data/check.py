@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from timesformer.data.dataset import SPLITS
+from timesformer.data.sampling import dense_clip_frames
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
@@ -69,11 +70,12 @@ def check_video(path: str, label: int, decoder: str = "decord") -> VideoCheck:
 
 
 def frames_needed(datamodule, fps: float) -> int:
-    """Frames one clip spans in a video at `fps` (a shorter video gets repeated frames)."""
+    """Frames one clip spans in a video at `fps`, first to last (a shorter video gets repeated frames, as the
+    dataset counts them: `dense_clip_frames`)."""
     if datamodule.sampling == "segment":
         return datamodule.num_frames
     fps = fps if fps > 0 and math.isfinite(fps) else datamodule.target_fps
-    return math.ceil(datamodule.num_frames * datamodule.sampling_rate * fps / datamodule.target_fps)
+    return dense_clip_frames(datamodule.num_frames, datamodule.sampling_rate, fps, datamodule.target_fps)
 
 
 def compose_data_config(overrides: Sequence[str]) -> dict:

@@ -12,7 +12,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch.utils.data import Dataset
 
-from timesformer.data.sampling import dense_clip_indices, segment_clip_indices
+from timesformer.data.sampling import dense_clip_frames, dense_clip_indices, segment_clip_indices
 from timesformer.data.video import DECODERS, VideoDecodeError, decode_clip
 
 SPLITS = ("train", "val", "test")
@@ -155,9 +155,9 @@ class VideoClipDataset(Dataset):
         # A fresh stdlib RNG seeded from torch's: keeps sampling.py free of torch while the draws follow torch's
         # per-worker, per-epoch seeding.
         rng = random.Random(int(torch.randint(0, 2**62, ()))) if temporal_clip is None else None
-        step = self.sampling_rate * video_fps / self.target_fps  # as dense_clip_indices measures it
-        self._ran_past_end = (video_num_frames < self.num_frames if self.sampling == "segment"
-                              else math.floor((self.num_frames - 1) * step) > video_num_frames - 1)
+        self._ran_past_end = video_num_frames < (
+            self.num_frames if self.sampling == "segment"
+            else dense_clip_frames(self.num_frames, self.sampling_rate, video_fps, self.target_fps))
         if self.sampling == "segment":
             return segment_clip_indices(video_num_frames, self.num_frames, temporal_clip, self.temporal_clips, rng)
         return dense_clip_indices(

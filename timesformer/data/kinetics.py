@@ -20,6 +20,7 @@ Kinetics class lists).
 from __future__ import annotations
 
 import csv
+import io
 import os
 import re
 from pathlib import Path
@@ -32,8 +33,9 @@ from timesformer.data.sources import (
     existing_files,
     first_existing,
     list_videos,
+    read_class_names,
     read_json,
-    read_text_lines,
+    read_text,
 )
 
 # The official CSVs call the validation split "validate"; look for that name first.
@@ -49,8 +51,7 @@ def clip_stem(youtube_id: str, time_start: str, time_end: str) -> str:
 
 def is_official_csv(path: Path) -> bool:
     """The official CSVs have a header naming youtube_id; PySlowFast lists have none."""
-    with open(path, encoding="utf-8-sig") as file:
-        return "youtube_id" in file.readline()
+    return "youtube_id" in read_text(path).partition("\n")[0]
 
 
 class KineticsSource(AnnotatedVideoSource):
@@ -104,7 +105,12 @@ class KineticsSource(AnnotatedVideoSource):
             )
         official = {split: is_official_csv(path) for split, path in files.items()}
         if any(official.values()):
-            return self._scan_official({split: path for split, path in files.items() if official[split]})
+            scan = self._scan_official({split: path for split, path in files.items() if official[split]})
+            others = [str(path) for split, path in files.items() if not official[split]]
+            if others:  # one format per dataset: a list in the other is not read, which must not go unnoticed
+                scan.warnings.append(f"{', '.join(others)} not read: they are not official Kinetics CSVs (no youtube_id "
+                                     "header) and the other lists are; convert them or put them in another folder")
+            return scan
         return self._scan_slowfast(files)
 
     # -- the official CSVs -----------------------------------------------------------------------------------
@@ -112,13 +118,12 @@ class KineticsSource(AnnotatedVideoSource):
         rows: dict[str, list[tuple[str, str, str]]] = {}  # per split: (clip stem, youtube id, label)
         notes, warnings = [], []
         for split, path in files.items():
-            with open(path, encoding="utf-8-sig", newline="") as file:
-                reader = csv.DictReader(file)
-                fields = [name.strip() for name in reader.fieldnames or []]
-                reader.fieldnames = fields
-                if not {"youtube_id", "time_start", "time_end"} <= set(fields):
-                    raise ValueError(f"{path}: expected the columns youtube_id,time_start,time_end, got {fields}")
-                split_rows = [(reader.line_num, row) for row in reader]
+            reader = csv.DictReader(io.StringIO(read_text(path)))
+            fields = [name.strip() for name in reader.fieldnames or []]
+            reader.fieldnames = fields
+            if not {"youtube_id", "time_start", "time_end"} <= set(fields):
+                raise ValueError(f"{path}: expected the columns youtube_id,time_start,time_end, got {fields}")
+            split_rows = [(reader.line_num, row) for row in reader]
             labelled = "label" in fields and any((row["label"] or "").strip() for _, row in split_rows)
             if not labelled:
                 notes.append(f"{path.name} has no labels: it cannot be evaluated; test uses the val split")
@@ -223,7 +228,7 @@ class KineticsSource(AnnotatedVideoSource):
                 for name, class_id in ids.items():
                     names[class_id] = name.strip().strip('"')
             else:
-                names = read_text_lines(path)
+                names = read_class_names(path)
             if len(names) < num_ids:
                 raise ValueError(f"{path} names {len(names)} classes but the lists use ids up to {num_ids - 1}")
             return names, []

@@ -69,6 +69,12 @@ def dense_clip_indices(
     return [min(max(index, 0), video_num_frames - 1) for index in indices]
 
 
+def dense_clip_frames(num_frames: int, sampling_rate: int, video_fps: float, target_fps: float = 30.0) -> int:
+    """Frames of a video from a dense clip's first frame to its last, both included: a video with fewer frames
+    gets its last frame repeated (`dense_clip_indices`)."""
+    return math.floor((num_frames - 1) * sampling_rate * video_fps / target_fps) + 1
+
+
 def segment_clip_indices(
     video_num_frames: int,
     num_frames: int,

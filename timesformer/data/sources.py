@@ -99,16 +99,40 @@ def first_existing(candidates: Sequence[Path]) -> Path | None:
     return next((path for path in candidates if path.exists()), None)
 
 
+def read_text(path: Path) -> str:
+    """An annotation file's text (UTF-8, with or without a BOM; CRLF read as LF); another encoding is an error
+    naming the file."""
+    try:
+        with open(path, encoding="utf-8-sig", newline=None) as file:  # newline=None: universal newlines
+            return file.read()
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text ({error}): save it as UTF-8") from None
+
+
 def read_text_lines(path: Path) -> list[str]:
     """Non-empty lines without their line ends: handles CRLF (UCF101's lists), a UTF-8 BOM and blank lines."""
-    with open(path, encoding="utf-8-sig", newline=None) as file:  # newline=None: universal newlines
-        return [line.strip() for line in file if line.strip()]
+    return [line.strip() for line in read_text(path).splitlines() if line.strip()]
+
+
+def read_class_names(path: Path) -> list[str]:
+    """A class-names file: line i names class i (counted from 0). A blank line between names or a name given twice
+    is an error, since either would shift or merge class ids."""
+    lines = [line.strip() for line in read_text(path).splitlines()]
+    while lines and not lines[-1]:
+        lines.pop()
+    blank = [number for number, line in enumerate(lines, start=1) if not line]
+    if blank:
+        raise ValueError(f"{path}: blank line {blank[0]} (line i names class i-1; remove it or name the class)")
+    repeated = sorted({name for name in lines if lines.count(name) > 1})
+    if repeated:
+        raise ValueError(f"{path}: {', '.join(repeated[:3])} named more than once (each line names one class)")
+    return lines
 
 
 def read_json(path: Path) -> object:
     """A JSON annotation file; a truncated or invalid one is an error naming the file."""
     try:
-        return json.loads(path.read_text(encoding="utf-8-sig"))
+        return json.loads(read_text(path))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON ({error}): a truncated download?") from None
 
@@ -150,10 +174,11 @@ class AnnotatedVideoSource:
         return self.index_from_scan(self.scan())
 
     def index_from_scan(self, scan: DatasetScan) -> VideoIndex:
-        """Report what `scan()` found missing, fail on a split without videos, use val for a missing test."""
+        """Report what `scan()` found missing or inconsistent, fail on a split without videos, use val for a
+        missing test."""
         for note in scan.notes:
             _log_on_rank_zero(logging.INFO, "%s: %s", self.title, note)
-        for warning in scan.warnings:
+        for warning in [*scan.warnings, *consistency_warnings(scan)]:
             _log_on_rank_zero(logging.WARNING, "%s: %s", self.title, warning)
         for split, missing in scan.missing.items():
             if not missing:
@@ -181,6 +206,52 @@ class AnnotatedVideoSource:
         if "test" not in splits and "val" in splits:
             splits["test"] = splits["val"]  # evaluation on the validation set, as the papers report
         return VideoIndex(class_names=list(scan.class_names), splits=splits)
+
+
+def consistency_warnings(scan: DatasetScan) -> list[str]:
+    """What annotation lists get wrong without failing to read: a class that only val/test has (a typo, another
+    case or Unicode form of a training class: those videos can never be classified right), a class with no video
+    (ids counted from 1, a header row read as a label), a video listed twice (counted twice) or with two labels,
+    and a video in two splits (validation on training data)."""
+    warnings = []
+
+    def named(items: Sequence[str]) -> str:
+        return ", ".join(items[:MISSING_EXAMPLES]) + (", ..." if len(items) > MISSING_EXAMPLES else "")
+
+    labels_in = {split: {label for _, label in entries} for split, entries in scan.splits.items()}
+    for split in ("val", "test"):
+        unseen = sorted(labels_in.get(split, set()) - labels_in.get("train", set()))
+        if unseen and "train" in scan.splits:
+            warnings.append(f"{split} has classes with no training video: "
+                            + ", ".join(scan.class_names[label] for label in unseen))
+    used = set().union(*labels_in.values())
+    empty = [name for label, name in enumerate(scan.class_names) if label not in used]
+    if empty:
+        warnings.append(f"{len(empty)} of {len(scan.class_names)} classes have no video in any split ({named(empty)}): "
+                        "class ids counted from 1, a header row read as a video, or a partial download?")
+    labels_of: dict[str, dict[str, set[int]]] = {}  # split -> path -> its labels
+    for split, entries in scan.splits.items():
+        counts: dict[str, int] = {}
+        for path, label in entries:
+            path = os.path.normpath(path)
+            labels_of.setdefault(split, {}).setdefault(path, set()).add(label)
+            counts[path] = counts.get(path, 0) + 1
+        repeated = [path for path, count in counts.items() if count > 1]
+        conflicting = [f"{path} ({' / '.join(scan.class_names[label] for label in sorted(labels_of[split][path]))})"
+                       for path in repeated if len(labels_of[split][path]) > 1]
+        if repeated:
+            warnings.append(f"{split}: {len(repeated)} videos are listed more than once and count that many times "
+                            f"({named(repeated)})")
+        if conflicting:
+            warnings.append(f"{split}: {len(conflicting)} videos are listed with different labels, and count as "
+                            f"each of them ({named(conflicting)})")
+    for first, second in (("train", "val"), ("train", "test"), ("val", "test")):
+        shared = sorted(set(labels_of.get(first, {})) & set(labels_of.get(second, {})))
+        if shared:
+            seen = "trained on" if first == "train" else "was chosen on (the best checkpoint by val)"
+            warnings.append(f"{len(shared)} videos are in both {first} and {second} ({named(shared)}): {second} "
+                            f"results would measure videos the model {seen}")
+    return warnings
 
 
 @rank_zero_only
@@ -229,13 +300,7 @@ class FolderSource(AnnotatedVideoSource):
         class_names = sorted({path.parent.name for paths in videos.values() for path in paths})
         label_of = {name: label for label, name in enumerate(class_names)}
         splits = {split: [(str(path), label_of[path.parent.name]) for path in paths] for split, paths in videos.items()}
-        warnings = list(strays.values())
-        train_classes = {path.parent.name for path in videos.get("train", [])}
-        for split in ("val", "test"):
-            unseen = sorted({path.parent.name for path in videos.get(split, [])} - train_classes)
-            if unseen and "train" in videos:
-                warnings.append(f"{split} has classes with no training video: {', '.join(unseen)}")
-        return DatasetScan(class_names, splits, searched=searched, warnings=warnings)
+        return DatasetScan(class_names, splits, searched=searched, warnings=list(strays.values()))
 
 
 class CsvSource(AnnotatedVideoSource):
@@ -275,31 +340,49 @@ class CsvSource(AnnotatedVideoSource):
     def read_rows(cls, path: Path) -> list[tuple[str, str]]:
         """(video path, label) rows of a list file, header and blank lines skipped.
 
-        Comma-separated (CSV quoting) or "path label" lines (PySlowFast's: the label is the last whitespace-separated
-        field, the path may hold spaces and commas), decided per file: space-separated when every line reads as a
-        video path and a label that way and not as CSV (a comma inside a path), else CSV."""
+        Comma-separated (CSV quoting), tab-separated (labels may hold spaces) or "path label" lines (PySlowFast's:
+        the label is the last whitespace-separated field, the path may hold spaces and commas), decided per file:
+        tabs when every line has one, space-separated when every line reads as a video path and a label that way
+        and not as CSV (a comma inside a path), else CSV. The first line is a header when it names the columns or
+        when it is no video path where all other lines are. A row with more fields than the header's (two without
+        one) is an error: an unquoted comma in a label would otherwise cut it short."""
         lines = read_text_lines(path)
 
         def video_path_first(fields: list[str]) -> bool:
             return len(fields) >= 2 and is_video_file(os.path.basename(fields[0].strip()))
 
+        def csv_fields(line: str) -> list[str]:
+            return next(csv.reader([line], skipinitialspace=True))
+
+        def space_fields(line: str) -> list[str]:
+            return line.rsplit(maxsplit=1)
+
+        def tab_fields(line: str) -> list[str]:
+            return line.split("\t")
+
         data_lines = lines[1:] if len(lines) > 1 else lines  # the first may be a header
-        as_space = [video_path_first(line.rsplit(maxsplit=1)) for line in data_lines]
-        as_csv = [video_path_first(next(csv.reader([line]))) for line in data_lines]
-        if any(as_space) or any(as_csv):
-            space_separated = all(as_space) and not all(as_csv)
+        as_space = [video_path_first(space_fields(line)) for line in data_lines]
+        as_csv = [video_path_first(csv_fields(line)) for line in data_lines]
+        if all("\t" in line for line in data_lines):
+            split = tab_fields
+        elif any(as_space) or any(as_csv):
+            split = space_fields if all(as_space) and not all(as_csv) else csv_fields
         else:  # paths without a video extension: a comma means CSV
-            space_separated = not any("," in line for line in data_lines)
-        rows = []
+            split = csv_fields if any("," in line for line in data_lines) else space_fields
+        others_are_videos = len(lines) > 1 and all(video_path_first(split(line)) for line in data_lines)
+        rows, columns = [], 2
         for number, line in enumerate(lines, start=1):
-            fields = line.rsplit(maxsplit=1) if space_separated else next(csv.reader([line]))
-            fields = [value.strip() for value in fields]
-            header_words = fields[0].lower() in cls.HEADER_FIRST_FIELDS or (
-                len(fields) > 1 and fields[1].lower() in cls.HEADER_LABEL_FIELDS)
-            if number == 1 and header_words and not is_video_file(os.path.basename(fields[0])):
+            fields = [value.strip() for value in split(line)]
+            if number == 1 and not is_video_file(os.path.basename(fields[0])) and (
+                    others_are_videos or fields[0].lower() in cls.HEADER_FIRST_FIELDS
+                    or (len(fields) > 1 and fields[1].lower() in cls.HEADER_LABEL_FIELDS)):
+                columns = max(len(fields), 2)
                 continue  # a header row, not a video whose class is called "class"
             if len(fields) < 2 or not fields[0] or not fields[1]:
                 raise ValueError(f"{path}, line {number}: expected `path,label`, got {line!r}")
+            if len(fields) > columns:
+                raise ValueError(f"{path}, line {number}: {len(fields)} fields where the list has {columns} ({line!r}): "
+                                 "quote a path or label that holds a comma (\"dancing, solo\")")
             rows.append((fields[0], fields[1]))
         return rows
 
@@ -359,7 +442,7 @@ class CsvSource(AnnotatedVideoSource):
         names_file = self._resolve(self.class_names_file)
         all_integers = all(label.lstrip("-").isdigit() for label in labels)
         if names_file is not None and names_file.is_file():
-            names = read_text_lines(names_file)
+            names = read_class_names(names_file)
             unknown = sorted({label for label in labels if label not in names} if not all_integers else set())
             if unknown:
                 raise ValueError(f"Labels not in {names_file}: {', '.join(unknown[:5])}")

@@ -90,7 +90,7 @@ class SomethingSomethingV2Source(AnnotatedVideoSource):
 
         splits: dict[str, list[tuple[str, int]]] = {}
         missing: dict[str, list[str]] = {}
-        notes = []
+        notes, warnings = [], []
         for split, name in SPLIT_FILES.items():
             path = self.annotation_file(name)
             if path is None:
@@ -101,6 +101,11 @@ class SomethingSomethingV2Source(AnnotatedVideoSource):
             if labelled is None:
                 notes.append(f"{path.name} has no labels (no test-answers.csv): test uses the validation split")
                 continue
+            unanswered = [f"{video_id}.webm" for video_id, template in labelled if template is None]
+            if unanswered:
+                warnings.append(f"{path.name}: {len(unanswered)} videos have no answer in test-answers.csv and are "
+                                f"left out ({', '.join(unanswered[:3])}{', ...' if len(unanswered) > 3 else ''})")
+                labelled = [(video_id, template) for video_id, template in labelled if template is not None]
             unknown = [template for _, template in labelled if normalise_template(template) not in by_template]
             if unknown:
                 message = f"{path}: {len(unknown)} videos have templates not in {labels_file}, e.g. {unknown[0]!r}"
@@ -117,10 +122,11 @@ class SomethingSomethingV2Source(AnnotatedVideoSource):
                 else:
                     splits[split].append((found, by_template[key]))
         searched = dict.fromkeys(splits, str(folder))
-        return DatasetScan(class_names, splits, missing, searched, notes)
+        return DatasetScan(class_names, splits, missing, searched, notes, warnings)
 
-    def _labelled_entries(self, split: str, path: Path, folder: Path) -> list[tuple[str, str]] | None:
-        """(video id, template) pairs of a split file; None for an unlabelled test file without answers."""
+    def _labelled_entries(self, split: str, path: Path, folder: Path) -> list[tuple[str, str | None]] | None:
+        """(video id, template) pairs of a split file; None for an unlabelled test file without answers, a None
+        template for a test video that test-answers.csv does not answer."""
         items = read_json(path)
         if not isinstance(items, list) or not all(isinstance(item, dict) and "id" in item for item in items):
             raise ValueError(f"{path}: expected a JSON list of {{\"id\": ..., \"template\": ...}} entries")
@@ -137,4 +143,4 @@ class SomethingSomethingV2Source(AnnotatedVideoSource):
                 raise ValueError(f"{answers}, line {number}: expected `<video id>;<template>`, got {line!r}")
             video_id, template = line.split(";", 1)
             template_of[video_id] = template
-        return [(str(item["id"]), template_of[str(item["id"])]) for item in items if str(item["id"]) in template_of]
+        return [(str(item["id"]), template_of.get(str(item["id"]))) for item in items]  # None: no answer
