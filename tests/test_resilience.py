@@ -362,6 +362,24 @@ def test_a_skipped_batch_under_gradient_accumulation_leaves_the_step_to_the_othe
         torch.testing.assert_close(param, expected, msg=name)
 
 
+def test_train_loss_is_the_mean_over_an_accumulated_step(tmp_path):
+    # It was the step's last batch's loss alone (k400_paper accumulates 8 on one GPU: 8 of 64 clips).
+    module, losses = _tiny_classifier(), []
+    training_step = module.training_step
+
+    def recording_step(batch, batch_idx):
+        loss = training_step(batch, batch_idx)
+        losses.append(float(loss))
+        return loss
+
+    module.training_step = recording_step
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, default_root_dir=tmp_path, logger=False, log_every_n_steps=1,
+                        enable_progress_bar=False, enable_checkpointing=False, accumulate_grad_batches=3)
+    trainer.fit(module, train_dataloaders=_nan_loader(drop_poisoned=True))  # 3 batches: one step
+    assert trainer.global_step == 1 and len(losses) == 3 and len(set(losses)) == 3
+    assert float(trainer.callback_metrics["train/loss"]) == pytest.approx(sum(losses) / 3, rel=1e-6)
+
+
 def test_every_experiment_composes(tmp_path):
     for experiment in ("demo", "k400_paper", "k400_adamw", "k400_hr", "k400_large"):
         cfg = compose_config("train", [f"experiment={experiment}"], tmp_path)

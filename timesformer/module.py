@@ -26,7 +26,8 @@ from timesformer.model import TimeSformer
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adamw", "sgd")
-# The metrics VideoClassifier logs (per epoch, but train/loss and train/grad_norm per logging interval too).
+# The metrics VideoClassifier logs (per epoch; train/loss, the mean over an optimizer step's batches, and
+# train/grad_norm per logging interval).
 LOGGED_METRICS = (
     "train/loss", "train/acc", "train/acc_top5", "train/grad_norm", "train/replaced_videos", "train/skipped_batches",
     *(f"{stage}/{name}" for stage in ("val", "test") for name in (
@@ -149,8 +150,9 @@ class VideoClassifier(L.LightningModule):
         label_smoothing: cross-entropy label smoothing.
         nonfinite_loss: "error": a NaN/inf loss saves ``nonfinite-step<N>.ckpt`` (the weights before that step)
             beside the other checkpoints and stops with an error naming the step; "skip": the batch is skipped
-            (no weights, momentum or weight decay change; counted in ``train/skipped_batches``). Under DDP a
-            non-finite loss on any process counts for all (they stop, or skip that batch, together).
+            (no weights, momentum or weight decay change; counted in ``train/skipped_batches``; under gradient
+            accumulation the step's other batches keep their 1/N share, as in a last, shorter window of an epoch).
+            Under DDP a non-finite loss on any process counts for all (they stop, or skip that batch, together).
         compile: run the model through ``torch.compile`` (the state dict keeps its plain names).
         view_aggregation: how evaluation views of one video are combined: "softmax" (mean of probabilities,
             mmaction2) or "logits" (mean of logits; the original sums them, which ranks the same).
@@ -182,6 +184,9 @@ class VideoClassifier(L.LightningModule):
         self.skipped_batches = 0
         # Batches of the current optimizer step (gradient accumulation) and how many of them had a non-finite loss
         self._micro_batches = self._skipped_micro_batches = 0
+        # The sum of the losses of this optimizer step's batches (skipped ones left out) and how many they are
+        self._step_loss: torch.Tensor | None = None
+        self._step_losses = 0
         # The last training batch's logits, labels, loss, replaced-video count and non-finite flag (a device tensor):
         # metrics, logs and, with nonfinite_loss="error", the check, after backward() has queued the backward pass
         self._after_backward: tuple[torch.Tensor, ...] | None = None
@@ -241,8 +246,10 @@ class VideoClassifier(L.LightningModule):
         if replaced is not None:  # broken videos the dataset replaced by others
             self.log("train/replaced_videos", replaced.sum().float(), on_step=False, on_epoch=True, reduce_fx="sum",
                      sync_dist=True, batch_size=len(logits))
-        # Not prog_bar: Lightning would read it back to the host after every step. TrainingProgressBar shows it.
-        self.log("train/loss", loss, batch_size=len(logits))
+        # train/loss is the mean over the optimizer step's batches, logged by on_before_optimizer_step: under
+        # gradient accumulation the step's last batch alone would stand for it.
+        self._step_loss = loss if self._step_loss is None else self._step_loss + loss
+        self._step_losses += 1
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True, batch_size=len(logits))
 
     def _skip_nonfinite_batch(self) -> torch.Tensor:
@@ -318,6 +325,10 @@ class VideoClassifier(L.LightningModule):
             # untouched (no update, momentum or weight decay).
             optimizer.zero_grad(set_to_none=True)
         self._micro_batches = self._skipped_micro_batches = 0
+        if self._step_loss is not None:
+            # Not prog_bar: Lightning would read it back to the host after every step. TrainingProgressBar shows it.
+            self.log("train/loss", self._step_loss / self._step_losses)
+            self._step_loss, self._step_losses = None, 0
         # The global gradient norm, at the logging interval only (it costs a reduction over every parameter): the
         # loggers' own condition, so that the step it is logged at is the step it was measured at.
         if self.trainer._logger_connector.should_update_logs:
