@@ -11,11 +11,12 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from tests.conftest import ROOT, TINY_DATA, compose_config
 from timesformer import TimeSformer, TimeSformerConfig
-from timesformer.module import VideoClassifier
+from timesformer.module import VideoClassifier, check_settings, lr_multiplier
 from timesformer.pipeline import _apply_global_batch_size, find_resume_checkpoint, run_name
 
 
@@ -393,6 +394,15 @@ def test_every_experiment_composes(tmp_path):
     paper = compose_config("train", ["experiment=k400_paper"], tmp_path)
     assert (paper.optimizer.name, paper.optimizer.lr, paper.optimizer.nesterov) == ("sgd", 0.005, True)
     assert paper.global_batch_size == 64 and paper.trainer.max_epochs == 15
+    steps_per_epoch = 3750  # Kinetics-400's ~240k videos at a global batch of 64
+    assert paper.scheduler.name == "multistep" and not paper.scheduler.warmup_epochs
+    factors = [lr_multiplier(epoch * steps_per_epoch + offset, "multistep", total_steps=15 * steps_per_epoch,
+                             milestones=tuple(paper.scheduler.milestones), gamma=paper.scheduler.gamma)
+               for epoch in (11, 14) for offset in (-1, 0)]
+    assert factors == pytest.approx([1.0, 0.1, 0.1, 0.01])  # the lr drops at the first step of epochs 12 and 15
+    # Another schedule on the paper's recipe takes its own options (the experiment's milestones were refused).
+    cosine = compose_config("train", ["experiment=k400_paper", "scheduler=cosine"], tmp_path)
+    check_settings(OmegaConf.to_container(cosine.optimizer), OmegaConf.to_container(cosine.scheduler))
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])

@@ -135,6 +135,8 @@ def test_unknown_optimizer_names_the_valid_choices(synthetic_root, tmp_path):
     ("+global_batch=64", "global_batch is not an option of train.py"),
     ("+optimizer.momentum=0.8", "optimizer.momentum has no effect with optimizer.name=adamw"),
     ("+scheduler.gamma=0.5", "scheduler.gamma has no effect with scheduler.name=cosine"),
+    ("+optimizer.eps=1e-6", "optimizer.eps is not an option; valid optimizer options: betas, decay_norm_bias_embed"),
+    ("+scheduler.warmup_steps=100", "scheduler.warmup_steps is not an option; valid scheduler options: gamma"),
     ("+callbacks.typo.every_n_epochs=1", "callbacks.typo: an entry of this group needs a _target_"),
     pytest.param("trainer=gpu", "needs a CUDA GPU and none is visible here: use trainer=cpu",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")),

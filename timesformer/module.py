@@ -6,6 +6,7 @@ are kept and how the optimizer and learning-rate schedule are built.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import random
@@ -52,8 +53,9 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
     """AdamW or SGD over parameter groups.
 
     ``decay_norm_bias_embed=False`` exempts biases, norms and the cls/position/time embeddings from weight
-    decay (mmaction2's recipe; the original decays everything). ``layer_decay`` (e.g. 0.75) scales block i's
-    learning rate by ``layer_decay ** (num_layers + 1 - layer)``: layer-wise decay for fine-tuning (BEiT/MAE).
+    decay (the usual ViT recipe, DeiT/timm's; the original decays everything, mmaction2 all but the embeddings).
+    ``layer_decay`` (e.g. 0.75) scales block i's learning rate by ``layer_decay ** (num_layers + 1 - layer)``:
+    layer-wise decay for fine-tuning (BEiT/MAE).
     ``fused``: one fused kernel per step; None: when every parameter is on a GPU.
     """
     if name not in OPTIMIZERS:
@@ -108,6 +110,13 @@ def lr_multiplier(step: int, name: str, total_steps: int, warmup_steps: int = 0,
 def check_settings(optimizer: dict[str, Any], scheduler: dict[str, Any], label_smoothing: float = 0.0) -> None:
     """Values torch would accept and train badly with (or reject only at the first step), named by their option."""
     problems = []
+    # Keys nothing reads (`+optimizer.eps=1e-6`) failed only at configure_optimizers, as a bare TypeError
+    known = {"optimizer": set(inspect.signature(build_optimizer).parameters) - {"model"},
+             "scheduler": {*inspect.signature(lr_multiplier).parameters, "warmup_epochs"}
+             - {"step", "total_steps", "warmup_steps"}}
+    for group, settings in (("optimizer", optimizer), ("scheduler", scheduler)):
+        problems += [f"{group}.{key} is not an option; valid {group} options: {', '.join(sorted(known[group]))}"
+                     for key in sorted(set(settings) - known[group])]
     if not 0.0 <= float(label_smoothing) < 1.0:
         problems.append(f"module.label_smoothing={label_smoothing} must be in [0, 1)")
     if float(optimizer.get("weight_decay", 0.0)) < 0:  # torch checks its defaults, not parameter groups
