@@ -176,6 +176,40 @@ def test_evaluate_refuses_keys_it_does_not_read(tmp_path):
         evaluate(compose_config("eval", ["ckpt=any.ckpt", "+model.num_frames=16"], tmp_path))
 
 
+def test_a_run_records_its_real_batch_and_a_finished_run_restarted_keeps_its_results(synthetic_root, tmp_path):
+    overrides = [*tiny_overrides(synthetic_root), "trainer.max_epochs=1", "test=false", "global_batch_size=8",
+                 "trainer.enable_progress_bar=false"]
+    metrics = train(compose_config("train", overrides, tmp_path / "run"))
+    # The loggers and checkpoints had accumulate_grad_batches: 1 (the config's), no process count, no global batch.
+    run_config = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)[
+        "hyper_parameters"]["run_config"]
+    assert (run_config["trainer"]["accumulate_grad_batches"], run_config["world_size"],
+            run_config["global_batch_size"]) == (2, 1, 8)
+    logged = (tmp_path / "run" / "csv" / "hparams.yaml").read_text()
+    assert "accumulate_grad_batches: 2" in logged and "world_size: 1" in logged
+    # resume=auto on the finished run (a restarted sweep): metrics.json was overwritten with {}, no objective left.
+    results = (tmp_path / "run" / "metrics.json").read_text()
+    again = train(compose_config("train", [*overrides, "resume=auto"], tmp_path / "run"))
+    assert again == metrics and "val/acc" in again
+    assert (tmp_path / "run" / "metrics.json").read_text() == results
+
+
+def test_a_failed_run_closes_its_wandb_run(synthetic_root, tmp_path, monkeypatch):
+    """Under -m the next job logged into the failed job's still open W&B run."""
+    import timesformer.pipeline as pipeline
+
+    closed = []
+    monkeypatch.setattr(pipeline, "_finish_wandb", lambda loggers, exit_code=0: closed.append(exit_code))
+
+    def diverging_fit(*args, **kwargs):
+        raise FloatingPointError("non-finite training loss")
+
+    monkeypatch.setattr(pipeline.L.Trainer, "fit", diverging_fit)
+    with pytest.raises(FloatingPointError):
+        train(compose_config("train", [*tiny_overrides(synthetic_root), "trainer.enable_progress_bar=false"], tmp_path))
+    assert closed == [1]  # finished, marked failed
+
+
 def test_checkpoints_of_the_wrong_kind_are_named(synthetic_root, tmp_path):
     """Pickle errors, KeyError('global_step') and pages of size mismatches named no file or option."""
     from timesformer.pipeline import evaluate
@@ -193,8 +227,14 @@ def test_checkpoints_of_the_wrong_kind_are_named(synthetic_root, tmp_path):
     ]:
         with pytest.raises((ValueError, FileNotFoundError), match=message):
             train(compose_config("train", [*overrides, f"ckpt_path={ckpt_path}"], tmp_path / "resumed"))
-    with pytest.raises(ValueError, match="continues a run of another model: model.hidden_size=64 \\(it has"):
+    with pytest.raises(ValueError, match="continues a run with other settings: model.hidden_size=64 \\(it has"):
         train(compose_config("train", [*overrides, f"ckpt_path={last}", "model.hidden_size=64"], tmp_path / "other"))
+    # The optimizer's restored state holds the learning rate: a new one was logged and never used.
+    with pytest.raises(ValueError, match="ckpt_path: .* other settings: optimizer.lr=0.5 \\(it has 0.001\\)"):
+        train(compose_config("train", [*overrides, f"ckpt_path={last}", "optimizer.lr=0.5"], tmp_path / "other"))
+    # resume=auto finds the run dir's checkpoint
+    with pytest.raises(ValueError, match="resume=auto: .* other settings: optimizer.lr=0.5"):
+        train(compose_config("train", [*overrides, "resume=auto", "optimizer.lr=0.5"], tmp_path / "run"))
     with pytest.raises(FileNotFoundError, match="is a folder: pass a train.py checkpoint file"):
         evaluate(compose_config("eval", [f"ckpt={tmp_path / 'run' / 'checkpoints'}"], tmp_path / "eval"))
     with pytest.raises(ValueError, match="notes.ckpt cannot be read as a PyTorch checkpoint"):

@@ -180,23 +180,33 @@ def _resolve_ckpt_path(cfg: DictConfig, output_dir: Path) -> str | None:
         found = find_resume_checkpoint(output_dir)
         log.info("resume=auto: %s", f"continuing from {found}" if found else f"no checkpoint in {output_dir}, "
                  "starting a new run")
+        if found:
+            _check_resumable(found, cfg, option="resume=auto")
         return str(found) if found else None
     return None
 
 
-def _check_resumable(path: Path, cfg: DictConfig) -> None:
-    """ckpt_path continues a train.py run: a Lightning checkpoint of a model built as ``cfg.model`` builds it."""
-    checkpoint = load_checkpoint_file(path, "ckpt_path", mmap=True)
+def _check_resumable(path: Path, cfg: DictConfig, option: str = "ckpt_path") -> None:
+    """ckpt_path (or resume=auto) continues a train.py run: a Lightning checkpoint of a model built as ``cfg.model``
+    builds it, trained with ``cfg.optimizer`` (its saved state, which Lightning restores, holds the learning rates,
+    weight decays and momenta: another value on the command line would be logged and never used)."""
+    checkpoint = load_checkpoint_file(path, option, mmap=True)
     if not isinstance(checkpoint, dict) or "pytorch-lightning_version" not in checkpoint:
-        raise ValueError(f"ckpt_path={path} is not a checkpoint of a train.py run (ckpt_path continues one, with its "
+        raise ValueError(f"{option}: {path} is not a checkpoint of a train.py run (resuming continues one, with its "
                          f"optimizer and loop state); to start from its weights use model.pretrained={path}")
     saved = checkpoint.get("timesformer_config") or {}
     differ = [f"model.{name}={cfg.model.get(name)!r} (it has {saved[name]!r})"
               for name in (*ARCHITECTURE_FIELDS, "num_frames", "image_size")
               if name in saved and cfg.model.get(name) is not None and cfg.model.get(name) != saved[name]]
+    saved_optimizer = (checkpoint.get("hyper_parameters") or {}).get("optimizer")
+    if saved_optimizer is not None:
+        chosen = OmegaConf.to_container(cfg.optimizer, resolve=True)
+        differ += [f"optimizer.{key}={chosen.get(key)!r} (it has {saved_optimizer.get(key)!r})"
+                   for key in sorted(set(chosen) | set(saved_optimizer)) if chosen.get(key) != saved_optimizer.get(key)]
     if differ:
-        raise ValueError(f"ckpt_path={path} continues a run of another model: {', '.join(differ)}. Resume with the "
-                         f"run's own config, or start from its weights with model.pretrained={path}")
+        raise ValueError(f"{option}: {path} continues a run with other settings: {', '.join(differ)}. Resume with the "
+                         f"run's own config (its .hydra/ folder), or start a new run from its weights with "
+                         f"model.pretrained={path}")
 
 
 def _check_sweep_dir_is_fixed() -> None:
@@ -312,13 +322,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
         log.warning("optimizer.layer_decay=%s on a model trained from scratch only slows its early blocks down: it is "
                     "for fine-tuning (model.init_from= or model.pretrained=); optimizer.layer_decay=null turns it off",
                     cfg.optimizer.layer_decay)
-    module = VideoClassifier(
-        model,
-        optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
-        scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
-        **OmegaConf.to_container(cfg.get("module") or {}, resolve=True),
-        run_config=OmegaConf.to_container(cfg, resolve=True),
-    )
     log.info("TimeSformer (%s): %.2fM parameters, %d classes", model.config.attention_type,
              model.num_parameters() / 1e6, model.config.num_classes)
 
@@ -326,6 +329,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if ckpt_path is not None:
         _continue_wandb_run(cfg, output_dir)
     loggers = _instantiate_all(cfg.get("logger"))
+    resumed_step = None
     if ckpt_path is not None:  # a resumed run continues its CSV file (Lightning's CSVLogger would delete it)
         resumed_step = int(torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)["global_step"])
         for logger in loggers:
@@ -340,16 +344,49 @@ def train(cfg: DictConfig) -> dict[str, float]:
         callbacks = [callback for callback in callbacks if not isinstance(callback, ModelCheckpoint)]
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     _apply_global_batch_size(trainer, cfg.get("global_batch_size"), cfg.data.batch_size)
+    # The run's config as the loggers and checkpoints record it, with the accumulation derived from global_batch_size
+    # (the config says 1), the processes and the global batch they make
+    run_config = OmegaConf.to_container(cfg, resolve=True)
+    run_config["trainer"]["accumulate_grad_batches"] = trainer.accumulate_grad_batches
+    run_config["world_size"] = trainer.world_size
+    run_config["global_batch_size"] = cfg.data.batch_size * trainer.world_size * trainer.accumulate_grad_batches
+    module = VideoClassifier(
+        model,
+        optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
+        scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
+        **OmegaConf.to_container(cfg.get("module") or {}, resolve=True),
+        run_config=run_config,
+    )
     if any(limit != 0 and (isinstance(limit, int) or limit != 1.0)  # an int counts batches: 1 is one batch
            for limit in (trainer.limit_val_batches, trainer.limit_test_batches)):
         log.warning("trainer.limit_val_batches / limit_test_batches: validation and test read the first batches of "
                     "their lists in order (class by class in most lists), so their accuracy is not the split's, nor "
                     "the best checkpoint chosen by it")
     try:
+        metrics = _fit_and_test(cfg, trainer, module, datamodule, ckpt_path, resumed_step, output_dir)
+    except BaseException:
+        _finish_wandb(loggers, exit_code=1)  # under -m the next job would log into this run
+        raise
+    _finish_wandb(loggers)
+    return metrics
+
+
+def _fit_and_test(cfg: DictConfig, trainer: L.Trainer, module: VideoClassifier, datamodule: L.LightningDataModule,
+                  ckpt_path: str | None, resumed_step: int | None, output_dir: Path) -> dict[str, float]:
+    """Fit (from ``ckpt_path``, at ``resumed_step``), test the best checkpoint, write ``metrics.json``."""
+    try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except SIGTERMException:
         log.warning("Training stopped by a signal (preemption); continue it as the message above says")
         return {"preempted": 1.0}
+    results_file = output_dir / "metrics.json"
+    if resumed_step is not None and trainer.global_step == resumed_step and results_file.is_file():
+        # A finished run started again (resume=auto, a restarted sweep): nothing trained, so Lightning has no metrics;
+        # its results stand (they were overwritten with {}, and a sweeper found no objective)
+        previous = json.loads(results_file.read_text())
+        if previous:
+            log.info("The run in %s was complete: its results are kept (%s)", output_dir, results_file)
+            return previous
     metrics = _scalars(trainer.callback_metrics)
 
     if cfg.get("test") and not trainer.fast_dev_run:
@@ -367,9 +404,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         metrics["best_checkpoint"] = best  # type: ignore[assignment]
 
     if trainer.is_global_zero:
-        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        results_file.write_text(json.dumps(metrics, indent=2) + "\n")
         _print_summary(f"Run summary ({output_dir})", metrics)
-    _finish_wandb(loggers)
     return metrics
 
 
@@ -388,13 +424,14 @@ def sweep_objective(metrics: dict[str, float], name: str | None, required: bool 
     return float(metrics[name])
 
 
-def _finish_wandb(loggers: list[Any]) -> None:
-    """Close W&B runs (Lightning leaves them open): flushes the summary, and lets a sweep start the next run."""
+def _finish_wandb(loggers: list[Any], exit_code: int = 0) -> None:
+    """Close W&B runs (Lightning leaves them open): flushes the summary, marks a run that failed (``exit_code``),
+    and lets a sweep start the next run in a run of its own."""
     from lightning.pytorch.loggers import WandbLogger
 
     for logger in loggers:
         if isinstance(logger, WandbLogger) and logger._experiment is not None:
-            logger.experiment.finish()
+            logger.experiment.finish(exit_code=exit_code)
 
 
 # How a model's clips are cut. `data=<name>` (evaluate.py, predict.py) swaps the dataset, but these stay the
