@@ -15,10 +15,11 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from tests.conftest import CONFIG_DIR, ROOT, TINY_DATA
+from tests.conftest import CONFIG_DIR, ROOT, TINY_DATA, compose_config
 from tests.test_resilience import _tiny_classifier
 from tests.wandb_records import logged_keys
 from timesformer.callbacks import TrainingSpeed
+from timesformer.pipeline import train
 from timesformer.profile import count_flops
 
 
@@ -75,15 +76,27 @@ def test_wandb_sweep_launches_a_valid_train_command(sweep_file):
 
 
 @pytest.mark.slow
-def test_local_optuna_sweep_runs_two_trials(synthetic_root, tmp_path):
+def test_local_optuna_sweep_goes_on_past_a_failed_trial(synthetic_root, tmp_path):
+    """A failed trial (here a refused lr; a diverged or out-of-memory one alike) ended the search, results lost."""
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
-    result = run("train.py", "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=1",
-                 "experiment=demo", f"data.source.root={synthetic_root}", *TINY_DATA, "trainer.max_epochs=1",
-                 "trainer.enable_progress_bar=false", "test=false", f"hydra.sweep.dir={tmp_path}")
+    result = run("train.py", "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=3", "hydra.sweeper.n_jobs=1",
+                 "hydra.sweeper.sampler.seed=2", "optimizer.lr=choice(-1.0,0.001)", "experiment=demo",
+                 f"data.source.root={synthetic_root}",
+                 *TINY_DATA, "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "test=false",
+                 f"hydra.sweep.dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert (result.stdout + result.stderr).count("Failed experiment: optimizer.lr=-1.0 must be > 0") == 2  # trials 0, 1
     optimization = yaml.safe_load(Path(tmp_path / "optimization_results.yaml").read_text())
-    assert 0.0 <= optimization["best_value"] <= 1.0
-    assert len([d for d in tmp_path.iterdir() if d.is_dir() and d.name.isdigit()]) == 2
+    assert 0.0 <= optimization["best_value"] <= 1.0 and optimization["best_params"]["optimizer.lr"] == 0.001
+    assert len([d for d in tmp_path.iterdir() if d.is_dir() and d.name.isdigit()]) == 3
+
+
+def test_a_search_in_the_wrong_direction_is_refused(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    with pytest.raises(ValueError, match="optimized_metric=val/loss with hydra.sweeper.direction=maximize"):
+        train(compose_config("train", ["hparams_search=optuna", "optimized_metric=val/loss"], tmp_path))
+    with pytest.raises(ValueError, match="monitor=val/acc with mode=min: the best checkpoint would be the worst"):
+        train(compose_config("train", ["callbacks.model_checkpoint.mode=min"], tmp_path))
 
 
 @pytest.mark.slow

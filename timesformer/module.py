@@ -119,6 +119,8 @@ def check_settings(optimizer: dict[str, Any], scheduler: dict[str, Any], label_s
                      for key in sorted(set(settings) - known[group])]
     if not 0.0 <= float(label_smoothing) < 1.0:
         problems.append(f"module.label_smoothing={label_smoothing} must be in [0, 1)")
+    if "lr" in optimizer and not float(optimizer["lr"]) > 0:
+        problems.append(f"optimizer.lr={optimizer['lr']} must be > 0")
     if float(optimizer.get("weight_decay", 0.0)) < 0:  # torch checks its defaults, not parameter groups
         problems.append(f"optimizer.weight_decay={optimizer['weight_decay']} must be >= 0")
     betas = optimizer.get("betas")

@@ -264,6 +264,7 @@ def check_run_options(cfg: DictConfig) -> None:
         if metric and str(metric).split("/")[0] in ("train", "val", "test") and metric not in LOGGED_METRICS:
             problems.append(f"{option}={metric} is not a metric the model logs; valid values: "
                             f"{', '.join(LOGGED_METRICS)}")
+    problems += _direction_problems(cfg)
     if cfg.trainer.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
         problems.append("trainer.accelerator=gpu (trainer=gpu, ddp) needs a CUDA GPU and none is visible here: use "
                         "trainer=cpu, or trainer=default, which takes what there is")
@@ -281,6 +282,30 @@ def check_run_options(cfg: DictConfig) -> None:
         problems.append(str(error))
     if problems:
         raise ValueError("; ".join(problems))
+
+
+def _direction_problems(cfg: DictConfig) -> list[str]:
+    """A loss monitored with mode=max, an accuracy optimised with direction=minimize: the best checkpoint or trial
+    would be the worst one. (Only our metrics, whose direction is known: losses go down, accuracies up.)"""
+    from hydra.core.hydra_config import HydraConfig
+
+    def wanted(metric: object) -> str | None:
+        if str(metric) not in LOGGED_METRICS:
+            return None
+        return "min" if str(metric).endswith("/loss") else "max" if "acc" in str(metric) else None
+
+    problems = []
+    for key, entry in (cfg.get("callbacks") or {}).items():
+        if entry and wanted(entry.get("monitor")) and entry.get("mode", "min") != wanted(entry.get("monitor")):
+            problems.append(f"callbacks.{key}.monitor={entry.monitor} with mode={entry.get('mode', 'min')}: the best "
+                            f"checkpoint would be the worst; set callbacks.{key}.mode={wanted(entry.monitor)}")
+    if HydraConfig.initialized() and wanted(cfg.get("optimized_metric")):
+        direction = (HydraConfig.get().sweeper or {}).get("direction")
+        expected = wanted(cfg.optimized_metric) + "imize"
+        if isinstance(direction, str) and direction != expected:
+            problems.append(f"optimized_metric={cfg.optimized_metric} with hydra.sweeper.direction={direction}: the "
+                            f"search would look for the worst runs; set hydra.sweeper.direction={expected}")
+    return problems
 
 
 def _override_keys() -> list[str]:
