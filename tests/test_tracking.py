@@ -251,6 +251,20 @@ def test_training_speed_tells_a_data_bound_run_from_a_model_bound_one(tmp_path):
     assert all("perf/mfu" not in row for row in data_bound)  # no peak known on the CPU
 
 
+def test_training_speed_is_logged_at_the_step_of_its_batch(tmp_path):
+    """perf/* went to the loggers at global_step, one ahead of Lightning's step for the same batch: a row of its own
+    after the last batch, and the rows at the resumed step dropped by the CSV logger's purge."""
+    logger = CSVLogger(tmp_path, name="speed", version="")
+    L.Trainer(accelerator="cpu", max_epochs=1, log_every_n_steps=1, logger=logger, enable_progress_bar=False,
+              enable_checkpointing=False, callbacks=[TrainingSpeed()]).fit(
+        _tiny_classifier(), DataLoader(_SlowClips(0.0), batch_size=1))
+    with open(Path(logger.log_dir) / "metrics.csv") as file:
+        rows = list(csv.DictReader(file))
+    loss_steps = {int(row["step"]) for row in rows if row.get("train/loss")}
+    perf_steps = {int(row["step"]) for row in rows if row.get("perf/clips_per_s")}
+    assert loss_steps == set(range(7)) and perf_steps == set(range(1, 7))  # (the first batch is not timed)
+
+
 def test_training_speed_reports_mfu_against_the_given_peak(tmp_path):
     rows = _speed_rows(tmp_path, data_s=0.0, step_s=0.02, peak_tflops=1e-6)
     training_flops = 6 * count_flops(_tiny_classifier().model.config)  # 3 x forward, 2 FLOPs per multiply-add

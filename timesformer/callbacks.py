@@ -248,7 +248,7 @@ class TrainingSpeed(L.Callback):
         if self._flops_per_clip:
             metrics["perf/mfu"] = self._clips / seconds * self._flops_per_clip / (self.peak_tflops * 1e12)
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+            logger.log_metrics(metrics, step=logging_step(trainer))
         self._restart()
         self._start = self._last_end = now
 
@@ -317,7 +317,14 @@ class WandbMediaLogger(L.Callback):
             plot_confusion_matrix(results.confusion_matrix(len(names)), names, path)
             media["val/confusion_matrix"] = wandb.Image(str(path))
         if media:
-            wandb_logger.experiment.log({**media, "trainer/global_step": trainer.global_step})
+            wandb_logger.experiment.log({**media, "trainer/global_step": logging_step(trainer)})
+
+
+def logging_step(trainer: L.Trainer) -> int:
+    """The step Lightning logs the current batch's (or validation's) metrics at, as its LearningRateMonitor does:
+    ``global_step`` is one ahead once the batch's optimizer step is made (perf/* and W&B media were logged one
+    step after the metrics of the same batch or validation)."""
+    return trainer.fit_loop.epoch_loop._batches_that_stepped
 
 
 def write_gif(video: Any, mean: Any, std: Any, path: Path, fps: int = 4) -> None:
