@@ -91,6 +91,21 @@ def test_local_optuna_sweep_goes_on_past_a_failed_trial(synthetic_root, tmp_path
     assert len([d for d in tmp_path.iterdir() if d.is_dir() and d.name.isdigit()]) == 3
 
 
+def test_wandb_uploads_only_checkpoints_chosen_by_a_metric(tmp_path, monkeypatch):
+    """With log_model=true, last.ckpt (a ModelCheckpoint without a metric: its latest file is its "best") was uploaded
+    after the best checkpoint and took W&B's `best` alias."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from timesformer.loggers import WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")  # (nothing starts a run here)
+    logger = WandbLogger(save_dir=str(tmp_path), log_model=True)
+    best, last = ModelCheckpoint(monitor="val/acc", mode="max"), ModelCheckpoint(monitor=None, save_last=True)
+    for callback in (best, last):
+        logger.after_save_checkpoint(callback)
+    assert list(logger._checkpoint_callbacks.values()) == [best]
+
+
 def test_a_search_in_the_wrong_direction_is_refused(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     with pytest.raises(ValueError, match="optimized_metric=val/loss with hydra.sweeper.direction=maximize"):

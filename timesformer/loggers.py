@@ -76,3 +76,13 @@ class CSVLogger(loggers.CSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _ResumingExperimentWriter(self.log_dir, self.purge_step)
         return super().experiment
+
+
+class WandbLogger(loggers.WandbLogger):
+    """Lightning's WandbLogger, uploading (``log_model``) only the checkpoints of a ModelCheckpoint that monitors a
+    metric. Lightning takes every ModelCheckpoint's, and one without a metric (``last.ckpt``, the step checkpoints)
+    counts its latest file as its "best": W&B's ``best`` alias ended on ``last.ckpt``, after the real best's."""
+
+    def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
+        if checkpoint_callback.monitor is not None:
+            super().after_save_checkpoint(checkpoint_callback)
