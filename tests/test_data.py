@@ -466,6 +466,23 @@ def test_prepare_is_cached_and_regenerates_when_parameters_change(tmp_path):
     assert len(sorted(tmp_path.rglob("*.mp4"))) == 6
 
 
+def test_processes_preparing_together_take_turns(tmp_path):
+    """Under torchrun or srun every rank prepares the data at once; each removed the files the other was writing."""
+    import fcntl
+    import threading
+
+    source = SyntheticMotionSource(tmp_path, **dict(TINY, num_classes=2, videos_per_class_train=1))
+    tmp_path.mkdir(exist_ok=True)
+    with open(tmp_path / ".prepare.lock", "w") as other_process:
+        fcntl.flock(other_process, fcntl.LOCK_EX)  # another rank is generating
+        waiting = threading.Thread(target=source.prepare)
+        waiting.start()
+        waiting.join(timeout=1.0)
+        assert waiting.is_alive() and not list(tmp_path.rglob("*.mp4"))  # it waits, and writes nothing meanwhile
+    waiting.join(timeout=60)
+    assert not waiting.is_alive() and len(source.load().splits["train"]) == 2
+
+
 def test_load_without_prepare_names_the_root(tmp_path):
     root = tmp_path / "not_generated"
     with pytest.raises(FileNotFoundError, match="not_generated") as error:

@@ -498,7 +498,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Rebuild model and data from the checkpoint's saved config, test, write eval.json in the run dir.
 
     ``cfg.data``, when set, is merged over the saved data config; a full data config (a ``data=<name>``
-    group choice, with ``_target_``) replaces it.
+    group choice, with ``_target_``) replaces it, except how clips are cut (``CLIP_KEYS``, `swap_dataset`),
+    which stays the checkpoint's unless the command line sets it.
     """
     unread = added_keys({"task_name", "seed", "ckpt", "module", "data", "trainer", "paths"})
     if unread:

@@ -122,7 +122,7 @@ class VideoDataModule(lightning.LightningDataModule):
     with `val_views_full`, else the centre clip and crop only.
 
     Decoding: `decoder` "decord" (default) or "pyav", the same frames either way (pyav skips decoding unwanted
-    non-reference frames: faster on h264 with B-frames; benchmarks/README.md part 3). `repeated_augmentation`
+    non-reference frames: faster on h264 with B-frames; benchmarks/RESULTS.md part 3). `repeated_augmentation`
     = k: each decoded training video gives k clips with their own scale / crop / flip; `batch_size` still counts
     clips (batch_size / k videos per batch), so it must be a multiple of k.
 

@@ -65,7 +65,7 @@ class VideoClipDataset(Dataset):
     the video's position in `entries` and "view" the view number: the LightningModule aggregates the views per
     video. The transform is an `EvalViewTransform` (or any callable when there is one spatial crop); a decoded
     and resized clip is kept for the next item, so the spatial crops of a clip decode it once (decoding is
-    nearly all of the cost: ~240 ms for an 8 x 32 clip of a 640x360 h264 video, resize and 3 crops ~10 ms).
+    nearly all of the cost: ~100 ms for an 8 x 32 clip of a 640x360 h264 video, benchmarks/RESULTS.md part 3).
 
     Broken videos (unreadable, empty, truncated, not a video, deleted since the index was read): decoding is
     retried `decode_retries` times, then
@@ -134,9 +134,9 @@ class VideoClipDataset(Dataset):
         self.max_replacements = max_replacements
         self.decoder = decoder
         self.repeated_augmentation = repeated_augmentation
-        # The last decoded clip: ((video index, temporal clip), resized uint8 frames or its error line). Views
-        # are neighbours and a batch goes to one DataLoader worker, so the spatial crops of a clip hit it.
-        # (video, temporal clip) -> its resized frames (or the error line) and whether it ran past the video's end
+        # The last decoded clip: ((video index, temporal clip), resized uint8 frames or its error line, whether it
+        # ran past the video's end). Views are neighbours and a batch goes to one DataLoader worker, so the spatial
+        # crops of a clip hit it.
         self._cached: tuple[tuple[int, int], torch.Tensor | str, bool] | None = None
         self._ran_past_end = False  # the last clip chosen was longer than its video: its last frame is repeated
 

@@ -4,7 +4,7 @@
     python train.py data=kinetics400 data.root=/datasets/kinetics400_256
 
 Decoding is most of a training clip's cost, and it grows with the frame size: an 8 x 32 clip of a 640x360 video
-takes ~2x the decode time of the same clip at 340x256 (benchmarks/README.md, part 3). The training crops are cut
+takes ~2x the decode time of the same clip at 340x256 (benchmarks/RESULTS.md, part 3). The training crops are cut
 after scaling the short side to 256-320 px, so storing more than that is decoded and thrown away every epoch.
 This is the usual preparation for Kinetics (short side 256, as mmaction2 and PySlowFast users keep it).
 

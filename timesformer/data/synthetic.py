@@ -1,7 +1,8 @@
 """A small generated video dataset whose classes differ only in motion.
 
 Each video shows a few bright textured rectangles moving together in a straight line over a static, dark,
-noisy background. The class is the direction of motion. Everything else is random per video and
+noisy background. The class is the motion: its direction (`classes="direction"`), or its axis, either way
+along it (`classes="axis"`, what configs/data/synthetic.yaml and the demo use). Everything else is random per video and
 independent of the class: background colour and texture, object count, colours, textures and sizes, speed
 and starting positions. The objects wrap around the frame edges (toroidal), so their positions in any single
 frame are uniform: no single frame tells the classes apart, only the change between frames does. A model
@@ -15,6 +16,7 @@ Horizontal flip must be OFF when training on this dataset: a flip swaps "moving_
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -277,7 +279,16 @@ class SyntheticMotionSource:
         return all((self.root / path).is_file() for entries in index["splits"].values() for path, _ in entries)
 
     def prepare(self) -> None:
-        """Generate the videos unless an up-to-date, complete copy is already in `root`."""
+        """Generate the videos unless an up-to-date, complete copy is already in `root`.
+
+        Processes started together (torchrun, srun: every rank builds the data module) take turns on a lock file in
+        `root`: the first generates, the others then find its complete copy (they removed each other's files)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".prepare.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            self._generate_unless_complete()
+
+    def _generate_unless_complete(self) -> None:
         if self._is_complete(self._read_index()):
             return
         # Remove the old index first: until the new one is written the dataset is incomplete. Then remove

@@ -7,7 +7,8 @@ same RGB conversion; tests/test_data.py checks it pixel for pixel). They differ 
   it. Frame-threading is off (num_threads=1), as DataLoader workers are one per core.
 - "pyav": the same keyframe seeking, and it also tells FFmpeg to skip decoding the frames that are neither
   wanted nor referenced by other frames (h264/HEVC "non-reference" frames: most B-frames). For the 8 x 32
-  recipe on x264-encoded 10 s clips that is ~1.3x less decode time than decord (benchmarks/README.md, part 3).
+  recipe on x264-encoded 10 s clips that is ~1.4-1.5x less decode time than decord (benchmarks/RESULTS.md,
+  part 3).
   decord has no way to skip a frame's decoding.
 
 decord returns wrong frames after a seek in some kinds of file (listed at `decord_misreads`): the "decord" path
@@ -49,7 +50,7 @@ def _open(path: str | os.PathLike, num_threads: int = 1) -> decord.VideoReader:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Video file not found: {path}")
     # No width/height (decode-time resize): measured on an 8 x 32 clip of a 640x360 h264 video it is no faster
-    # (~240 ms either way: the decode is the cost), and decord2 3.4 fails on some target sizes (a buffer size
+    # (the decode is the cost), and decord2 3.4 fails on some target sizes (a buffer size
     # mismatch) and does not keep the aspect ratio with -1. The transforms resize the few kept uint8 frames.
     try:
         return decord.VideoReader(path, ctx=decord.cpu(0), num_threads=num_threads)

@@ -2,7 +2,7 @@
 
 Our parameter names are the original repository's (facebookresearch/TimeSformer) without its ``model.``
 prefix, so an original ``*.pyth`` checkpoint needs only the prefix stripped. Hugging Face folders are
-mapped name for name (no transposes; DESIGN.md §2).
+mapped name for name (no transposes: both store nn.Linear's (out, in) layout).
 """
 
 from __future__ import annotations
