@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 from fractions import Fraction
 from pathlib import Path
 
@@ -474,8 +475,12 @@ def test_check_lists_problems_and_writes_a_clean_list(tmp_path, capsys):
     assert len(index.splits["train"]) == 6 and len(index.splits["val"]) == 2
 
 
-@pytest.mark.parametrize("num_frames, sampling_rate, fps", [(8, 8, 30.0), (8, 32, 30.0), (8, 4, 25.0), (16, 4, 60.0)])
-def test_check_calls_too_short_exactly_the_videos_whose_clips_repeat_frames(num_frames, sampling_rate, fps):
+@pytest.mark.parametrize("num_frames, sampling_rate, fps, target_fps", [
+    (8, 8, 30.0, 30.0), (8, 32, 30.0, 30.0), (8, 4, 25.0, 30.0), (16, 4, 60.0, 30.0),
+    (56, 1, 23.976, 29.97),  # (T - 1) * rate * fps / target rounds to 44.0 where the indices' step reaches 43.99..
+])
+def test_check_calls_too_short_exactly_the_videos_whose_clips_repeat_frames(num_frames, sampling_rate, fps,
+                                                                            target_fps):
     """`check` lists a video as too short exactly when the dataset pads its clips (repeats the last frame): a
     60-frame video fits 8 x 8 (frames 0 ... 56), which check used to count as 64 frames."""
     from types import SimpleNamespace
@@ -483,11 +488,12 @@ def test_check_calls_too_short_exactly_the_videos_whose_clips_repeat_frames(num_
     from timesformer.data.check import frames_needed
 
     datamodule = SimpleNamespace(sampling="dense", num_frames=num_frames, sampling_rate=sampling_rate,
-                                 target_fps=30.0)
+                                 target_fps=target_fps)
     needed = frames_needed(datamodule, fps)
-    spaced = [int(i * sampling_rate * fps / 30.0) for i in range(num_frames)]  # the clip at the video's start
+    step = sampling_rate * fps / target_fps
+    spaced = [math.floor(i * step) for i in range(num_frames)]  # the clip at the video's start
     for length in (needed - 1, needed):  # both shorter than the span: the clip starts at frame 0
-        indices = dense_clip_indices(length, num_frames, sampling_rate, fps, clip_index=0)
+        indices = dense_clip_indices(length, num_frames, sampling_rate, fps, target_fps, clip_index=0)
         assert (indices != spaced) == (length < needed), (length, indices)  # the end clamped: last frame repeated
 
 
@@ -681,6 +687,9 @@ def test_list_rows_are_read_whole_or_refused(tmp_path):
     assert CsvSource.read_rows(tmp_path / "quoted.csv") == [("a.mp4", "cat"), ("b.mp4", "cat")]
     write_lines(tmp_path / "tabs.csv", ["a.mp4\tplaying guitar", "b.mp4\tdog"])
     assert CsvSource.read_rows(tmp_path / "tabs.csv") == [("a.mp4", "playing guitar"), ("b.mp4", "dog")]
+    write_lines(tmp_path / "tabs.csv", ["a.mp4\tcat", "b.mp4\t", "c.mp4\tdog"])  # named line 1 before
+    with pytest.raises(ValueError, match=r"tabs.csv, line 2: expected `path,label`"):
+        CsvSource.read_rows(tmp_path / "tabs.csv")
     write_lines(tmp_path / "header.csv", ["filepath,activity", "a.mp4,running", "b.mp4,walking"])  # unknown words
     assert CsvSource.read_rows(tmp_path / "header.csv") == [("a.mp4", "running"), ("b.mp4", "walking")]
     write_lines(tmp_path / "extra.csv", ["path,label,start", "a.mp4,cat,3"])  # columns the header names

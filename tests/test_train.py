@@ -135,6 +135,7 @@ def test_unknown_optimizer_names_the_valid_choices(synthetic_root, tmp_path):
     ("+global_batch=64", "global_batch is not an option of train.py"),
     ("+optimizer.momentum=0.8", "optimizer.momentum has no effect with optimizer.name=adamw"),
     ("+scheduler.gamma=0.5", "scheduler.gamma has no effect with scheduler.name=cosine"),
+    ("optimizer.lr=null", "optimizer.lr must be a number, got None"),  # was float()'s bare TypeError
     ("+optimizer.eps=1e-6", "optimizer.eps is not an option; valid optimizer options: betas, decay_norm_bias_embed"),
     ("+scheduler.warmup_steps=100", "scheduler.warmup_steps is not an option; valid scheduler options: gamma"),
     ("+callbacks.typo.every_n_epochs=1", "callbacks.typo: an entry of this group needs a _target_"),
@@ -189,9 +190,14 @@ def test_a_run_records_its_real_batch_and_a_finished_run_restarted_keeps_its_res
     assert "accumulate_grad_batches: 2" in logged and "world_size: 1" in logged
     # resume=auto on the finished run (a restarted sweep): metrics.json was overwritten with {}, no objective left.
     results = (tmp_path / "run" / "metrics.json").read_text()
-    again = train(compose_config("train", [*overrides, "resume=auto"], tmp_path / "run"))
-    assert again == metrics and "val/acc" in again
+    again = train(compose_config("train", [*overrides, "resume=auto", "+optimizer.fused=false"], tmp_path / "run"))
+    assert again == metrics and "val/acc" in again  # (fused is no optimizer state: not a difference)
     assert (tmp_path / "run" / "metrics.json").read_text() == results
+    # Not tested then (test=false, or a signal stopped the test): the test runs now, on the best checkpoint.
+    overrides[overrides.index("test=false")] = "test=true"
+    tested = train(compose_config("train", [*overrides, "resume=auto"], tmp_path / "run"))
+    assert tested["val/acc"] == metrics["val/acc"] and "test/video_acc" in tested
+    assert "test/video_acc" in json.loads((tmp_path / "run" / "metrics.json").read_text())
 
 
 def test_a_failed_run_closes_its_wandb_run(synthetic_root, tmp_path, monkeypatch):

@@ -117,9 +117,16 @@ def check_settings(optimizer: dict[str, Any], scheduler: dict[str, Any], label_s
     for group, settings in (("optimizer", optimizer), ("scheduler", scheduler)):
         problems += [f"{group}.{key} is not an option; valid {group} options: {', '.join(sorted(known[group]))}"
                      for key in sorted(set(settings) - known[group])]
+    numbers = {"optimizer.lr": optimizer.get("lr"), "optimizer.weight_decay": optimizer.get("weight_decay", 0.0),
+               "optimizer.momentum": optimizer.get("momentum", 0.0), "module.label_smoothing": label_smoothing,
+               **{f"scheduler.{key}": scheduler.get(key, 0.0) for key in ("warmup_epochs", "min_lr_ratio", "gamma")}}
+    not_numbers = [f"{name} must be a number, got {value!r}" for name, value in numbers.items()
+                   if isinstance(value, bool) or not isinstance(value, int | float)]
+    if not_numbers:  # (float() below would fail with a message naming no option)
+        raise ValueError("; ".join(problems + not_numbers))
     if not 0.0 <= float(label_smoothing) < 1.0:
         problems.append(f"module.label_smoothing={label_smoothing} must be in [0, 1)")
-    if "lr" in optimizer and not float(optimizer["lr"]) > 0:
+    if not float(optimizer["lr"]) > 0:
         problems.append(f"optimizer.lr={optimizer['lr']} must be > 0")
     if float(optimizer.get("weight_decay", 0.0)) < 0:  # torch checks its defaults, not parameter groups
         problems.append(f"optimizer.weight_decay={optimizer['weight_decay']} must be >= 0")

@@ -201,8 +201,10 @@ def _check_resumable(path: Path, cfg: DictConfig, option: str = "ckpt_path") -> 
     saved_optimizer = (checkpoint.get("hyper_parameters") or {}).get("optimizer")
     if saved_optimizer is not None:
         chosen = OmegaConf.to_container(cfg.optimizer, resolve=True)
-        differ += [f"optimizer.{key}={chosen.get(key)!r} (it has {saved_optimizer.get(key)!r})"
-                   for key in sorted(set(chosen) | set(saved_optimizer)) if chosen.get(key) != saved_optimizer.get(key)]
+        # (fused is how the step runs, not state; a key older checkpoints lack is not a difference)
+        differ += [f"optimizer.{key}={chosen[key]!r} (it has {saved_optimizer[key]!r})"
+                   for key in sorted((set(chosen) & set(saved_optimizer)) - {"fused"})
+                   if chosen[key] != saved_optimizer[key]]
     if differ:
         raise ValueError(f"{option}: {path} continues a run with other settings: {', '.join(differ)}. Resume with the "
                          f"run's own config (its .hydra/ folder), or start a new run from its weights with "
@@ -390,7 +392,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     try:
         metrics = _fit_and_test(cfg, trainer, module, datamodule, ckpt_path, resumed_step, output_dir)
     except BaseException:
-        _finish_wandb(loggers, exit_code=1)  # under -m the next job would log into this run
+        try:
+            _finish_wandb(loggers, exit_code=1)  # under -m the next job would log into this run
+        except Exception as error:  # (a W&B service error must not replace the run's own)
+            log.warning("Could not close the W&B run: %s", error)
         raise
     _finish_wandb(loggers)
     return metrics
@@ -405,14 +410,17 @@ def _fit_and_test(cfg: DictConfig, trainer: L.Trainer, module: VideoClassifier, 
         log.warning("Training stopped by a signal (preemption); continue it as the message above says")
         return {"preempted": 1.0}
     results_file = output_dir / "metrics.json"
+    metrics = _scalars(trainer.callback_metrics)
     if resumed_step is not None and trainer.global_step == resumed_step and results_file.is_file():
         # A finished run started again (resume=auto, a restarted sweep): nothing trained, so Lightning has no metrics;
-        # its results stand (they were overwritten with {}, and a sweeper found no objective)
+        # its results stand (they were overwritten with {}, and a sweeper found no objective). A test that did not
+        # run (test=false then, or a signal stopped it) runs now.
         previous = json.loads(results_file.read_text())
         if previous:
-            log.info("The run in %s was complete: its results are kept (%s)", output_dir, results_file)
-            return previous
-    metrics = _scalars(trainer.callback_metrics)
+            if not cfg.get("test") or any(key.startswith("test/") for key in previous):
+                log.info("The run in %s was complete: its results are kept (%s)", output_dir, results_file)
+                return previous
+            metrics = previous
 
     if cfg.get("test") and not trainer.fast_dev_run:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""

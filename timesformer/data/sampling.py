@@ -72,7 +72,8 @@ def dense_clip_indices(
 def dense_clip_frames(num_frames: int, sampling_rate: int, video_fps: float, target_fps: float = 30.0) -> int:
     """Frames of a video from a dense clip's first frame to its last, both included: a video with fewer frames
     gets its last frame repeated (`dense_clip_indices`)."""
-    return math.floor((num_frames - 1) * sampling_rate * video_fps / target_fps) + 1
+    step = sampling_rate * video_fps / target_fps  # as dense_clip_indices computes it (the same rounding)
+    return math.floor((num_frames - 1) * step) + 1
 
 
 def segment_clip_indices(

@@ -346,7 +346,8 @@ class CsvSource(AnnotatedVideoSource):
         and not as CSV (a comma inside a path), else CSV. The first line is a header when it names the columns or
         when it is no video path where all other lines are. A row with more fields than the header's (two without
         one) is an error: an unquoted comma in a label would otherwise cut it short."""
-        lines = read_text_lines(path)
+        # (spaces stripped, tabs kept: "b.mp4<TAB>" is a tab-separated row with an empty label)
+        lines = [line.strip(" ") for line in read_text(path).splitlines() if line.strip()]
 
         def video_path_first(fields: list[str]) -> bool:
             return len(fields) >= 2 and is_video_file(os.path.basename(fields[0].strip()))
@@ -373,9 +374,12 @@ class CsvSource(AnnotatedVideoSource):
         rows, columns = [], 2
         for number, line in enumerate(lines, start=1):
             fields = [value.strip() for value in split(line)]
-            if number == 1 and not is_video_file(os.path.basename(fields[0])) and (
-                    others_are_videos or fields[0].lower() in cls.HEADER_FIRST_FIELDS
-                    or (len(fields) > 1 and fields[1].lower() in cls.HEADER_LABEL_FIELDS)):
+            named = fields[0].lower() in cls.HEADER_FIRST_FIELDS or (
+                len(fields) > 1 and fields[1].lower() in cls.HEADER_LABEL_FIELDS)
+            if number == 1 and not is_video_file(os.path.basename(fields[0])) and (named or others_are_videos):
+                if not named:
+                    log.info("%s: line 1 (%r) is read as a header: it names no video file, the other lines do",
+                             path, line)
                 columns = max(len(fields), 2)
                 continue  # a header row, not a video whose class is called "class"
             if len(fields) < 2 or not fields[0] or not fields[1]:
