@@ -1,4 +1,5 @@
-"""Callbacks that keep long runs from losing work (used by the configs in configs/callbacks/)."""
+"""train.py's callbacks (configs/callbacks/): preemption checkpoints that resume exactly, the progress bar, training
+speed (clips/s, data wait, MFU) and W&B media (validation clips, confusion matrix)."""
 
 from __future__ import annotations
 

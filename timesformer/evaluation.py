@@ -25,7 +25,9 @@ class VideoResults:
 
     indices: torch.Tensor  # (V,) int64
     labels: torch.Tensor  # (V,) int64
-    scores: torch.Tensor  # (V, C) float32 probabilities: the mean softmax, or the softmax of the mean logits
+    # (V, C) float32 probabilities: the mean softmax, or the softmax of the mean logits; with ViewAggregator("mean")
+    # (predict.py's features) the mean of the views' rows, e.g. (V, D) embeddings
+    scores: torch.Tensor
     num_views: torch.Tensor  # (V,) int64
     failed: list[int]  # indices of videos none of whose views could be decoded
 
