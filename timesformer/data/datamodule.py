@@ -287,7 +287,7 @@ class VideoDataModule(lightning.LightningDataModule):
             self._train_loader.load_state_dict(self._train_loader_state)
 
     def prepare_data(self) -> None:
-        self.source.prepare()  # Lightning runs this once, on rank 0 only
+        self.source.prepare()  # (train.py calls it in every process first: sources allow that, see VideoSource)
 
     def _load_index(self) -> VideoIndex:
         if self.index is None:

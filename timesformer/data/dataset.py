@@ -42,8 +42,9 @@ class VideoIndex:
 class VideoSource(Protocol):
     """Where a dataset's videos come from.
 
-    `prepare()` does the one-off work (generating files, checking that they exist; never downloading) and is
-    run once, on rank 0 only. `load()` reads the index from disk and is run in every process.
+    `prepare()` does the one-off work (generating files, checking that they exist; never downloading). train.py,
+    evaluate.py and predict.py call it in every process (the class list must be known before the model is built),
+    so it must be safe to run in several processes at once. `load()` reads the index from disk, in every process.
     """
 
     def prepare(self) -> None: ...
