@@ -238,8 +238,9 @@ def hf_memory(plan: list[tuple[Case, int, bool]]) -> list[dict]:
 
 
 def growth(cases: list[Case], gflops: list[float], min_seconds: float) -> list[dict]:
-    """Part 2. Per case: the peak memory of one training step, and the median time of steps repeated until
-    ``min_seconds`` (at most 3). Runs in a memory worker (MEMORY_ENV): times include its fresh-page costs."""
+    """Part 2. Per case: the peak memory of one training step, then the median time of the steps after it, repeated
+    until ``min_seconds`` (at least 1, at most 3: the memory step, a case's first, pays its one-off costs and is not
+    timed). Runs in a memory worker (MEMORY_ENV): times include its fresh-page costs."""
     from timesformer import TimeSformer, TimeSformerConfig
 
     results = []
@@ -251,8 +252,8 @@ def growth(cases: list[Case], gflops: list[float], min_seconds: float) -> list[d
         if i == 0:  # warm-up: the first step in a process also allocates one-off library buffers
             step()
             model.zero_grad(set_to_none=True)
-        seconds, peak = time_and_peak_memory(step)
-        times = [seconds]
+        _, peak = time_and_peak_memory(step)
+        times = [timed(step)]
         while sum(times) < min_seconds and len(times) < 3:
             times.append(timed(step))
         results.append({"case": dataclasses.asdict(case), "gflops": case_gflops,

@@ -36,7 +36,7 @@ def test_quick_benchmark_prints_and_writes_its_tables(tmp_path):
                    "### Peak training-step memory, MiB",
                    "| attention | 4x64 | 8x64 | 4x96 |",
                    "| video | decoder | decode ms | augment ms | clips/s | decode speed vs baseline | "
-                   "clips/s vs baseline | identical |",
+                   "clips/s vs baseline | vs baseline, equal output | identical |",
                    "| video | decoder | k | clips/s per worker |", "| video | decoder | workers | clips/s |",
                    "| clips | ms per clip |"):
         assert header in out, f"{header!r} not in\n{out}"
@@ -60,8 +60,8 @@ def test_gpu_benchmark_quick_runs_on_the_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = " ".join(proc.stdout.split())
     for header in ("| L | sequences | short | short fused | SDPA math |",
-                   "| variant | clips/s | vs HF | step ms | MFU |",
-                   "| variant | clips/s | videos/s | vs HF |", "| variant | GiB per clip |",
+                   "| variant | clips/s | vs HF | vs HF compiled | step ms | MFU |",
+                   "| variant | clips/s | videos/s | vs HF | vs HF compiled |", "| variant | GiB per clip |",
                    "### Training step (fwd+bwd, batch 1, bf16) ms", "| joint (ST) | HF |",
                    "| variant | bare step ms | Lightning step ms | Lightning clips/s | Lightning / bare speed | "
                    "GPU idle before backward ms |"):
@@ -90,6 +90,10 @@ def test_gpu_benchmark_variant_names_combine_options_and_reject_unknown_ones():
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ours.state_dict().values(), strict=True))
     run, model = training_variant("ours eager", ours, hf)
     assert run is model and model.config.memory_saving_backward and model.last_block_cls_only
+    # HF compiled: "2x HF" was judged against HF eager only (compiled against eager)
+    run, model = training_variant("HF torch.compile", ours, hf)
+    assert model is hf.model and isinstance(run.model, torch._dynamo.eval_frame.OptimizedModule)
+    assert run.model._orig_mod is hf.model
     for bad in ("ours eager, max-autotune", "ours eager, fast", "theirs eager"):
         with pytest.raises(ValueError, match="max-autotune"):
             training_variant(bad, ours, hf)
