@@ -464,7 +464,7 @@ def test_check_lists_problems_and_writes_a_clean_list(tmp_path, capsys):
     (root / "val" / "va10abcdefg_000004_000014.mp4").write_text("not a video")
     clean = tmp_path / "clean"
     assert main(["data=kinetics400", f"data.root={root}", "model=tiny", "data.sampling_rate=4", "--workers=2",
-                 "--write-clean", str(clean)]) == 0
+                 "--write-clean", str(clean)]) == 1  # (problems found)
     out = capsys.readouterr().out
     assert "gone0000000_000000_000010" in out  # missing
     assert "va10abcdefg_000004_000014.mp4" in out  # unreadable

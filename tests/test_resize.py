@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import av
 import numpy as np
 import pytest
@@ -80,6 +82,61 @@ def test_small_videos_are_copied_and_a_rerun_skips_what_is_done(dataset, tmp_pat
     assert (dst / "train/walking/a.mp4").read_bytes() == (dataset / "train/walking/a.mp4").read_bytes()
     again = resize_dataset(dataset, dst, short_side=48)
     assert len(again["skipped"]) == 3 and len(again["failed"]) == 1  # the broken one is tried again
+
+
+def test_variable_frame_rate_keeps_its_timestamps(tmp_path):
+    """The encoder's time base was 1/average fps: a variable frame rate's times were rounded onto that grid (two of
+    them equal, which the mp4 muxer refused: the video failed)."""
+    gaps = [40, 20, 120, 40, 60, 40, 20, 80] * 3  # ms
+    src = tmp_path / "src"
+    src.mkdir()
+    with av.open(str(src / "vfr.mp4"), mode="w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.time_base = stream.codec_context.time_base = Fraction(1, 1000)
+        for i, pts in enumerate(np.cumsum([0, *gaps[:-1]])):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 10 * i, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = int(pts), Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+    def times(path):
+        with av.open(str(path)) as container:
+            return [round(float(frame.time), 3) for frame in container.decode(video=0)]
+
+    outcome = resize_dataset(src, tmp_path / "dst", short_side=32)
+    assert not outcome["failed"] and len(outcome["resized"]) == 1
+    assert times(tmp_path / "dst" / "vfr.mp4") == times(src / "vfr.mp4")
+
+
+def test_reruns_never_keep_a_cut_copy_nor_copy_their_own_output(dataset, tmp_path, monkeypatch):
+    import shutil
+
+    import timesformer.data.resize as resize
+
+    dst = tmp_path / "dst"
+    real_copy = shutil.copyfile
+
+    def killed_mid_copy(source, target):
+        with open(target, "wb") as file:
+            file.write(open(source, "rb").read()[:5])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(resize.shutil, "copyfile", killed_mid_copy)
+    with pytest.raises(KeyboardInterrupt):
+        resize_dataset(dataset, dst, short_side=48)
+    monkeypatch.setattr(resize.shutil, "copyfile", real_copy)
+    assert not list(dst.rglob("*.*sv")) and not list(dst.rglob("*.mp4"))  # no cut file a rerun would skip
+    (dataset / "train" / "broken.mp4").unlink()  # fixed since the last run
+    (dataset / "extra").symlink_to(dst, target_is_directory=True)  # a link from the source to the copy
+    for _ in range(2):
+        outcome = resize_dataset(dataset, dst, short_side=48)
+        assert not outcome["failed"]
+    assert (dst / "train.csv").read_bytes() == (dataset / "train.csv").read_bytes()
+    assert not (dst / "resize_failures.txt").exists()  # it listed the broken video of the run before
+    assert not (dst / "extra").exists()  # the copy copied itself, one level deeper each run
 
 
 def test_destination_inside_the_source_is_refused(dataset):

@@ -7,7 +7,8 @@ unreadable or shorter than a clip.
     python -m timesformer.data.check data=kinetics400 data.root=... --limit 200    # a quick look
 
 Arguments other than the options below are Hydra overrides of configs/train.yaml (`data=...`, `data.root=...`,
-`model.num_frames=16`, ...): the dataset is read exactly as training would read it.
+`model.num_frames=16`, ...): the dataset is read exactly as training would read it. The exit status is 1 when a
+video is missing or unreadable (the lists are still written), else 0.
 
 Each video is read as training reads it (`decode_clip` with `data.decoder`): its first, middle and last frames
 are decoded (a truncated file usually fails on the last). "Too short" videos have fewer frames than one clip needs; they still work (frames are
@@ -195,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     splits = [split for split in requested if split in index.splits]
     for split in sorted(set(requested) - set(splits), key=requested.index):
         print(f"(the dataset has no {split} split; it has {', '.join(index.splits)})", file=sys.stderr)
-    test_is_val = index.splits.get("test") is index.splits.get("val")
+    test_is_val = "val" in index.splits and index.splits.get("test") is index.splits["val"]
     if test_is_val and "val" in splits and "test" in splits:
         splits.remove("test")  # the same videos: checked and listed once
     title = getattr(source, "title", type(source).__name__)
@@ -244,7 +245,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         write_clean(args.write_clean, index.class_names, checked, test_is_val, getattr(source, "root", None),
                     clean_list_command(args.overrides, args.write_clean))
-    return 0
+    # Non-zero when a video is missing or unreadable, so that a script can stop before training on a broken copy
+    # (too-short videos work: repeated frames)
+    problems = any(missing.get(split) for split in splits) or any(
+        result.error is not None for results in checked.values() for result in results)
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

@@ -66,7 +66,9 @@ def resize_video(src: Path, dst: Path, short_side: int, crf: int = 23, preset: s
         with av.open(str(partial), mode="w", format=_muxer_for(dst)) as target:
             out_stream = target.add_stream(codec, rate=in_stream.average_rate or in_stream.guessed_rate or 30)
             out_stream.width, out_stream.height, out_stream.pix_fmt = new_width, new_height, "yuv420p"
-            out_stream.time_base = in_stream.time_base  # the same timestamps, frame for frame
+            # The same timestamps, frame for frame: the muxer's and the encoder's time base (left at 1/rate, the
+            # encoder rounded a variable frame rate's timestamps onto that grid, or made two of them equal)
+            out_stream.time_base = out_stream.codec_context.time_base = in_stream.time_base
             out_stream.options = {"crf": str(crf)} | ({"preset": preset} if codec == "libx264" else {"b": "0"})
             if dst.suffix.lower() == ".avi":  # AVI has no presentation timestamps: B-frames would be misread
                 out_stream.options |= {"bf": "0"}
@@ -119,7 +121,8 @@ def resize_dataset(src: Path, dst: Path, short_side: int = 256, workers: int = 1
         raise ValueError(f"the destination {dst} must be outside the source {src}")
     outcome: dict[str, list] = {"resized": [], "copied": [], "skipped": [], "failed": []}
     jobs = []
-    for path in _files(src):
+    (dst / "resize_failures.txt").unlink(missing_ok=True)  # this run's failures only (a rerun retries them)
+    for path in _files(src, skip=dst):
         target = dst / path.relative_to(src)
         if target.exists():
             outcome["skipped"].append(path)
@@ -144,9 +147,10 @@ def resize_dataset(src: Path, dst: Path, short_side: int = 256, workers: int = 1
     return outcome
 
 
-def _files(src: Path) -> list[Path]:
-    """The files under `src`, through symbolic links to folders (a link back up its own path is not followed), hidden
-    ones left out."""
+def _files(src: Path, skip: Path | None = None) -> list[Path]:
+    """The files under `src`, through symbolic links to folders (a link back up its own path, or into `skip`, the
+    destination, is not followed), hidden ones left out."""
+    skipped = os.path.realpath(skip) if skip is not None else None
     files: list[Path] = []
 
     def walk(folder: Path, ancestors: frozenset[str]) -> None:
@@ -156,7 +160,8 @@ def _files(src: Path) -> list[Path]:
             path = Path(entry.path)
             if entry.is_dir():  # (follows links)
                 real = os.path.realpath(path)
-                if real not in ancestors:  # a loop otherwise
+                inside_skipped = skipped is not None and (real == skipped or real.startswith(skipped + os.sep))
+                if real not in ancestors and not inside_skipped:  # a loop otherwise; the copy copying itself
                     walk(path, ancestors | {real})
             elif entry.is_file():
                 files.append(path)
@@ -167,19 +172,25 @@ def _files(src: Path) -> list[Path]:
 
 def _copy(path: Path, target: Path, src_names: tuple[str, ...], dst: Path) -> None:
     """Copy a file; in a text file, absolute paths into the source (any of `src_names`) become paths into `dst`
-    (so that lists of absolute paths, PySlowFast's usual form, read the copy and not the originals)."""
+    (so that lists of absolute paths, PySlowFast's usual form, read the copy and not the originals). Written to a
+    partial file renamed when complete, as videos are: a rerun skips what exists, which must not be a cut copy."""
+    partial = target.with_name(f".{target.name}.partial")
     if path.suffix.lower() in TEXT_SUFFIXES:
         try:
-            text = path.read_text(encoding="utf-8")
+            with open(path, encoding="utf-8", newline="") as file:  # newline="": CRLF lists stay CRLF
+                text = file.read()
         except UnicodeDecodeError:
             text = None
         prefixes = [name + os.sep for name in src_names if text is not None and name + os.sep in text]
         if prefixes:
             for prefix in prefixes:  # where a path starts (not inside another path, e.g. ../data/k400/...)
                 text = re.sub(r"(?<![^\s,;:='\"(\[])" + re.escape(prefix), lambda _: os.fspath(dst) + os.sep, text)
-            target.write_text(text, encoding="utf-8")
+            with open(partial, "w", encoding="utf-8", newline="") as file:
+                file.write(text)
+            partial.replace(target)
             return
-    shutil.copyfile(path, target)
+    shutil.copyfile(path, partial)
+    partial.replace(target)
 
 
 class _InProcess:
