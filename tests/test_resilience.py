@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -14,7 +15,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from tests.conftest import ROOT, TINY_DATA, compose_config
+from tests.conftest import CONFIG_DIR, ROOT, TINY_DATA, compose_config
 from timesformer import TimeSformer, TimeSformerConfig
 from timesformer.module import VideoClassifier, check_settings, lr_multiplier
 from timesformer.pipeline import _apply_global_batch_size, find_resume_checkpoint, run_name
@@ -260,6 +261,37 @@ def test_resume_auto_run_dir_depends_only_on_the_command(tmp_path):
     assert run_name(None, "a=1", "2026-01-01_00-00-00") == "2026-01-01_00-00-00"
 
 
+def test_processes_launched_together_share_a_run_dir_and_keep_their_own_logs(tmp_path, monkeypatch):
+    """Under srun or torchrun each process composed its own timestamped run dir (16 GPUs: 16 run dirs, the
+    checkpoints in one), and with resume=auto all of them appended to one train.log."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import open_dict
+
+    def log_file() -> str:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose("train", return_hydra_config=True)
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir, cfg.hydra.job.name = str(tmp_path), "train"
+        return cfg.hydra.job_logging.handlers.file.filename
+
+    for variable in ("RANK", "WORLD_SIZE", "SLURM_NTASKS", "SLURM_JOB_ID", "SLURM_PROCID", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(variable, raising=False)
+    assert run_name(None, "a=1", "2026-01-01_00-00-00") == "2026-01-01_00-00-00"
+    monkeypatch.setenv("SLURM_NTASKS", "16")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    assert run_name(None, "a=1", "2026-01-01_00-00-03") == "slurm-4242"  # every task, whenever it starts
+    assert log_file() == f"{tmp_path}/train_rank3.log"
+    for variable in ("SLURM_NTASKS", "SLURM_JOB_ID", "SLURM_PROCID"):
+        monkeypatch.delenv(variable)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "abc")
+    assert run_name(None, "a=1", "t") == "torchrun-abc"
+    assert log_file() == f"{tmp_path}/train.log"  # rank 0
+
+
 def test_global_batch_size_sets_gradient_accumulation():
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
     _apply_global_batch_size(trainer, 64, batch_size=8)
@@ -272,6 +304,12 @@ def test_global_batch_size_sets_gradient_accumulation():
         _apply_global_batch_size(trainer, 16, batch_size=8)  # 2 accumulation steps: which one was meant?
     _apply_global_batch_size(trainer, 32, batch_size=8)  # the two agree
     assert trainer.accumulate_grad_batches == 4
+    # The paper's 64 on 2 nodes x 8 GPUs (the SLURM script's): the error says what fits
+    sixteen_processes = SimpleNamespace(world_size=16, accumulate_grad_batches=1)
+    with pytest.raises(ValueError, match=r"= 128; change one of them \(e.g. data.batch_size=4: 4 x 16 = 64\)"):
+        _apply_global_batch_size(sixteen_processes, 64, batch_size=8)
+    _apply_global_batch_size(sixteen_processes, 64, batch_size=4)
+    assert sixteen_processes.accumulate_grad_batches == 1
 
 
 def _nan_loader(drop_poisoned: bool = False):
@@ -363,6 +401,22 @@ def test_a_skipped_batch_under_gradient_accumulation_leaves_the_step_to_the_othe
         torch.testing.assert_close(param, expected, msg=name)
 
 
+def test_ddp_processes_draw_their_own_masks_and_the_same_ones_on_resume():
+    """seed_everything seeds every process alike: each GPU drew the same stochastic-depth and dropout masks."""
+    module = _tiny_classifier()
+    module.on_fit_start()
+
+    def draws(rank: int, batch_idx: int = 3, world_size: int = 2) -> torch.Tensor:
+        module._trainer = SimpleNamespace(world_size=world_size, global_rank=rank, current_epoch=0)
+        module.on_train_batch_start(None, batch_idx)
+        return torch.rand(8)
+
+    assert not torch.equal(draws(0), draws(1))
+    assert torch.equal(draws(1), draws(1))  # a function of the batch's place: a resumed run draws the same
+    assert not torch.equal(draws(1), draws(1, batch_idx=4))
+    module._trainer = None
+
+
 def test_train_loss_is_the_mean_over_an_accumulated_step(tmp_path):
     # It was the step's last batch's loss alone (k400_paper accumulates 8 on one GPU: 8 of 64 clips).
     module, losses = _tiny_classifier(), []
@@ -379,6 +433,22 @@ def test_train_loss_is_the_mean_over_an_accumulated_step(tmp_path):
     trainer.fit(module, train_dataloaders=_nan_loader(drop_poisoned=True))  # 3 batches: one step
     assert trainer.global_step == 1 and len(losses) == 3 and len(set(losses)) == 3
     assert float(trainer.callback_metrics["train/loss"]) == pytest.approx(sum(losses) / 3, rel=1e-6)
+
+
+def test_the_slurm_script_asks_for_a_global_batch_its_processes_can_make(tmp_path):
+    """scripts/slurm_train.sbatch ran k400_paper (global 64, 8 per GPU) on 16 GPUs: every task failed at start."""
+    import re
+    import shlex
+
+    script = (ROOT / "scripts" / "slurm_train.sbatch").read_text()
+    tasks = (int(re.search(r"--nodes=(\d+)", script).group(1))
+             * int(re.search(r"--ntasks-per-node=(\d+)", script).group(1)))
+    command = shlex.split(script[script.index("srun "):].replace("\\\n", " "))
+    overrides = [arg for arg in command[3:] if "=" in arg and not arg.startswith(("data.root=", "resume="))]
+    cfg = compose_config("train", overrides, tmp_path)
+    assert cfg.trainer.devices * cfg.trainer.num_nodes == tasks  # one process per task
+    _apply_global_batch_size(SimpleNamespace(world_size=tasks, accumulate_grad_batches=1), cfg.global_batch_size,
+                             cfg.data.batch_size)
 
 
 def test_every_experiment_composes(tmp_path):

@@ -343,13 +343,17 @@ class VideoClassifier(L.LightningModule):
             # untouched (no update, momentum or weight decay).
             optimizer.zero_grad(set_to_none=True)
         self._micro_batches = self._skipped_micro_batches = 0
+        logging_step = self.trainer._logger_connector.should_update_logs
         if self._step_loss is not None:
+            loss = self._step_loss / self._step_losses
+            if logging_step:  # the mean over the processes (rank 0's alone stood for the global batch) where the
+                loss = self.trainer.strategy.reduce(loss, reduce_op="mean")  # loggers write it: one all-reduce
             # Not prog_bar: Lightning would read it back to the host after every step. TrainingProgressBar shows it.
-            self.log("train/loss", self._step_loss / self._step_losses)
-            self._step_loss, self._step_losses = None, 0
+            self.log("train/loss", loss)
+        self._step_loss, self._step_losses = None, 0
         # The global gradient norm, at the logging interval only (it costs a reduction over every parameter): the
         # loggers' own condition, so that the step it is logged at is the step it was measured at.
-        if self.trainer._logger_connector.should_update_logs:
+        if logging_step:
             norms = [p.grad.detach().norm(2) for p in self.model.parameters() if p.grad is not None]
             if norms:
                 self.log("train/grad_norm", torch.stack(norms).norm(2))
@@ -420,6 +424,17 @@ class VideoClassifier(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Applied in on_train_start: the sanity-check validation that runs in between draws from the RNGs.
         self._rng_states_to_restore = checkpoint.get("rng_states")
+
+    def on_fit_start(self) -> None:
+        self._run_seed = torch.initial_seed()  # seed_everything's: train.py's `seed`
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Stochastic depth and dropout draw from the global RNG, which seed_everything seeds alike in every process:
+        # every GPU drew the same masks for its batch (32 GPUs, the same decisions 32 times). Under DDP each batch
+        # reseeds it from (run seed, epoch, batch, rank): different across processes, and a function of the batch's
+        # place, so a resumed run draws what an uninterrupted one does (checkpoints hold rank 0's RNG state only).
+        if self.trainer.world_size > 1:
+            torch.manual_seed(hash((self._run_seed, self.current_epoch, batch_idx, self.global_rank)) % 2**63)
 
     def on_train_start(self) -> None:
         states, self._rng_states_to_restore = getattr(self, "_rng_states_to_restore", None), None

@@ -36,13 +36,33 @@ OmegaConf.register_new_resolver("scale", lambda value, factor: int(round(float(v
 
 def run_name(resume: str | None, overrides: str, timestamp: str) -> str:
     """The run dir's name: a timestamp, or with resume=auto one derived from the command line alone, so
-    that the same command, restarted (a requeued SLURM job), finds its own run dir and continues."""
+    that the same command, restarted (a requeued SLURM job), finds its own run dir and continues.
+
+    Processes started together by srun or torchrun each compose their own config: their timestamps differ (one
+    run dir per process, the checkpoints in one, the logs of the others elsewhere). They share the launch's id
+    instead: ``slurm-<job id>`` (a requeued job keeps it), ``torchrun-<run id>`` (``--rdzv-id``, or torchrun
+    --standalone's own)."""
     if resume == "auto":
         return "auto-" + hashlib.sha1(overrides.encode()).hexdigest()[:12]
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and os.environ.get("SLURM_JOB_ID"):
+        return f"slurm-{os.environ['SLURM_JOB_ID']}"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("TORCHELASTIC_RUN_ID", "none") != "none":
+        return f"torchrun-{os.environ['TORCHELASTIC_RUN_ID']}"
     return timestamp
 
 
+def process_suffix() -> str:
+    """``""`` for the first process of a launch (or the only one), ``_rank<N>`` for the others: under srun or torchrun
+    every process writes the run dir's log file, which then held every line once per process."""
+    slurm_tasks = int(os.environ.get("SLURM_NTASKS", "1"))
+    for variable in ("RANK", "SLURM_PROCID"):
+        if int(os.environ.get(variable, "0")) > 0 and (variable == "RANK" or slurm_tasks > 1):
+            return f"_rank{os.environ[variable]}"
+    return ""
+
+
 OmegaConf.register_new_resolver("run_name", run_name, replace=True)
+OmegaConf.register_new_resolver("process_suffix", process_suffix, replace=True)
 
 # Model config keys that are not TimeSformerConfig fields.
 _WEIGHT_SOURCES = ("pretrained", "init_from")
@@ -231,9 +251,12 @@ def _apply_global_batch_size(trainer: L.Trainer, global_batch_size: int | None, 
     per_step = batch_size * trainer.world_size
     if global_batch_size:
         if global_batch_size % per_step:
+            fitting = global_batch_size // trainer.world_size
+            hint = (f" (e.g. data.batch_size={fitting}: {fitting} x {trainer.world_size} = {global_batch_size})"
+                    if fitting and global_batch_size % trainer.world_size == 0 else "")
             raise ValueError(
                 f"global_batch_size={global_batch_size} is not a multiple of data.batch_size={batch_size} x "
-                f"{trainer.world_size} processes = {per_step}; change one of them")
+                f"{trainer.world_size} processes = {per_step}; change one of them{hint}")
         accumulation = global_batch_size // per_step
         if trainer.accumulate_grad_batches not in (1, accumulation):
             raise ValueError(
