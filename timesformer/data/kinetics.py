@@ -51,7 +51,11 @@ def clip_stem(youtube_id: str, time_start: str, time_end: str) -> str:
 
 def is_official_csv(path: Path) -> bool:
     """The official CSVs have a header naming youtube_id; PySlowFast lists have none."""
-    return "youtube_id" in read_text(path).partition("\n")[0]
+    try:  # (the first line only: the file itself is read once, by the scan)
+        with open(path, encoding="utf-8-sig") as file:
+            return "youtube_id" in file.readline()
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text ({error}): save it as UTF-8") from None
 
 
 class KineticsSource(AnnotatedVideoSource):
