@@ -21,8 +21,9 @@ from timesformer.module import VideoClassifier, check_settings, lr_multiplier
 from timesformer.pipeline import _apply_global_batch_size, find_resume_checkpoint, run_name
 
 
-def run_train(*args: str, timeout: int = 600, new_session: bool = False) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def run_train(*args: str, timeout: int = 600, new_session: bool = False,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout, start_new_session=new_session)
 
@@ -159,22 +160,49 @@ def uninterrupted_accumulating_run(synthetic_root, tmp_path_factory):
     return run_dir
 
 
+def slurm_job(tmp_path, restart_count: int = 0) -> dict[str, str]:
+    """The environment of a one-task SLURM batch job (4242), with a stand-in ``scontrol`` that records its arguments
+    in ``tmp_path/scontrol.log``."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
+    scontrol.chmod(0o755)
+    return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1",
+            "SLURM_JOB_NAME": "timesformer", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+            "SLURM_RESTART_COUNT": str(restart_count)}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("where, signal_name", [("train_batch", "SIGTERM"), ("validation_batch", "SIGUSR1")])
 def test_preemption_waits_for_a_point_that_resumes_exactly(synthetic_root, tmp_path, uninterrupted_accumulating_run,
                                                            where, signal_name):
     """A signal after the first batch of an accumulation window (its gradients would be in no checkpoint), or during
     validation (the resumed run would never validate that epoch): the stop waits for the window's step, or the
-    validation's end."""
+    validation's end.
+
+    The SIGUSR1 case runs as a SLURM job (``--signal=SIGUSR1@120 --requeue``): Lightning's auto-requeue wrote its
+    hpc_ckpt at once, mid-validation, and trained on. Now the job is requeued after our checkpoint, and the requeued
+    job (SLURM_RESTART_COUNT=1, here without resume=auto) continues from it."""
     run_dir = tmp_path / "run"
+    on_slurm = signal_name == "SIGUSR1"
     result = run_train(*base_args(synthetic_root, run_dir), *ACCUMULATING, "resume=auto",
                        "+callbacks.term._target_=tests.callbacks.SignalInEpoch", "+callbacks.term.epoch=0",
-                       f"+callbacks.term.{where}=0", f"+callbacks.term.signal_name={signal_name}")
+                       f"+callbacks.term.{where}=0", f"+callbacks.term.signal_name={signal_name}",
+                       env=slurm_job(tmp_path) if on_slurm else None)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"{signal_name} received: checkpoint written" in result.stdout + result.stderr
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert checkpoint["global_step"] == (1 if where == "train_batch" else 2)  # after the step / epoch 0's end
-    resumed = run_train(*base_args(synthetic_root, run_dir), *ACCUMULATING, "resume=auto")
+    if on_slurm:
+        assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
+        assert not list(run_dir.glob("hpc_ckpt_*.ckpt"))
+        resumed = run_train(*base_args(synthetic_root, run_dir), *ACCUMULATING,
+                            env=slurm_job(tmp_path, restart_count=1))
+        assert "resuming as with resume=auto" in resumed.stdout + resumed.stderr
+        assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"  # the finished job is not requeued
+    else:
+        resumed = run_train(*base_args(synthetic_root, run_dir), *ACCUMULATING, "resume=auto")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_run(run_dir, uninterrupted_accumulating_run)
     with open(run_dir / "csv" / "metrics.csv") as file:
@@ -224,6 +252,20 @@ def test_a_signal_during_the_test_after_training_keeps_the_training_checkpoints(
     metrics = json.loads((run_dir / "metrics.json").read_text())  # the training's results are kept...
     assert "val/acc" in metrics and "test/acc" not in metrics
     assert "checkpoint written" not in result.stdout + result.stderr  # ...and its last.ckpt is not overwritten
+
+
+def test_an_array_task_is_requeued_by_its_own_id_and_a_failed_requeue_says_what_to_do(tmp_path, monkeypatch, caplog):
+    from timesformer.callbacks import requeue_slurm_job
+
+    for name, value in slurm_job(tmp_path).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "4240")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "2")
+    assert requeue_slurm_job()
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4240_2\n"  # not the array's other tasks
+    (tmp_path / "bin" / "scontrol").write_text("#!/bin/sh\necho 'Invalid job id' >&2\nexit 1\n")
+    assert not requeue_slurm_job()
+    assert "Could not requeue SLURM job 4240_2 (exit code 1: Invalid job id)" in caplog.text
 
 
 def test_preemption_checkpoint_is_written_only_while_fitting(tmp_path):

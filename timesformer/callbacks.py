@@ -4,7 +4,9 @@ speed (clips/s, data wait, MFU) and W&B media (validation clips, confusion matri
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -45,13 +47,18 @@ class PreemptionCheckpoint(L.Callback):
     own handler also broadcasts from inside the signal handler, i.e. at whatever collective the process is in
     (gloo: "Received data size doesn't match expected size"); here the handler only sets the flag.
 
-    SIGUSR1 is handled the same way unless Lightning handles it (SLURM with auto-requeue: it checkpoints and
-    requeues). A signal outside fit (train.py's test after training) writes nothing: ``last.ckpt`` keeps the
-    final state.
+    SIGUSR1 is handled the same way. Under SLURM (``--signal=SIGUSR1@<seconds>``: the time limit is near) the job
+    is then requeued (``scontrol requeue``, from rank 0, once the checkpoint is written) unless ``slurm_requeue`` is
+    false; train.py turns Lightning's own auto-requeue off, which checkpointed from inside its signal handler,
+    mid-batch or mid-validation, and trained on. Were it on (a ``SLURMEnvironment`` passed in
+    ``trainer.plugins``), SIGUSR1 is left to it. A signal outside fit (train.py's test after training) writes
+    nothing: ``last.ckpt`` keeps the final state.
     """
 
-    def __init__(self, dirpath: str | Path, filename: str = "last.ckpt") -> None:
+    def __init__(self, dirpath: str | Path, filename: str = "last.ckpt", slurm_requeue: bool = True) -> None:
         self.path = Path(dirpath) / filename
+        self.slurm_requeue = slurm_requeue
+        self._on_slurm = False
         self._trainer: L.Trainer | None = None
         self._signal_name = "SIGTERM"
         self._mid_window = False  # the last training batch did not end an accumulation window
@@ -82,7 +89,8 @@ class PreemptionCheckpoint(L.Callback):
 
             epoch_loop._broadcast_sigterm_tensor = broadcast_rank_zero_flag
         environment = trainer._accelerator_connector.cluster_environment
-        lightning_requeues = isinstance(environment, SLURMEnvironment) and environment.auto_requeue
+        self._on_slurm = isinstance(environment, SLURMEnvironment)
+        lightning_requeues = self._on_slurm and environment.auto_requeue
         if (hasattr(signal, "SIGUSR1") and not lightning_requeues
                 and signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None)):
             self._previous_usr1 = signal.signal(signal.SIGUSR1, self._on_usr1)
@@ -108,8 +116,10 @@ class PreemptionCheckpoint(L.Callback):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException) and trainer.state.fn == TrainerFn.FITTING:
-            trainer.save_checkpoint(self.path)
+            trainer.save_checkpoint(self.path)  # (every process returns once the file is written)
             log.warning("%s", preempted_message(self.path, self._signal_name))
+            if self._signal_name == "SIGUSR1" and self._on_slurm and self.slurm_requeue and trainer.is_global_zero:
+                requeue_slurm_job()
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._trainer is not None:
@@ -119,6 +129,29 @@ class PreemptionCheckpoint(L.Callback):
         if self._previous_usr1 is not None:
             signal.signal(signal.SIGUSR1, self._previous_usr1)
             self._previous_usr1 = None
+
+
+def requeue_slurm_job() -> bool:
+    """Put this SLURM job back in the queue (``scontrol requeue <job>``, as Lightning's auto-requeue does); SLURM then
+    ends the running job. The requeued job runs the same command: with ``resume=auto`` (or as a requeued job,
+    ``SLURM_RESTART_COUNT``) it continues from the newest checkpoint. True on success; a failure is logged."""
+    job_id = os.environ.get("SLURM_JOB_ID", "")
+    if os.environ.get("SLURM_ARRAY_JOB_ID"):  # an array task is requeued by its own id
+        job_id = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}"
+    if not job_id:
+        log.warning("SIGUSR1 under SLURM but no SLURM_JOB_ID: the job was not requeued")
+        return False
+    try:
+        result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+        problem = f"exit code {result.returncode}: {result.stderr.strip()}" if result.returncode else ""
+    except (OSError, subprocess.TimeoutExpired) as error:
+        problem = str(error)
+    if problem:
+        log.warning("Could not requeue SLURM job %s (%s); requeue it with `scontrol requeue %s` or submit the script "
+                    "again (with resume=auto it continues from the checkpoint)", job_id, problem, job_id)
+        return False
+    log.warning("Requeued SLURM job %s: it continues from the checkpoint when it starts again", job_id)
+    return True
 
 
 def _gate_signal_flag(connector: Any, is_open: Callable[[], bool] | None) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -189,6 +190,12 @@ def _resolve_ckpt_path(cfg: DictConfig, output_dir: Path) -> str | None:
     resume, ckpt_path = cfg.get("resume"), cfg.get("ckpt_path")
     if resume not in (None, "auto"):
         raise ValueError(f"resume={resume!r} is not supported; valid values: auto, null (or set ckpt_path=PATH)")
+    restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+    if resume is None and not ckpt_path and restarts.isdigit() and int(restarts) > 0:
+        # A requeued SLURM job (preempted, or requeued at its time limit) runs its command again in the same run dir
+        # (slurm-<job id> for several tasks): started afresh it would overwrite the checkpoints it is to continue.
+        log.info("SLURM requeued this job (SLURM_RESTART_COUNT=%s): resuming as with resume=auto", restarts)
+        resume = "auto"
     if ckpt_path:
         if not Path(ckpt_path).is_file():
             raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file" + (
@@ -204,6 +211,16 @@ def _resolve_ckpt_path(cfg: DictConfig, output_dir: Path) -> str | None:
             _check_resumable(found, cfg, option="resume=auto")
         return str(found) if found else None
     return None
+
+
+def _slurm_without_lightning_requeue(cfg: DictConfig) -> dict[str, Any]:
+    """Under SLURM, Lightning's SLURM environment with its auto-requeue off (unless ``trainer.plugins`` is set): on
+    SIGUSR1 it checkpointed from inside its signal handler, mid-batch or mid-validation (the interrupted batch was
+    then never trained on), and trained on until SLURM killed the job. ``PreemptionCheckpoint`` stops at a point
+    that resumes exactly and requeues the job instead."""
+    if cfg.trainer.get("plugins") or not SLURMEnvironment.detect():
+        return {}
+    return {"plugins": [SLURMEnvironment(auto_requeue=False)]}
 
 
 def _check_resumable(path: Path, cfg: DictConfig, option: str = "ckpt_path") -> None:
@@ -392,7 +409,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         callbacks = [callback for callback in callbacks if not isinstance(callback, ProgressBar)]
     if not cfg.trainer.get("enable_checkpointing", True):  # ...and checkpoint callbacks (preemption still saves)
         callbacks = [callback for callback in callbacks if not isinstance(callback, ModelCheckpoint)]
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                                 **_slurm_without_lightning_requeue(cfg))
     _apply_global_batch_size(trainer, cfg.get("global_batch_size"), cfg.data.batch_size)
     # The run's config as the loggers and checkpoints record it, with the accumulation derived from global_batch_size
     # (the config says 1), the processes and the global batch they make
