@@ -243,12 +243,16 @@ def test_preempted_ddp_processes_stop_together_and_resume_exactly(synthetic_root
 
 @pytest.mark.slow
 def test_a_signal_during_the_test_after_training_keeps_the_training_checkpoints(synthetic_root, tmp_path):
+    """SLURM's SIGUSR1 (the time limit is near) as the test after training runs: its default action killed the
+    process there. The test stops as on SIGTERM and the job is requeued (the requeued job tests again)."""
     run_dir = tmp_path / "run"
     args = [arg for arg in base_args(synthetic_root, run_dir) if arg != "test=false"]
     result = run_train(*args, "trainer.max_epochs=1", "data.batch_size=2",
-                       "+callbacks.term._target_=tests.callbacks.SignalInEpoch", "+callbacks.term.test_batch=0")
+                       "+callbacks.term._target_=tests.callbacks.SignalInEpoch", "+callbacks.term.test_batch=0",
+                       "+callbacks.term.signal_name=SIGUSR1", env=slurm_job(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "The test after training was stopped by a signal" in result.stdout + result.stderr
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
     metrics = json.loads((run_dir / "metrics.json").read_text())  # the training's results are kept...
     assert "val/acc" in metrics and "test/acc" not in metrics
     assert "checkpoint written" not in result.stdout + result.stderr  # ...and its last.ckpt is not overwritten

@@ -51,8 +51,8 @@ class PreemptionCheckpoint(L.Callback):
     is then requeued (``scontrol requeue``, from rank 0, once the checkpoint is written) unless ``slurm_requeue`` is
     false; train.py turns Lightning's own auto-requeue off, which checkpointed from inside its signal handler,
     mid-batch or mid-validation, and trained on. Were it on (a ``SLURMEnvironment`` passed in
-    ``trainer.plugins``), SIGUSR1 is left to it. A signal outside fit (train.py's test after training) writes
-    nothing: ``last.ckpt`` keeps the final state.
+    ``trainer.plugins``), SIGUSR1 is left to it. A signal during train.py's test after training stops the test and
+    writes nothing (``last.ckpt`` keeps the final state; under SLURM, SIGUSR1 requeues the job, which tests again).
     """
 
     def __init__(self, dirpath: str | Path, filename: str = "last.ckpt", slurm_requeue: bool = True) -> None:
@@ -88,6 +88,15 @@ class PreemptionCheckpoint(L.Callback):
                     self._broadcasting = False
 
             epoch_loop._broadcast_sigterm_tensor = broadcast_rank_zero_flag
+        self._handle_usr1(trainer)
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # SIGUSR1's default action ends the process: the test after training stops as on SIGTERM instead (train.py
+        # keeps the training's results; a requeued SLURM job runs the test again)
+        self._trainer = trainer
+        self._handle_usr1(trainer)
+
+    def _handle_usr1(self, trainer: L.Trainer) -> None:
         environment = trainer._accelerator_connector.cluster_environment
         self._on_slurm = isinstance(environment, SLURMEnvironment)
         lightning_requeues = self._on_slurm and environment.auto_requeue
@@ -115,11 +124,13 @@ class PreemptionCheckpoint(L.Callback):
         self._validating = False
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, SIGTERMException) and trainer.state.fn == TrainerFn.FITTING:
+        if not isinstance(exception, SIGTERMException):
+            return
+        if trainer.state.fn == TrainerFn.FITTING:
             trainer.save_checkpoint(self.path)  # (every process returns once the file is written)
             log.warning("%s", preempted_message(self.path, self._signal_name))
-            if self._signal_name == "SIGUSR1" and self._on_slurm and self.slurm_requeue and trainer.is_global_zero:
-                requeue_slurm_job()
+        if self._signal_name == "SIGUSR1" and self._on_slurm and self.slurm_requeue and trainer.is_global_zero:
+            requeue_slurm_job()
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._trainer is not None:
