@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python train.py experiment=demo $(ARGS)
 
+# Tests in parallel (pytest-xdist, a worker per core, at most 4; ARGS="-n 0" for one process, e.g. with -s or --pdb).
 test: $(STAMP) lint
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q -n auto --maxprocesses=4 $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

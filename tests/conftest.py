@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -44,3 +47,21 @@ def compose_config(config_name: str, overrides: list[str], output_dir: Path) -> 
 def synthetic_root(tmp_path_factory) -> Path:
     """Root for the tiny generated dataset shared by the training tests."""
     return tmp_path_factory.mktemp("synthetic")
+
+
+def once_per_session(tmp_path_factory: pytest.TempPathFactory, name: str, make: Callable[[Path], None]) -> Path:
+    """A folder that ``make(folder)`` fills once per test session, for the end-to-end runs (15-60 s) that several tests
+    compare with. Under ``pytest -n`` (make test) the workers share it: the first to ask makes it, the others wait for
+    it, wherever the scheduler put their tests (module-scoped fixtures ran once per worker)."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # pytest-<n>/: this session's, holding each worker's popen-gw<i>/
+    folder, done = base / name, base / f"{name}.done"
+    with open(base / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # (released as the file closes)
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # a failed attempt's
+            folder.mkdir()
+            make(folder)
+            done.touch()
+    return folder

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import hydra
@@ -25,7 +25,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import ROOT, compose_config
+from tests.conftest import ROOT, compose_config, once_per_session
 from timesformer import TimeSformer
 from timesformer.attention_maps import attention_rollout
 from timesformer.data import EvalViewTransform, SyntheticMotionSource, VideoClipDataset, decode_frames, normalize
@@ -106,12 +106,16 @@ def measured(tmp_path_factory) -> AttentionOnObjects:
     # One thread: on this project's 2-core machine two threads took 28 s when it was idle but 285 s next to another
     # 2-thread process (each OpenMP thread waits for the one whose core was taken); one thread took 40 s and 65 s.
     # (The thread count changes float rounding, so the numbers below are for one thread.)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return train_and_measure(tmp_path_factory)
-    finally:
-        torch.set_num_threads(threads)
+    def make(folder: Path) -> None:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            torch.save(asdict(train_and_measure(tmp_path_factory)), folder / "measured.pt")
+        finally:
+            torch.set_num_threads(threads)
+
+    return AttentionOnObjects(**torch.load(once_per_session(tmp_path_factory, "attention_on_objects", make)
+                                           / "measured.pt"))
 
 
 def train_and_measure(tmp_path_factory: pytest.TempPathFactory) -> AttentionOnObjects:

@@ -15,7 +15,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from tests.conftest import CONFIG_DIR, ROOT, TINY_DATA, compose_config
+from tests.conftest import CONFIG_DIR, ROOT, TINY_DATA, compose_config, once_per_session
 from timesformer import TimeSformer, TimeSformerConfig
 from timesformer.module import VideoClassifier, check_settings, lr_multiplier
 from timesformer.pipeline import _apply_global_batch_size, find_resume_checkpoint, run_name
@@ -38,11 +38,8 @@ def final_weights(run_dir) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_ddp_cpu_two_processes_agree_and_validate_on_every_video(synthetic_root, tmp_path):
-    run_dir = tmp_path / "ddp"
-    result = run_train(*base_args(synthetic_root, run_dir), "trainer=ddp_cpu", "trainer.max_epochs=2",
-                       "+callbacks.dump._target_=tests.callbacks.DumpWeights", f"+callbacks.dump.dirpath={run_dir}")
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_ddp_cpu_two_processes_agree_and_validate_on_every_video(synthetic_root, tmp_path, uninterrupted_ddp_run):
+    run_dir = uninterrupted_ddp_run
     rank0 = torch.load(run_dir / "weights_rank0.pt")
     rank1 = torch.load(run_dir / "weights_rank1.pt")
     for name in rank0:
@@ -87,10 +84,11 @@ WORKERS = ["data.num_workers=2"]
 
 @pytest.fixture(scope="module")
 def uninterrupted_run(synthetic_root, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("straight")
-    result = run_train(*base_args(synthetic_root, run_dir), *WORKERS, "trainer.max_epochs=2")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir
+    def make(run_dir):
+        result = run_train(*base_args(synthetic_root, run_dir), *WORKERS, "trainer.max_epochs=2")
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    return once_per_session(tmp_path_factory, "straight", make)
 
 
 def assert_same_run(actual_dir, expected_dir) -> None:
@@ -154,10 +152,11 @@ ACCUMULATING = ["data.batch_size=2", "trainer.accumulate_grad_batches=2", "train
 
 @pytest.fixture(scope="module")
 def uninterrupted_accumulating_run(synthetic_root, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("straight_accumulating")
-    result = run_train(*base_args(synthetic_root, run_dir), *ACCUMULATING)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir
+    def make(run_dir):
+        result = run_train(*base_args(synthetic_root, run_dir), *ACCUMULATING)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    return once_per_session(tmp_path_factory, "straight_accumulating", make)
 
 
 def slurm_job(tmp_path, restart_count: int = 0) -> dict[str, str]:
@@ -215,10 +214,13 @@ DDP = ["trainer=ddp_cpu", "data.batch_size=2", "trainer.max_epochs=2"]  # 2 batc
 
 @pytest.fixture(scope="module")
 def uninterrupted_ddp_run(synthetic_root, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("straight_ddp")
-    result = run_train(*base_args(synthetic_root, run_dir), *DDP, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir
+    """Two processes, 2 epochs; each rank's final weights in ``weights_rank<r>.pt``."""
+    def make(run_dir):
+        dump_weights = ["+callbacks.dump._target_=tests.callbacks.DumpWeights", f"+callbacks.dump.dirpath={run_dir}"]
+        result = run_train(*base_args(synthetic_root, run_dir), *DDP, *dump_weights, timeout=240)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    return once_per_session(tmp_path_factory, "straight_ddp", make)
 
 
 @pytest.mark.slow

@@ -12,19 +12,24 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import once_per_session
 from timesformer import TimeSformer, TimeSformerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def interpreted() -> dict:
+def interpreted(tmp_path_factory) -> dict:
     pytest.importorskip("triton")
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "triton_interpreted.py")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    def make(folder: Path) -> None:
+        proc = subprocess.run([sys.executable, str(ROOT / "tests" / "triton_interpreted.py")], cwd=ROOT,
+                              capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        (folder / "results.json").write_text(proc.stdout.strip().splitlines()[-1])
+
+    return json.loads((once_per_session(tmp_path_factory, "triton_interpreted", make) / "results.json").read_text())
 
 
 def test_the_kernel_matches_float64_sdpa_forward_and_backward(interpreted):
