@@ -666,6 +666,9 @@ def test_workers_outlive_sigterm_from_other_processes_but_not_from_the_main_one(
     subprocess.run(["kill", "-s", "TERM", str(worker.pid)], check=True)  # from a process that is not the main one
     time.sleep(0.5)
     assert worker.is_alive()
+    os.kill(worker.pid, signal.SIGUSR1)  # SLURM's time-limit warning reaches every process; the main one handles it
+    time.sleep(0.5)
+    assert worker.is_alive()
     assert len([next(iterator) for _ in range(len(loader) - 1)]) == 3  # the rest of the split still comes
     os.kill(worker.pid, signal.SIGTERM)
     worker.join(timeout=10)

@@ -198,7 +198,7 @@ def test_preemption_waits_for_a_point_that_resumes_exactly(synthetic_root, tmp_p
         assert not list(run_dir.glob("hpc_ckpt_*.ckpt"))
         resumed = run_train(*base_args(synthetic_root, run_dir), *ACCUMULATING,
                             env=slurm_job(tmp_path, restart_count=1))
-        assert "resuming as with resume=auto" in resumed.stdout + resumed.stderr
+        assert "SLURM requeued this job (SLURM_RESTART_COUNT=1): continuing from" in resumed.stdout + resumed.stderr
         assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"  # the finished job is not requeued
     else:
         resumed = run_train(*base_args(synthetic_root, run_dir), *ACCUMULATING, "resume=auto")
@@ -249,7 +249,7 @@ def test_a_signal_during_the_test_after_training_keeps_the_training_checkpoints(
     process there. The test stops as on SIGTERM and the job is requeued (the requeued job tests again)."""
     run_dir = tmp_path / "run"
     args = [arg for arg in base_args(synthetic_root, run_dir) if arg != "test=false"]
-    result = run_train(*args, "trainer.max_epochs=1", "data.batch_size=2",
+    result = run_train(*args, "trainer.max_epochs=1", "data.batch_size=2", "resume=auto",
                        "+callbacks.term._target_=tests.callbacks.SignalInEpoch", "+callbacks.term.test_batch=0",
                        "+callbacks.term.signal_name=SIGUSR1", env=slurm_job(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -288,6 +288,74 @@ def test_preemption_checkpoint_is_written_only_while_fitting(tmp_path):
         trainer = SimpleNamespace(state=SimpleNamespace(fn=stage), save_checkpoint=saved.append)
         callback.on_exception(trainer, None, SIGTERMException())
     assert saved == [tmp_path / "last.ckpt"]
+
+
+def test_only_rank_zero_requeues_and_only_on_slurms_sigusr1(tmp_path, monkeypatch):
+    from lightning.pytorch.trainer.states import TrainerFn
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    import timesformer.callbacks
+    from timesformer.callbacks import PreemptionCheckpoint
+
+    requeued = []
+    monkeypatch.setattr(timesformer.callbacks, "requeue_slurm_job", lambda: requeued.append(1))
+    for signal_name, on_slurm, rank_zero in [("SIGUSR1", True, True), ("SIGTERM", True, True),
+                                             ("SIGUSR1", False, True), ("SIGUSR1", True, False)]:
+        callback = PreemptionCheckpoint(tmp_path)
+        callback._signal_name, callback._on_slurm = signal_name, on_slurm
+        trainer = SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.TESTING), is_global_zero=rank_zero)
+        callback.on_exception(trainer, None, SIGTERMException())
+        assert len(requeued) == 1, (signal_name, on_slurm, rank_zero)  # the first case only
+    callback.slurm_requeue = False
+    callback._on_slurm = True
+    callback.on_exception(SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.TESTING), is_global_zero=True), None,
+                          SIGTERMException())
+    assert len(requeued) == 1
+
+
+def test_a_requeue_is_kept_for_runs_the_requeued_job_continues(tmp_path, monkeypatch):
+    """A one-task job without resume=auto has a run dir named for this start: requeued, it started over, each time."""
+    from timesformer.callbacks import PreemptionCheckpoint
+    from timesformer.pipeline import _requeue_only_where_the_run_continues
+
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    for resume, run_dir, kept in [(None, "2026-12-07_05-00-00", False), ("auto", "auto-0123456789ab", True),
+                                  (None, "slurm-4242", True)]:
+        callback = PreemptionCheckpoint(tmp_path)
+        _requeue_only_where_the_run_continues([callback], OmegaConf.create({"resume": resume}), tmp_path / run_dir)
+        assert callback.slurm_requeue == kept, (resume, run_dir)
+
+
+def test_torchrun_inside_a_slurm_job_keeps_torchruns_ranks(monkeypatch):
+    from timesformer.pipeline import _slurm_without_lightning_requeue
+
+    cfg = OmegaConf.create({"trainer": {}})
+    for name, value in {"SLURM_NTASKS": "1", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "train"}.items():
+        monkeypatch.setenv(name, value)
+    assert not _slurm_without_lightning_requeue(cfg)["plugins"][0].auto_requeue
+    for name, value in {"RANK": "1", "GROUP_RANK": "0", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+                        "WORLD_SIZE": "2", "MASTER_ADDR": "localhost", "MASTER_PORT": "29500",
+                        "TORCHELASTIC_RUN_ID": "x"}.items():
+        monkeypatch.setenv(name, value)
+    assert _slurm_without_lightning_requeue(cfg) == {}  # Lightning's choice: TorchElasticEnvironment
+
+
+def test_a_failed_fits_sigusr1_handler_is_replaced_by_the_next_runs(tmp_path):
+    """A fit ending in an exception skips the teardown hooks, and Lightning's teardown put back that fit's handler:
+    the next run in the process (a sweep's) kept it, and a SIGUSR1 went to the finished trainer."""
+    from timesformer.callbacks import PreemptionCheckpoint
+
+    trainer = SimpleNamespace(_accelerator_connector=SimpleNamespace(cluster_environment=None))
+    previous = signal.getsignal(signal.SIGUSR1)
+    try:
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        first, second = PreemptionCheckpoint(tmp_path), PreemptionCheckpoint(tmp_path)
+        first._handle_usr1(trainer)
+        second._handle_usr1(trainer)
+        assert signal.getsignal(signal.SIGUSR1) == second._on_usr1
+        assert second._previous_usr1 == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
 
 
 def test_resume_auto_skips_a_truncated_checkpoint(tmp_path):

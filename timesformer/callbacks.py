@@ -100,9 +100,15 @@ class PreemptionCheckpoint(L.Callback):
         environment = trainer._accelerator_connector.cluster_environment
         self._on_slurm = isinstance(environment, SLURMEnvironment)
         lightning_requeues = self._on_slurm and environment.auto_requeue
-        if (hasattr(signal, "SIGUSR1") and not lightning_requeues
-                and signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None)):
-            self._previous_usr1 = signal.signal(signal.SIGUSR1, self._on_usr1)
+        if not hasattr(signal, "SIGUSR1") or lightning_requeues:
+            return
+        current = signal.getsignal(signal.SIGUSR1)
+        # A fit that ended in an exception skips the teardown hooks, and Lightning's own teardown puts back the
+        # handler it found (that fit's): the next run in this process (a sweep's) would keep a finished trainer's
+        stale = getattr(current, "__func__", None) is PreemptionCheckpoint._on_usr1
+        if current in (signal.SIG_DFL, None) or stale:
+            previous = signal.signal(signal.SIGUSR1, self._on_usr1)
+            self._previous_usr1 = signal.SIG_DFL if stale else previous
 
     def _on_usr1(self, signum: int, frame: Any) -> None:
         log.info("Received SIGUSR1: checkpointing at the next point a run can resume from")

@@ -17,11 +17,12 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
-from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from timesformer.callbacks import PreemptionCheckpoint
 from timesformer.evaluation import write_report_files
 from timesformer.loggers import CSVLogger
 from timesformer.model import TimeSformer, TimeSformerConfig
@@ -191,11 +192,15 @@ def _resolve_ckpt_path(cfg: DictConfig, output_dir: Path) -> str | None:
     if resume not in (None, "auto"):
         raise ValueError(f"resume={resume!r} is not supported; valid values: auto, null (or set ckpt_path=PATH)")
     restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
-    if resume is None and not ckpt_path and restarts.isdigit() and int(restarts) > 0:
-        # A requeued SLURM job (preempted, or requeued at its time limit) runs its command again in the same run dir
-        # (slurm-<job id> for several tasks): started afresh it would overwrite the checkpoints it is to continue.
-        log.info("SLURM requeued this job (SLURM_RESTART_COUNT=%s): resuming as with resume=auto", restarts)
-        resume = "auto"
+    if restarts.isdigit() and int(restarts) > 0:
+        # A requeued SLURM job (preempted, or requeued at its time limit) runs its command again, in the same run dir
+        # with resume=auto or several tasks (slurm-<job id>): it continues from its own newest checkpoint (started
+        # afresh, or from ckpt_path again, it overwrote them).
+        found = find_resume_checkpoint(output_dir)
+        if found:
+            log.info("SLURM requeued this job (SLURM_RESTART_COUNT=%s): continuing from %s", restarts, found)
+            _check_resumable(found, cfg, option="a requeued SLURM job")
+            return str(found)
     if ckpt_path:
         if not Path(ckpt_path).is_file():
             raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file" + (
@@ -217,10 +222,24 @@ def _slurm_without_lightning_requeue(cfg: DictConfig) -> dict[str, Any]:
     """Under SLURM, Lightning's SLURM environment with its auto-requeue off (unless ``trainer.plugins`` is set): on
     SIGUSR1 it checkpointed from inside its signal handler, mid-batch or mid-validation (the interrupted batch was
     then never trained on), and trained on until SLURM killed the job. ``PreemptionCheckpoint`` stops at a point
-    that resumes exactly and requeues the job instead."""
-    if cfg.trainer.get("plugins") or not SLURMEnvironment.detect():
-        return {}
+    that resumes exactly and requeues the job instead (``_requeue_only_where_the_run_continues``)."""
+    if cfg.trainer.get("plugins") or TorchElasticEnvironment.detect() or not SLURMEnvironment.detect():
+        return {}  # (torchrun inside a SLURM job: Lightning takes torchrun's ranks, as it should)
     return {"plugins": [SLURMEnvironment(auto_requeue=False)]}
+
+
+def _requeue_only_where_the_run_continues(callbacks: list[Any], cfg: DictConfig, output_dir: Path) -> None:
+    """A requeued SLURM job runs its command again and continues from the run dir it finds again: resume=auto's, or
+    ``slurm-<job id>`` (several tasks). In a run dir named for this start, a requeue would start the run over, at
+    every requeue: SIGUSR1 then only checkpoints."""
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if not job_id or cfg.get("resume") == "auto" or output_dir.name == f"slurm-{job_id}":
+        return
+    for callback in callbacks:
+        if isinstance(callback, PreemptionCheckpoint) and callback.slurm_requeue:
+            log.warning("SIGUSR1 will checkpoint but not requeue this SLURM job: the requeued job would not find the "
+                        "run dir %s again and would start over. Add resume=auto to the command", output_dir)
+            callback.slurm_requeue = False
 
 
 def _check_resumable(path: Path, cfg: DictConfig, option: str = "ckpt_path") -> None:
@@ -409,6 +428,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         callbacks = [callback for callback in callbacks if not isinstance(callback, ProgressBar)]
     if not cfg.trainer.get("enable_checkpointing", True):  # ...and checkpoint callbacks (preemption still saves)
         callbacks = [callback for callback in callbacks if not isinstance(callback, ModelCheckpoint)]
+    _requeue_only_where_the_run_continues(callbacks, cfg, output_dir)
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                                  **_slurm_without_lightning_requeue(cfg))
     _apply_global_batch_size(trainer, cfg.get("global_batch_size"), cfg.data.batch_size)

@@ -457,8 +457,8 @@ class VideoDataModule(lightning.LightningDataModule):
 
 
 def keep_worker_through_sigterm(main_pid: int, rank: int, worker_id: int) -> None:
-    """A DataLoader worker's ``worker_init_fn``: SIGTERM from anyone but the process that reads its batches is left
-    to that process.
+    """A DataLoader worker's ``worker_init_fn``: SIGTERM from anyone but the process that reads its batches, and
+    SIGUSR1, are left to that process.
 
     A cluster preempting a job (SLURM: every process of the job step), `kill -- -PGID` and `timeout` signal the
     workers with the main process. PyTorch's handler in a worker exits only for its parent's SIGTERM and dies of
@@ -470,6 +470,10 @@ def keep_worker_through_sigterm(main_pid: int, rank: int, worker_id: int) -> Non
     """
     if int(os.environ.get("PL_SEED_WORKERS", 0)):
         pl_worker_init_function(worker_id, rank)
+    if hasattr(signal, "SIGUSR1"):
+        # SLURM's --signal=SIGUSR1 (the time limit is near) reaches the workers too, whose default action was to die
+        # of it (or a forked worker ran its copy of the trainer's handler); the main process handles it
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     if not hasattr(signal, "sigwaitinfo"):  # macOS, Windows: PyTorch's handling as it is
         return
     # Blocked in this thread (and the threads it starts: decoders, queue feeders), the signal waits for the thread
