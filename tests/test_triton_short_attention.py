@@ -12,10 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import once_per_session
+from tests.conftest import ROOT, once_per_session
 from timesformer import TimeSformer, TimeSformerConfig
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
