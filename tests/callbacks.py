@@ -41,13 +41,19 @@ class SignalAtStep(L.Callback):
 class SignalInEpoch(L.Callback):
     """Send ``signal_name`` to this process once, in epoch ``epoch`` (None: any), as training batch ``train_batch``,
     validation batch ``validation_batch`` or test batch ``test_batch`` starts (the index within the epoch /
-    evaluation run): a signal arrives while a batch runs."""
+    evaluation run): a signal arrives while a batch runs. With ``train_end``, as training ends instead (after the
+    fit loop's last check for one)."""
 
     def __init__(self, epoch: int | None = None, train_batch: int | None = None, validation_batch: int | None = None,
-                 test_batch: int | None = None, signal_name: str = "SIGTERM", rank: int | None = None) -> None:
+                 test_batch: int | None = None, signal_name: str = "SIGTERM", rank: int | None = None,
+                 train_end: bool = False) -> None:
         self.epoch, self.train_batch, self.validation_batch = epoch, train_batch, validation_batch
         self.test_batch, self.rank = test_batch, rank  # rank: only that process gets it (None: every process)
-        self.signum, self.sent = getattr(signal, signal_name), False
+        self.signum, self.sent, self.train_end = getattr(signal, signal_name), False, train_end
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.train_end:
+            self._send(trainer, 0, 0)
 
     def _send(self, trainer, batch_idx: int, wanted: int | None) -> None:
         if self.rank not in (None, trainer.global_rank):

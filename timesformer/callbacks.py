@@ -48,11 +48,17 @@ class PreemptionCheckpoint(L.Callback):
     (gloo: "Received data size doesn't match expected size"); here the handler only sets the flag.
 
     SIGUSR1 is handled the same way. Under SLURM (``--signal=SIGUSR1@<seconds>``: the time limit is near) the job
-    is then requeued (``scontrol requeue``, from rank 0, once the checkpoint is written) unless ``slurm_requeue`` is
-    false; train.py turns Lightning's own auto-requeue off, which checkpointed from inside its signal handler,
-    mid-batch or mid-validation, and trained on. Were it on (a ``SLURMEnvironment`` passed in
-    ``trainer.plugins``), SIGUSR1 is left to it. A signal during train.py's test after training stops the test and
-    writes nothing (``last.ckpt`` keeps the final state; under SLURM, SIGUSR1 requeues the job, which tests again).
+    is then due for a requeue (``requeue_due``), unless ``slurm_requeue`` is false: train.py calls `requeue_if_due`
+    (``scontrol requeue``, rank 0) once it has written its results and closed W&B, as SLURM ends the job when it
+    requeues it (a script of your own calls it at its end). train.py turns Lightning's own auto-requeue off, which
+    checkpointed from inside its signal handler, mid-batch or mid-validation, and trained on. Were it on (a
+    ``SLURMEnvironment(auto_requeue=True)`` in ``trainer.plugins``), SIGUSR1 is left to it.
+
+    A signal during train.py's test after training stops the test and writes nothing (``last.ckpt`` keeps the final
+    state; under SLURM, SIGUSR1 requeues the job, which tests again). So does one that came after the fit's last
+    check (during its last checkpoint, say): the test would otherwise start as if none had come. Under DDP each
+    process stops its test at its own next batch, without a collective (a test's processes have uneven batches;
+    SLURM signals every task, and a requeue ends the job).
     """
 
     def __init__(self, dirpath: str | Path, filename: str = "last.ckpt", slurm_requeue: bool = True) -> None:
@@ -65,7 +71,9 @@ class PreemptionCheckpoint(L.Callback):
         self._validating = False
         self._distributed = False
         self._broadcasting = False  # inside Lightning's per-batch broadcast of rank 0's flag
+        self._signal_after_fit = False  # received after the fit's last check: the test stops at once
         self._previous_usr1: Any = None
+        self.requeue_due = False
 
     def _lightning_may_see_signal(self) -> bool:
         resumable = not (self._mid_window or self._validating)
@@ -90,11 +98,22 @@ class PreemptionCheckpoint(L.Callback):
             epoch_loop._broadcast_sigterm_tensor = broadcast_rank_zero_flag
         self._handle_usr1(trainer)
 
-    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # SIGUSR1's default action ends the process: the test after training stops as on SIGTERM instead (train.py
-        # keeps the training's results; a requeued SLURM job runs the test again)
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "test":
+            return
+        # (here, before Lightning registers its SIGTERM handler, which takes the connector's notifier as it is then)
+        # A signal stops the test where Lightning checks, after each batch: the notifier without its broadcast, as in
+        # the fit. SIGUSR1's default action ends the process: the test after training stops as on SIGTERM instead
+        # (train.py keeps the training's results; a requeued SLURM job runs the test again).
         self._trainer = trainer
+        _gate_signal_flag(trainer._signal_connector, lambda: True)
         self._handle_usr1(trainer)
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._signal_after_fit:  # (Lightning cleared the flag as the test started)
+            log.warning("%s came after training's last check: the test stops", self._signal_name)
+            trainer._signal_connector.received_sigterm = True
+            self._signal_after_fit = False
 
     def _handle_usr1(self, trainer: L.Trainer) -> None:
         environment = trainer._accelerator_connector.cluster_environment
@@ -136,11 +155,21 @@ class PreemptionCheckpoint(L.Callback):
             trainer.save_checkpoint(self.path)  # (every process returns once the file is written)
             log.warning("%s", preempted_message(self.path, self._signal_name))
         if self._signal_name == "SIGUSR1" and self._on_slurm and self.slurm_requeue and trainer.is_global_zero:
-            requeue_slurm_job()
+            self.requeue_due = True
+
+    def requeue_if_due(self) -> bool:
+        """Requeue the SLURM job (`requeue_slurm_job`) if a SIGUSR1 stopped the run and asked for it; call it last,
+        as SLURM then ends the job. True when it was requeued."""
+        if not self.requeue_due:
+            return False
+        self.requeue_due = False
+        return requeue_slurm_job()
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._trainer is not None:
-            _gate_signal_flag(self._trainer._signal_connector, None)
+            connector = self._trainer._signal_connector
+            self._signal_after_fit = stage == "fit" and bool(connector.__dict__.get("_received"))
+            _gate_signal_flag(connector, None)
             self._trainer.fit_loop.epoch_loop.__dict__.pop("_broadcast_sigterm_tensor", None)
             self._trainer = None
         if self._previous_usr1 is not None:

@@ -17,7 +17,7 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
-from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment, TorchElasticEnvironment
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -218,27 +218,59 @@ def _resolve_ckpt_path(cfg: DictConfig, output_dir: Path) -> str | None:
     return None
 
 
-def _slurm_without_lightning_requeue(cfg: DictConfig) -> dict[str, Any]:
-    """Under SLURM, Lightning's SLURM environment with its auto-requeue off (unless ``trainer.plugins`` is set): on
-    SIGUSR1 it checkpointed from inside its signal handler, mid-batch or mid-validation (the interrupted batch was
-    then never trained on), and trained on until SLURM killed the job. ``PreemptionCheckpoint`` stops at a point
-    that resumes exactly and requeues the job instead (``_requeue_only_where_the_run_continues``)."""
-    if cfg.trainer.get("plugins") or TorchElasticEnvironment.detect() or not SLURMEnvironment.detect():
+def _plugins_without_lightning_requeue(cfg: DictConfig) -> dict[str, Any]:
+    """``trainer.plugins``, with Lightning's SLURM environment with its auto-requeue off under SLURM: on SIGUSR1 it
+    checkpointed from inside its signal handler, mid-batch or mid-validation (the interrupted batch was then never
+    trained on), and trained on until SLURM killed the job. ``PreemptionCheckpoint`` stops at a point that resumes
+    exactly and requeues the job instead (``_requeue_only_where_the_run_continues``). A cluster environment in
+    ``trainer.plugins`` is kept as it is."""
+    plugins = hydra.utils.instantiate(cfg.trainer.get("plugins"), _convert_="all")
+    plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+    if (any(isinstance(plugin, ClusterEnvironment) for plugin in plugins) or TorchElasticEnvironment.detect()
+            or not SLURMEnvironment.detect()):
         return {}  # (torchrun inside a SLURM job: Lightning takes torchrun's ranks, as it should)
-    return {"plugins": [SLURMEnvironment(auto_requeue=False)]}
+    return {"plugins": [*plugins, SLURMEnvironment(auto_requeue=False)]}
+
+
+def _run_dir_is_found_again(cfg: DictConfig, output_dir: Path) -> bool:
+    """Whether the same command, run again (a requeued SLURM job), writes to ``output_dir`` again: resume=auto's
+    run dir and ``slurm-<job id>`` (several tasks) are named by the command and the job, a dir set on the command line
+    (``hydra.run.dir``, ``paths.output_dir``; ``hydra.sweep.dir`` under -m) is the same unless it holds the time
+    (``${now:...}``), and so is one a caller of ``train(cfg)`` chose without Hydra. The default one is named by the
+    time the run started."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if cfg.get("resume") == "auto" or output_dir.name == f"slurm-{os.environ.get('SLURM_JOB_ID')}":
+        return True
+    if not HydraConfig.initialized():
+        return True
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        return _named_on_command_line("hydra.sweep.dir")
+    return _named_on_command_line("hydra.run.dir", "paths.output_dir")
+
+
+def _named_on_command_line(*keys: str) -> bool:
+    """Whether this run's command line sets one of ``keys`` (a dir) to a name without the time in it (``${now:}``)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return False
+    written = OmegaConf.to_container(HydraConfig.get().overrides, resolve=False)  # as typed: ${now:...} unresolved
+    overrides = [override.lstrip("+").split("=", 1) for override in [*written["hydra"], *written["task"]]]
+    return any(key in keys and "${now:" not in value for key, value in overrides)
 
 
 def _requeue_only_where_the_run_continues(callbacks: list[Any], cfg: DictConfig, output_dir: Path) -> None:
-    """A requeued SLURM job runs its command again and continues from the run dir it finds again: resume=auto's, or
-    ``slurm-<job id>`` (several tasks). In a run dir named for this start, a requeue would start the run over, at
-    every requeue: SIGUSR1 then only checkpoints."""
-    job_id = os.environ.get("SLURM_JOB_ID")
-    if not job_id or cfg.get("resume") == "auto" or output_dir.name == f"slurm-{job_id}":
+    """A requeued SLURM job runs its command again and continues from the run dir it finds again. In a run dir
+    named for this start, a requeue would start the run over, at every requeue: SIGUSR1 then only checkpoints."""
+    if not os.environ.get("SLURM_JOB_ID") or _run_dir_is_found_again(cfg, output_dir):
         return
     for callback in callbacks:
         if isinstance(callback, PreemptionCheckpoint) and callback.slurm_requeue:
             log.warning("SIGUSR1 will checkpoint but not requeue this SLURM job: the requeued job would not find the "
-                        "run dir %s again and would start over. Add resume=auto to the command", output_dir)
+                        "run dir %s again and would start over. Add resume=auto to the command (or name the run "
+                        "dir: hydra.run.dir=...)", output_dir)
             callback.slurm_requeue = False
 
 
@@ -275,7 +307,7 @@ def _check_sweep_dir_is_fixed() -> None:
 
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return
-    if not any(override.lstrip("+").startswith("hydra.sweep.dir=") for override in HydraConfig.get().overrides.hydra):
+    if not _named_on_command_line("hydra.sweep.dir"):
         raise ValueError("resume=auto under -m (multirun) needs a sweep dir of its own, e.g. "
                          "hydra.sweep.dir=logs/train/multiruns/my_sweep: the default one is named by the time, so a "
                          "restarted sweep would never find its checkpoints. Each job then continues from "
@@ -430,7 +462,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         callbacks = [callback for callback in callbacks if not isinstance(callback, ModelCheckpoint)]
     _requeue_only_where_the_run_continues(callbacks, cfg, output_dir)
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                                                 **_slurm_without_lightning_requeue(cfg))
+                                                 **_plugins_without_lightning_requeue(cfg))
     _apply_global_batch_size(trainer, cfg.get("global_batch_size"), cfg.data.batch_size)
     # The run's config as the loggers and checkpoints record it, with the accumulation derived from global_batch_size
     # (the config says 1), the processes and the global batch they make
@@ -452,13 +484,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
                     "the best checkpoint chosen by it")
     try:
         metrics = _fit_and_test(cfg, trainer, module, datamodule, ckpt_path, resumed_step, output_dir)
+        _finish_wandb(loggers)
     except BaseException:
         try:
             _finish_wandb(loggers, exit_code=1)  # under -m the next job would log into this run
         except Exception as error:  # (a W&B service error must not replace the run's own)
             log.warning("Could not close the W&B run: %s", error)
         raise
-    _finish_wandb(loggers)
+    finally:  # last: SLURM ends the job as it requeues it (a SIGUSR1 stopped the run; the checkpoint is written)
+        for callback in callbacks:
+            if isinstance(callback, PreemptionCheckpoint):
+                callback.requeue_if_due()
     return metrics
 
 
