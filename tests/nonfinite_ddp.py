@@ -4,7 +4,7 @@
 
 Each process writes ``OUT_DIR/rank<r>.pt``: the sample indices it trained on, in order, and its final weights and
 skipped-step count, or the error it stopped with.
-Run by tests/test_resilience.py in a subprocess (Lightning launches the second process by running this file again).
+Run by tests/test_nonfinite.py in a subprocess (Lightning launches the second process by running this file again).
 """
 
 import sys

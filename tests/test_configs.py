@@ -8,6 +8,7 @@ import torch
 from omegaconf import OmegaConf
 
 from tests.conftest import CONFIG_DIR, compose_config
+from timesformer.module import check_settings, lr_multiplier
 
 GROUPS = {group.name: sorted(p.stem for p in group.glob("*.yaml")) for group in CONFIG_DIR.iterdir()
           if group.is_dir() and group.name not in ("hydra", "sweep")}  # sweep/: W&B sweep files
@@ -58,3 +59,27 @@ def test_every_dataset_takes_the_common_data_options(data, tmp_path):
                                    "data.test_temporal_clips=2", "data.pin_memory=false", "data.decode_retries=0",
                                    "data.mean=[0.5,0.5,0.5]"], tmp_path)
     assert cfg.data.max_failed_fraction == 0.1 and cfg.data.test_temporal_clips == 2
+
+
+def test_every_experiment_composes(tmp_path):
+    for experiment in ("demo", "k400_paper", "k400_adamw", "k400_hr", "k400_large"):
+        cfg = compose_config("train", [f"experiment={experiment}"], tmp_path)
+        assert cfg.model.num_frames == cfg.data.num_frames
+    # The paper's recipe: HR 16x16 @ 448 with jitter [448, 512], L 96x4 @ 224, the rest as the paper's recipe.
+    hr, large = (compose_config("train", [f"experiment={name}"], tmp_path) for name in ("k400_hr", "k400_large"))
+    assert (hr.data.num_frames, hr.data.sampling_rate, hr.data.image_size) == (16, 16, 448)
+    assert list(hr.data.train_short_side_range) == [448, 512]
+    assert (large.data.num_frames, large.data.sampling_rate, large.data.image_size) == (96, 4, 224)
+    assert hr.optimizer.lr == large.optimizer.lr == 0.005 and hr.global_batch_size == large.global_batch_size == 64
+    paper = compose_config("train", ["experiment=k400_paper"], tmp_path)
+    assert (paper.optimizer.name, paper.optimizer.lr, paper.optimizer.nesterov) == ("sgd", 0.005, True)
+    assert paper.global_batch_size == 64 and paper.trainer.max_epochs == 15
+    steps_per_epoch = 3750  # Kinetics-400's ~240k videos at a global batch of 64
+    assert paper.scheduler.name == "multistep" and not paper.scheduler.warmup_epochs
+    factors = [lr_multiplier(epoch * steps_per_epoch + offset, "multistep", total_steps=15 * steps_per_epoch,
+                             milestones=tuple(paper.scheduler.milestones), gamma=paper.scheduler.gamma)
+               for epoch in (11, 14) for offset in (-1, 0)]
+    assert factors == pytest.approx([1.0, 0.1, 0.1, 0.01])  # the lr drops at the first step of epochs 12 and 15
+    # Another schedule on the paper's recipe takes its own options (the experiment's milestones were refused).
+    cosine = compose_config("train", ["experiment=k400_paper", "scheduler=cosine"], tmp_path)
+    check_settings(OmegaConf.to_container(cosine.optimizer), OmegaConf.to_container(cosine.scheduler))

@@ -2,8 +2,6 @@
 
 import csv
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,25 +13,18 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from tests.conftest import CONFIG_DIR, ROOT, TINY_DATA, compose_config
-from tests.test_resilience import _tiny_classifier
+from tests.conftest import CONFIG_DIR, TINY_DATA, compose_config, run_script, tiny_classifier
 from tests.wandb_records import logged_keys
 from timesformer.callbacks import TrainingSpeed
 from timesformer.pipeline import train
 from timesformer.profile import count_flops
 
 
-def run(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-
-
 @pytest.mark.slow
 def test_wandb_offline_run_records_metrics_and_media(synthetic_root, tmp_path):
     env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
     env.pop("WANDB_API_KEY", None)
-    result = run("train.py", "experiment=demo", f"data.source.root={synthetic_root}", *TINY_DATA, "logger=wandb",
+    result = run_script("train.py", "experiment=demo", f"data.source.root={synthetic_root}", *TINY_DATA, "logger=wandb",
                  "trainer.max_epochs=2", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
                  f"hydra.run.dir={tmp_path / 'run'}", env=env)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -64,7 +55,7 @@ def test_wandb_sweep_launches_a_valid_train_command(sweep_file):
         value = spec["values"][0] if "values" in spec else spec.get("value", spec.get("min"))
         args.append(f"{name}={value}")
     command = [part for part in sweep["command"] if not part.startswith("${")]
-    result = run("train.py", *command, *args, "--cfg", "job", "--resolve")
+    result = run_script("train.py", *command, *args, "--cfg", "job", "--resolve")
     assert result.returncode == 0, result.stderr[-2000:]
     printed = yaml.safe_load(result.stdout)
     for name, spec in sweep["parameters"].items():
@@ -79,7 +70,7 @@ def test_wandb_sweep_launches_a_valid_train_command(sweep_file):
 def test_local_optuna_sweep_goes_on_past_a_failed_trial(synthetic_root, tmp_path):
     """A failed trial (here a refused lr; a diverged or out-of-memory one alike) ended the search, results lost."""
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
-    result = run("train.py", "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=3", "hydra.sweeper.n_jobs=1",
+    result = run_script("train.py", "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=3", "hydra.sweeper.n_jobs=1",
                  "hydra.sweeper.sampler.seed=2", "optimizer.lr=choice(-1.0,0.001)", "experiment=demo",
                  f"data.source.root={synthetic_root}",
                  *TINY_DATA, "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "test=false",
@@ -119,10 +110,10 @@ def test_resume_auto_under_multirun_needs_a_sweep_dir_of_its_own(synthetic_root,
     """The default sweep dir is named by the time: resume=auto never found the restarted sweep's checkpoints."""
     args = ["-m", "experiment=demo", f"data.source.root={synthetic_root}", *TINY_DATA, "trainer.max_epochs=1",
             "trainer.enable_progress_bar=false", "test=false", "resume=auto", "optimizer.lr=0.001,0.002"]
-    refused = run("train.py", *args, f"paths.log_dir={tmp_path / 'logs'}")
+    refused = run_script("train.py", *args, f"paths.log_dir={tmp_path / 'logs'}")
     assert refused.returncode != 0 and "needs a sweep dir of its own" in refused.stderr
     for _ in range(2):  # the same command, restarted: each job continues from its own dir
-        result = run("train.py", *args, f"hydra.sweep.dir={tmp_path / 'sweep'}")
+        result = run_script("train.py", *args, f"hydra.sweep.dir={tmp_path / 'sweep'}")
         assert result.returncode == 0, result.stderr[-3000:]
     assert (result.stdout + result.stderr).count("resume=auto: continuing from") == 2
     assert all((tmp_path / "sweep" / job / "checkpoints" / "last.ckpt").is_file() for job in ("0", "1"))
@@ -148,7 +139,7 @@ def _tensorboard_scalars(folder: Path) -> set[str]:
 
 @pytest.mark.slow
 def test_tensorboard_and_csv_loggers_record_the_metrics(synthetic_root, tmp_path):
-    result = run("train.py", "experiment=demo", f"data.source.root={synthetic_root}", *TINY_DATA,
+    result = run_script("train.py", "experiment=demo", f"data.source.root={synthetic_root}", *TINY_DATA,
                  "logger=tensorboard", "+logger.csv._target_=lightning.pytorch.loggers.CSVLogger",
                  f"+logger.csv.save_dir={tmp_path / 'run'}", "trainer.max_epochs=1", "trainer.log_every_n_steps=1",
                  "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path / 'run'}")
@@ -185,7 +176,7 @@ def test_the_csv_logger_keeps_the_rows_of_an_interrupted_run(tmp_path):
     def fit(callbacks: list, purge_step: int | None) -> list[dict]:
         logger = ResumingCSVLogger(tmp_path, name="csv", version="", purge_step=purge_step)
         L.Trainer(accelerator="cpu", max_epochs=1, log_every_n_steps=1, logger=logger, enable_progress_bar=False,
-                  enable_checkpointing=False, callbacks=callbacks).fit(_tiny_classifier(),
+                  enable_checkpointing=False, callbacks=callbacks).fit(tiny_classifier(),
                                                                        DataLoader(_SlowClips(0.0), batch_size=1))
         with open(tmp_path / "csv" / "metrics.csv") as file:
             return list(csv.DictReader(file))
@@ -214,7 +205,7 @@ def test_the_gradient_norm_is_logged_at_the_step_it_was_measured(tmp_path):
     logger = CSVLogger(tmp_path, name="csv", version="")
     L.Trainer(accelerator="cpu", max_epochs=1, log_every_n_steps=3, logger=logger, enable_progress_bar=False,
               enable_checkpointing=False, callbacks=[RecordNorm()]).fit(
-        _tiny_classifier(), DataLoader(_SlowClips(0.0), batch_size=1))
+        tiny_classifier(), DataLoader(_SlowClips(0.0), batch_size=1))
     with open(tmp_path / "csv" / "metrics.csv") as file:
         logged = {int(row["step"]): float(row["train/grad_norm"]) for row in csv.DictReader(file)
                   if row.get("train/grad_norm")}
@@ -248,7 +239,7 @@ def _speed_rows(tmp_path: Path, data_s: float, step_s: float, peak_tflops: float
     logger = CSVLogger(tmp_path, name="speed")
     trainer = L.Trainer(accelerator="cpu", max_epochs=1, log_every_n_steps=3, logger=logger, enable_progress_bar=False,
                         enable_checkpointing=False, callbacks=[TrainingSpeed(peak_tflops), _SlowStep(step_s)])
-    trainer.fit(_tiny_classifier(), DataLoader(_SlowClips(data_s), batch_size=1))
+    trainer.fit(tiny_classifier(), DataLoader(_SlowClips(data_s), batch_size=1))
     with open(Path(logger.log_dir) / "metrics.csv") as file:
         rows = [row for row in csv.DictReader(file) if row.get("perf/clips_per_s")]
     return [{key: float(value) for key, value in row.items() if key.startswith("perf/") and value} for row in rows]
@@ -274,7 +265,7 @@ def test_training_speed_is_logged_at_the_step_of_its_batch(tmp_path):
     logger = CSVLogger(tmp_path, name="speed", version="")
     L.Trainer(accelerator="cpu", max_epochs=1, log_every_n_steps=1, logger=logger, enable_progress_bar=False,
               enable_checkpointing=False, callbacks=[TrainingSpeed()]).fit(
-        _tiny_classifier(), DataLoader(_SlowClips(0.0), batch_size=1))
+        tiny_classifier(), DataLoader(_SlowClips(0.0), batch_size=1))
     with open(Path(logger.log_dir) / "metrics.csv") as file:
         rows = list(csv.DictReader(file))
     loss_steps = {int(row["step"]) for row in rows if row.get("train/loss")}
@@ -284,7 +275,7 @@ def test_training_speed_is_logged_at_the_step_of_its_batch(tmp_path):
 
 def test_training_speed_reports_mfu_against_the_given_peak(tmp_path):
     rows = _speed_rows(tmp_path, data_s=0.0, step_s=0.02, peak_tflops=1e-6)
-    training_flops = 6 * count_flops(_tiny_classifier().model.config)  # 3 x forward, 2 FLOPs per multiply-add
+    training_flops = 6 * count_flops(tiny_classifier().model.config)  # 3 x forward, 2 FLOPs per multiply-add
     for row in rows:
         assert row["perf/mfu"] == pytest.approx(row["perf/clips_per_s"] * training_flops / 1e6)
 

@@ -2,15 +2,15 @@
 
 import csv
 import json
-import os
-import subprocess
-import sys
 
+import lightning as L
 import pytest
 import torch
 from hydra.errors import InstantiationException
+from lightning.pytorch.plugins.precision import MixedPrecision
+from torch.utils.data import DataLoader
 
-from tests.conftest import ROOT, TINY_DATA, compose_config
+from tests.conftest import TINY_DATA, compose_config, run_script, tiny_classifier
 from timesformer import TimeSformer
 from timesformer.model import ATTENTION_TYPES
 from timesformer.pipeline import train
@@ -53,11 +53,6 @@ def test_training_without_a_logger(synthetic_root, tmp_path):
                  "trainer.limit_train_batches=1", "trainer.limit_val_batches=1", "test=false"]
     metrics = train(compose_config("train", overrides, tmp_path))
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
-
-
-def run_script(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow
@@ -301,3 +296,35 @@ def test_overfit_batches(synthetic_root, tmp_path):
                  "trainer.enable_progress_bar=false"]
     metrics = train(compose_config("train", overrides, tmp_path))
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_gradient_clipping_with_a_fused_optimizer_under_mixed_precision(precision, monkeypatch):
+    """On a GPU the optimizer is fused; Lightning's mixed-precision plugin refused to clip for it (the k400_adamw
+    recipe: bf16 + gradient_clip_val crashed at its first step). Forced fused on the CPU here."""
+    norms, built = [], []
+
+    class RecordingAdamW(torch.optim.AdamW):
+        def __init__(self, params, **options):
+            built.append(options.get("fused"))
+            super().__init__(params, **{**options, "fused": options.get("fused") is not False})
+
+        def step(self, closure=None):
+            if closure is not None:  # (under fp16 Lightning runs it before, for the loss scaler)
+                closure()
+            grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+            norms.append(float(torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads]))))
+            return super().step()
+
+    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
+    module = tiny_classifier()
+    module.hparams.optimizer.update(name="adamw", lr=1e-3)
+    torch.manual_seed(0)
+    clips = [{"video": 50 * torch.randn(4, 3, 32, 32), "label": i % 2, "index": i} for i in range(4)]
+    # (Lightning turns precision="16-mixed" into bf16 on the CPU; its plugin, given, keeps fp16 and a loss scaler.)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, plugins=[MixedPrecision(precision, "cpu")], gradient_clip_val=1e-3)
+    trainer.fit(module, DataLoader(clips, batch_size=2))
+    assert len(norms) == 2 and all(norm <= 1e-3 * 1.001 for norm in norms)  # clipped, by the step's time
+    # fp16 scales the loss: its gradients are unscaled before clipping, which a fused step would do after.
+    assert built == [False if precision == "16-mixed" else None]

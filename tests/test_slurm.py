@@ -1,0 +1,192 @@
+"""SLURM: SIGUSR1 near the time limit checkpoints, then the job is requeued, once, last, from rank 0, only where the
+requeued job continues; signals during the test after training."""
+
+import json
+import signal
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+from omegaconf import OmegaConf
+
+from tests.conftest import CONFIG_DIR, base_args, run_script, slurm_job
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when", ["test_batch", "train_end"])
+def test_a_signal_during_the_test_after_training_keeps_the_training_checkpoints(synthetic_root, tmp_path, when):
+    """SLURM's SIGUSR1 (the time limit is near) as the test after training runs: its default action killed the
+    process there. The test stops as on SIGTERM and the job is requeued (the requeued job tests again), once the run
+    has written its results. So does a SIGUSR1 after the fit loop's last check (``train_end``): Lightning cleared it
+    as the test started, which then ran on until the time limit, and nothing requeued the job."""
+    run_dir = tmp_path / "run"
+    args = [arg for arg in base_args(synthetic_root, run_dir) if arg != "test=false"]
+    result = run_script("train.py", *args, "trainer.max_epochs=1", "data.batch_size=2", "resume=auto",
+                        "+callbacks.term._target_=tests.callbacks.SignalInEpoch", "+callbacks.term.signal_name=SIGUSR1",
+                        "+callbacks.term.test_batch=0" if when == "test_batch" else "+callbacks.term.train_end=true",
+                        env=slurm_job(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "The test after training was stopped by a signal" in result.stdout + result.stderr
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
+    assert "metrics.json" in (tmp_path / "run_at_requeue.txt").read_text().split()  # requeued last
+    metrics = json.loads((run_dir / "metrics.json").read_text())  # the training's results are kept...
+    assert "val/acc" in metrics and "test/acc" not in metrics
+    assert "checkpoint written" not in result.stdout + result.stderr  # ...and its last.ckpt is not overwritten
+
+
+def test_an_array_task_is_requeued_by_its_own_id_and_a_failed_requeue_says_what_to_do(tmp_path, monkeypatch, caplog):
+    from timesformer.callbacks import requeue_slurm_job
+
+    for name, value in slurm_job(tmp_path).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "4240")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "2")
+    assert requeue_slurm_job()
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4240_2\n"  # not the array's other tasks
+    (tmp_path / "bin" / "scontrol").write_text("#!/bin/sh\necho 'Invalid job id' >&2\nexit 1\n")
+    assert not requeue_slurm_job()
+    assert "Could not requeue SLURM job 4240_2 (exit code 1: Invalid job id)" in caplog.text
+
+
+def test_preemption_checkpoint_is_written_only_while_fitting(tmp_path):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.trainer.states import TrainerFn
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from timesformer.callbacks import PreemptionCheckpoint
+
+    saved = []
+    callback = PreemptionCheckpoint(tmp_path)
+    for stage in (TrainerFn.TESTING, TrainerFn.FITTING):
+        trainer = SimpleNamespace(state=SimpleNamespace(fn=stage), save_checkpoint=saved.append)
+        callback.on_exception(trainer, None, SIGTERMException())
+    assert saved == [tmp_path / "last.ckpt"]
+
+
+def test_only_rank_zero_requeues_and_only_on_slurms_sigusr1(tmp_path, monkeypatch):
+    from lightning.pytorch.trainer.states import TrainerFn
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    import timesformer.callbacks
+    from timesformer.callbacks import PreemptionCheckpoint
+
+    requeued = []
+    monkeypatch.setattr(timesformer.callbacks, "requeue_slurm_job", lambda: requeued.append(1) or True)
+    cases = [("SIGUSR1", True, True, True), ("SIGTERM", True, True, False), ("SIGUSR1", False, True, False),
+             ("SIGUSR1", True, False, False)]
+    for signal_name, on_slurm, rank_zero, requeues in cases:
+        requeued.clear()
+        callback = PreemptionCheckpoint(tmp_path)
+        callback._signal_name, callback._on_slurm = signal_name, on_slurm
+        trainer = SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.TESTING), is_global_zero=rank_zero)
+        callback.on_exception(trainer, None, SIGTERMException())
+        assert not requeued  # not yet: the run has its results to write first
+        assert callback.requeue_if_due() == requeues and len(requeued) == requeues, (signal_name, on_slurm, rank_zero)
+        assert not callback.requeue_if_due() and len(requeued) == requeues  # once
+    requeued.clear()
+    callback.slurm_requeue = False
+    callback._on_slurm = True
+    callback.on_exception(SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.TESTING), is_global_zero=True), None,
+                          SIGTERMException())
+    assert not callback.requeue_if_due() and not requeued
+
+
+def test_a_requeue_is_kept_for_runs_the_requeued_job_continues(tmp_path, monkeypatch):
+    """A one-task job without resume=auto has a run dir named for this start: requeued, it started over, each time.
+    A run dir named on the command line is found again (it lost its requeue)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from timesformer.callbacks import PreemptionCheckpoint
+    from timesformer.pipeline import _requeue_only_where_the_run_continues
+
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    for overrides, run_dir, kept in [([], "2026-12-07_05-00-00", False), (["resume=auto"], "auto-0123456789ab", True),
+                                     ([], "slurm-4242", True), ([f"hydra.run.dir={tmp_path}/mine"], "mine", True),
+                                     ([f"paths.output_dir={tmp_path}/mine"], "mine", True),
+                                     (["hydra.run.dir=logs/${now:%H-%M-%S}"], "05-00-00", False)]:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose("train", overrides=overrides, return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        callback = PreemptionCheckpoint(tmp_path)
+        try:
+            _requeue_only_where_the_run_continues([callback], cfg, tmp_path / run_dir)
+        finally:
+            HydraConfig.instance().cfg = None
+        assert callback.slurm_requeue == kept, (overrides, run_dir)
+
+
+def test_lightnings_requeue_stays_off_whatever_the_plugins_and_torchrun_keeps_its_ranks(monkeypatch):
+    """Any trainer.plugins setting brought Lightning's auto-requeue back. torchrun inside a SLURM job was forced onto
+    SLURMEnvironment, so every process was rank 0."""
+    from lightning.fabric.plugins import TorchCheckpointIO
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    from timesformer.pipeline import _plugins_without_lightning_requeue
+
+    def plugins(trainer: dict) -> list:
+        return _plugins_without_lightning_requeue(OmegaConf.create({"trainer": trainer})).get("plugins", [])
+
+    for name, value in {"SLURM_NTASKS": "1", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "train"}.items():
+        monkeypatch.setenv(name, value)
+    [environment] = plugins({})
+    assert isinstance(environment, SLURMEnvironment) and not environment.auto_requeue
+    checkpoint_io, environment = plugins({"plugins": [{"_target_": "lightning.fabric.plugins.TorchCheckpointIO"}]})
+    assert isinstance(checkpoint_io, TorchCheckpointIO) and not environment.auto_requeue
+    own = {"plugins": {"_target_": "lightning.fabric.plugins.environments.LightningEnvironment"}}
+    assert plugins(own) == []  # the user's own cluster environment: trainer.plugins as it is
+    for name, value in {"RANK": "1", "GROUP_RANK": "0", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+                        "WORLD_SIZE": "2", "MASTER_ADDR": "localhost", "MASTER_PORT": "29500",
+                        "TORCHELASTIC_RUN_ID": "x"}.items():
+        monkeypatch.setenv(name, value)
+    assert plugins({}) == []  # Lightning's choice: TorchElasticEnvironment
+
+
+def test_a_signal_during_the_test_broadcasts_nothing_from_the_signal_handler(tmp_path, monkeypatch):
+    """Under DDP, Lightning's SIGTERM handler broadcast rank 0's flag from inside the handler, i.e. in whatever
+    collective the process was in (and a test's processes have uneven batches: no collective can agree on a stop).
+    The test stops where each process checks, after its batch."""
+    import torch.distributed
+
+    from timesformer.callbacks import PreemptionCheckpoint
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    broadcasts = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "broadcast", lambda *args, **kwargs: broadcasts.append(args))
+    monkeypatch.setattr(L.Trainer, "world_size", property(lambda self: 2))
+    callback = PreemptionCheckpoint(tmp_path)
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        callback.setup(trainer, None, "test")
+        trainer._signal_connector.register_signal_handlers()  # as the test starts, after the setup hooks
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
+            trainer._signal_connector.received_sigterm = False
+            signal.getsignal(signum)(signum, None)
+            assert trainer.received_sigterm and not broadcasts, signal.Signals(signum).name
+    finally:
+        trainer._signal_connector.teardown()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def test_a_failed_fits_sigusr1_handler_is_replaced_by_the_next_runs(tmp_path):
+    """A fit ending in an exception skips the teardown hooks, and Lightning's teardown put back that fit's handler:
+    the next run in the process (a sweep's) kept it, and a SIGUSR1 went to the finished trainer."""
+    from timesformer.callbacks import PreemptionCheckpoint
+
+    trainer = SimpleNamespace(_accelerator_connector=SimpleNamespace(cluster_environment=None))
+    previous = signal.getsignal(signal.SIGUSR1)
+    try:
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        first, second = PreemptionCheckpoint(tmp_path), PreemptionCheckpoint(tmp_path)
+        first._handle_usr1(trainer)
+        second._handle_usr1(trainer)
+        assert signal.getsignal(signal.SIGUSR1) == second._on_usr1
+        assert second._previous_usr1 == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
