@@ -7,9 +7,9 @@ from types import SimpleNamespace
 
 import lightning as L
 import pytest
-from omegaconf import OmegaConf
 
-from tests.conftest import CONFIG_DIR, base_args, run_script, slurm_job
+from tests.conftest import CONFIG_DIR, TINY_DATA, base_args, compose_config, run_script, slurm_job
+from timesformer.pipeline import train
 
 
 @pytest.mark.slow
@@ -119,36 +119,71 @@ def test_a_requeue_is_kept_for_runs_the_requeued_job_continues(tmp_path, monkeyp
         assert callback.slurm_requeue == kept, (overrides, run_dir)
 
 
-def test_lightnings_requeue_stays_off_whatever_the_plugins_and_torchrun_keeps_its_ranks(monkeypatch):
-    """Any trainer.plugins setting brought Lightning's auto-requeue back. torchrun inside a SLURM job was forced onto
-    SLURMEnvironment, so every process was rank 0."""
-    from lightning.fabric.plugins import TorchCheckpointIO
-    from lightning.fabric.plugins.environments import SLURMEnvironment
+def test_lightnings_requeue_stays_off_whatever_the_plugins_and_torchrun_keeps_its_ranks(synthetic_root, tmp_path,
+                                                                                       monkeypatch):
+    """Any trainer.plugins setting brought Lightning's auto-requeue back, and one plugin (not a list) failed to merge
+    with the list added. torchrun inside a SLURM job was forced onto SLURMEnvironment, so every process was rank 0."""
+    from lightning.fabric.plugins.environments import LightningEnvironment, SLURMEnvironment
 
+    import timesformer.pipeline
     from timesformer.pipeline import _plugins_without_lightning_requeue
 
-    def plugins(trainer: dict) -> list:
-        return _plugins_without_lightning_requeue(OmegaConf.create({"trainer": trainer})).get("plugins", [])
+    environments = []
+    build = timesformer.pipeline._plugins_without_lightning_requeue
 
+    def recording(plugins):  # the trainer's plugins, as train() builds it
+        built = build(plugins)
+        environments.extend(plugin for plugin in built if isinstance(plugin, SLURMEnvironment))
+        return built
+
+    monkeypatch.setattr(timesformer.pipeline, "_plugins_without_lightning_requeue", recording)
     for name, value in {"SLURM_NTASKS": "1", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "train"}.items():
         monkeypatch.setenv(name, value)
-    [environment] = plugins({})
-    assert isinstance(environment, SLURMEnvironment) and not environment.auto_requeue
-    checkpoint_io, environment = plugins({"plugins": [{"_target_": "lightning.fabric.plugins.TorchCheckpointIO"}]})
-    assert isinstance(checkpoint_io, TorchCheckpointIO) and not environment.auto_requeue
-    own = {"plugins": {"_target_": "lightning.fabric.plugins.environments.LightningEnvironment"}}
-    assert plugins(own) == []  # the user's own cluster environment: trainer.plugins as it is
+    checkpoint_io = "{_target_: lightning.fabric.plugins.TorchCheckpointIO}"
+    for plugins in ("null", checkpoint_io, f"[{checkpoint_io}]"):
+        overrides = ["experiment=demo", f"data.source.root={synthetic_root}", *TINY_DATA, "+trainer.fast_dev_run=true",
+                     f"+trainer.plugins={plugins}"]
+        trainer_fits = train(compose_config("train", overrides, tmp_path / str(len(environments))))
+        assert trainer_fits and len(environments) == 1 and not environments.pop().auto_requeue, plugins
+    own = {"_target_": "lightning.fabric.plugins.environments.LightningEnvironment"}
+    [environment] = _plugins_without_lightning_requeue(own)
+    assert isinstance(environment, LightningEnvironment)  # the user's own cluster environment is kept
     for name, value in {"RANK": "1", "GROUP_RANK": "0", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
                         "WORLD_SIZE": "2", "MASTER_ADDR": "localhost", "MASTER_PORT": "29500",
                         "TORCHELASTIC_RUN_ID": "x"}.items():
         monkeypatch.setenv(name, value)
-    assert plugins({}) == []  # Lightning's choice: TorchElasticEnvironment
+    assert _plugins_without_lightning_requeue(None) == []  # Lightning's choice: TorchElasticEnvironment
+
+
+DDP_TEST = ["trainer=ddp_cpu", "data.batch_size=1", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+            "trainer.limit_val_batches=1"]  # 4 test clips: 2 batches per process
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signal_name, when, rank, stops", [("SIGUSR1", "test_batch", 0, True),
+                                                            ("SIGUSR1", "test_batch", 1, False),
+                                                            ("SIGTERM", "train_batch", 1, False)])
+def test_ddp_processes_stop_their_test_together_on_rank_zeros_signal(synthetic_root, tmp_path, signal_name, when,
+                                                                     rank, stops):
+    """A signal in the test after training: each process stopped at its own next batch, and the others waited for it
+    in the test's final gather (gloo: "Connection closed by peer"; NCCL: a hang). They stop together on rank 0's
+    flag, as in the fit (rank 0 passes its signal on to the processes it started). A signal the fit ignored (rank
+    1's) also stopped rank 1's test alone."""
+    run_dir = tmp_path / "run"
+    args = [arg for arg in base_args(synthetic_root, run_dir) if arg != "test=false"]
+    result = run_script("train.py", *args, *DDP_TEST, "+callbacks.term._target_=tests.callbacks.SignalInEpoch",
+                        f"+callbacks.term.signal_name={signal_name}", f"+callbacks.term.{when}=0",
+                        f"+callbacks.term.rank={rank}", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert ("The test after training was stopped by a signal" in result.stdout + result.stderr) == stops
+    assert ("test/acc" in metrics) == (not stops)
 
 
 def test_a_signal_during_the_test_broadcasts_nothing_from_the_signal_handler(tmp_path, monkeypatch):
     """Under DDP, Lightning's SIGTERM handler broadcast rank 0's flag from inside the handler, i.e. in whatever
-    collective the process was in (and a test's processes have uneven batches: no collective can agree on a stop).
-    The test stops where each process checks, after its batch."""
+    collective the process was in. The handler only records the signal; the processes agree on a stop after a test
+    batch (test_ddp_processes_stop_their_test_together_on_rank_zeros_signal)."""
     import torch.distributed
 
     from timesformer.callbacks import PreemptionCheckpoint
@@ -166,7 +201,7 @@ def test_a_signal_during_the_test_broadcasts_nothing_from_the_signal_handler(tmp
         for signum in (signal.SIGTERM, signal.SIGUSR1):
             trainer._signal_connector.received_sigterm = False
             signal.getsignal(signum)(signum, None)
-            assert trainer.received_sigterm and not broadcasts, signal.Signals(signum).name
+            assert trainer._signal_connector._received and not broadcasts, signal.Signals(signum).name
     finally:
         trainer._signal_connector.teardown()
         for signum, handler in previous.items():

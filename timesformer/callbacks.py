@@ -54,11 +54,12 @@ class PreemptionCheckpoint(L.Callback):
     checkpointed from inside its signal handler, mid-batch or mid-validation, and trained on. Were it on (a
     ``SLURMEnvironment(auto_requeue=True)`` in ``trainer.plugins``), SIGUSR1 is left to it.
 
-    A signal during train.py's test after training stops the test and writes nothing (``last.ckpt`` keeps the final
-    state; under SLURM, SIGUSR1 requeues the job, which tests again). So does one that came after the fit's last
-    check (during its last checkpoint, say): the test would otherwise start as if none had come. Under DDP each
-    process stops its test at its own next batch, without a collective (a test's processes have uneven batches;
-    SLURM signals every task, and a requeue ends the job).
+    A signal during train.py's test after training stops the test after the current batch and writes nothing
+    (``last.ckpt`` keeps the final state; under SLURM, SIGUSR1 requeues the job, which tests again). So does one that
+    came after the fit's last check (during its last checkpoint, say): the test would otherwise start as if none had
+    come. Under DDP the processes stop the test together on rank 0's flag, broadcast after each test batch but the
+    last of the process with the fewest (a test's processes may have a batch more or less): one stopping alone left
+    the others waiting for it in the test's final gather.
     """
 
     def __init__(self, dirpath: str | Path, filename: str = "last.ckpt", slurm_requeue: bool = True) -> None:
@@ -71,7 +72,9 @@ class PreemptionCheckpoint(L.Callback):
         self._validating = False
         self._distributed = False
         self._broadcasting = False  # inside Lightning's per-batch broadcast of rank 0's flag
-        self._signal_after_fit = False  # received after the fit's last check: the test stops at once
+        self._signal_after_fit = False  # received after the fit's last check: the test stops after its first batch
+        self._stop_test = False  # under DDP: rank 0's flag, as last broadcast during the test
+        self._test_batches_to_agree_on = 0.0  # under DDP: the test batches after which every process checks
         self._previous_usr1: Any = None
         self.requeue_due = False
 
@@ -106,14 +109,30 @@ class PreemptionCheckpoint(L.Callback):
         # the fit. SIGUSR1's default action ends the process: the test after training stops as on SIGTERM instead
         # (train.py keeps the training's results; a requeued SLURM job runs the test again).
         self._trainer = trainer
-        _gate_signal_flag(trainer._signal_connector, lambda: True)
+        self._distributed, self._stop_test = trainer.world_size > 1, False
+        _gate_signal_flag(trainer._signal_connector, lambda: self._stop_test or not self._distributed)
         self._handle_usr1(trainer)
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._signal_after_fit:  # (Lightning cleared the flag as the test started)
-            log.warning("%s came after training's last check: the test stops", self._signal_name)
             trainer._signal_connector.received_sigterm = True
             self._signal_after_fit = False
+            if trainer.is_global_zero:  # (under DDP rank 0's flag decides, as in the fit)
+                log.warning("%s came after training's last check: the test stops", self._signal_name)
+        if self._distributed:  # every process stops after a batch that none of them ends its test with
+            batches = torch.tensor([float(sum(trainer.num_test_batches))], device=trainer.strategy.root_device)
+            self._test_batches_to_agree_on = float(trainer.strategy.all_gather(batches).min()) - 1
+
+    def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:
+        if not self._distributed or batch_idx >= self._test_batches_to_agree_on:
+            return
+        connector = trainer._signal_connector
+        flag = torch.tensor([int(connector.__dict__.get("_received", False))], device=trainer.strategy.root_device)
+        torch.distributed.broadcast(flag, src=0)
+        self._stop_test = bool(flag.item())
+        if self._stop_test:
+            connector.received_sigterm = True  # (a process the signal did not reach stops too)
 
     def _handle_usr1(self, trainer: L.Trainer) -> None:
         environment = trainer._accelerator_connector.cluster_environment

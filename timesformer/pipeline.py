@@ -218,18 +218,18 @@ def _resolve_ckpt_path(cfg: DictConfig, output_dir: Path) -> str | None:
     return None
 
 
-def _plugins_without_lightning_requeue(cfg: DictConfig) -> dict[str, Any]:
-    """``trainer.plugins``, with Lightning's SLURM environment with its auto-requeue off under SLURM: on SIGUSR1 it
-    checkpointed from inside its signal handler, mid-batch or mid-validation (the interrupted batch was then never
-    trained on), and trained on until SLURM killed the job. ``PreemptionCheckpoint`` stops at a point that resumes
-    exactly and requeues the job instead (``_requeue_only_where_the_run_continues``). A cluster environment in
-    ``trainer.plugins`` is kept as it is."""
-    plugins = hydra.utils.instantiate(cfg.trainer.get("plugins"), _convert_="all")
+def _plugins_without_lightning_requeue(plugins: Any) -> list[Any]:
+    """``trainer.plugins`` (a config: one, a list or none), built, with Lightning's SLURM environment with its
+    auto-requeue off under SLURM: on SIGUSR1 it checkpointed from inside its signal handler, mid-batch or
+    mid-validation (the interrupted batch was then never trained on), and trained on until SLURM killed the job.
+    ``PreemptionCheckpoint`` stops at a point that resumes exactly and requeues the job instead
+    (``_requeue_only_where_the_run_continues``). A cluster environment in ``trainer.plugins`` is kept as it is."""
+    plugins = hydra.utils.instantiate(plugins, _convert_="all")
     plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
     if (any(isinstance(plugin, ClusterEnvironment) for plugin in plugins) or TorchElasticEnvironment.detect()
             or not SLURMEnvironment.detect()):
-        return {}  # (torchrun inside a SLURM job: Lightning takes torchrun's ranks, as it should)
-    return {"plugins": [*plugins, SLURMEnvironment(auto_requeue=False)]}
+        return plugins  # (torchrun inside a SLURM job: Lightning takes torchrun's ranks, as it should)
+    return [*plugins, SLURMEnvironment(auto_requeue=False)]
 
 
 def _run_dir_is_found_again(cfg: DictConfig, output_dir: Path) -> bool:
@@ -461,8 +461,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if not cfg.trainer.get("enable_checkpointing", True):  # ...and checkpoint callbacks (preemption still saves)
         callbacks = [callback for callback in callbacks if not isinstance(callback, ModelCheckpoint)]
     _requeue_only_where_the_run_continues(callbacks, cfg, output_dir)
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                                                 **_plugins_without_lightning_requeue(cfg))
+    trainer_options = OmegaConf.to_container(cfg.trainer, resolve=True)
+    plugins = _plugins_without_lightning_requeue(trainer_options.pop("plugins", None))
+    trainer: L.Trainer = hydra.utils.instantiate(trainer_options, callbacks=callbacks, logger=loggers or False,
+                                                 plugins=plugins or None)
     _apply_global_batch_size(trainer, cfg.get("global_batch_size"), cfg.data.batch_size)
     # The run's config as the loggers and checkpoints record it, with the accumulation derived from global_batch_size
     # (the config says 1), the processes and the global batch they make
