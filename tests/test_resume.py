@@ -96,7 +96,7 @@ def test_preemption_waits_for_a_point_that_resumes_exactly(synthetic_root, tmp_p
         assert not list(run_dir.glob("hpc_ckpt_*.ckpt"))
         resumed = run_script("train.py", *base_args(synthetic_root, run_dir), *ACCUMULATING,
                              env=slurm_job(tmp_path, restart_count=1))
-        assert "SLURM requeued this job (SLURM_RESTART_COUNT=1): continuing from" in resumed.stdout + resumed.stderr
+        assert "a requeued SLURM job (SLURM_RESTART_COUNT=1): continuing from" in resumed.stdout + resumed.stderr
         assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"  # the finished job is not requeued
     else:
         resumed = run_script("train.py", *base_args(synthetic_root, run_dir), *ACCUMULATING, "resume=auto")

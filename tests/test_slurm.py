@@ -103,7 +103,8 @@ def test_a_requeue_is_kept_for_runs_the_requeued_job_continues(tmp_path, monkeyp
     from timesformer.pipeline import _requeue_only_where_the_run_continues
 
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
-    for overrides, run_dir, kept in [([], "2026-12-07_05-00-00", False), (["resume=auto"], "auto-0123456789ab", True),
+    for overrides, run_dir, kept in [(["~callbacks.wandb_media"], "2026-12-07_05-00-00", False),
+                                     (["resume=auto"], "auto-0123456789ab", True),
                                      ([], "slurm-4242", True), ([f"hydra.run.dir={tmp_path}/mine"], "mine", True),
                                      ([f"paths.output_dir={tmp_path}/mine"], "mine", True),
                                      (["hydra.run.dir=logs/${now:%H-%M-%S}"], "05-00-00", False)]:
@@ -159,21 +160,25 @@ DDP_TEST = ["trainer=ddp_cpu", "data.batch_size=1", "trainer.max_epochs=1", "tra
             "trainer.limit_val_batches=1"]  # 4 test clips: 2 batches per process
 
 
+def _signal(name: str, signal_name: str, rank: int, **when: int) -> list[str]:
+    """Overrides adding a tests.callbacks.SignalInEpoch callback (``when``: e.g. ``test_batch=0``)."""
+    return [f"+callbacks.{name}._target_=tests.callbacks.SignalInEpoch", f"+callbacks.{name}.signal_name={signal_name}",
+            f"+callbacks.{name}.rank={rank}", *(f"+callbacks.{name}.{key}={value}" for key, value in when.items())]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("signal_name, when, rank, stops", [("SIGUSR1", "test_batch", 0, True),
-                                                            ("SIGUSR1", "test_batch", 1, False),
-                                                            ("SIGTERM", "train_batch", 1, False)])
-def test_ddp_processes_stop_their_test_together_on_rank_zeros_signal(synthetic_root, tmp_path, signal_name, when,
-                                                                     rank, stops):
+@pytest.mark.parametrize("signals, stops", [
+    (_signal("term", "SIGUSR1", rank=0, test_batch=0), True),
+    # rank 1's alone, during training (which stops on rank 0's flag only) and during the test
+    ([*_signal("term", "SIGTERM", rank=1, train_batch=0), *_signal("usr1", "SIGUSR1", rank=1, test_batch=0)], False)])
+def test_ddp_processes_stop_their_test_together_on_rank_zeros_signal(synthetic_root, tmp_path, signals, stops):
     """A signal in the test after training: each process stopped at its own next batch, and the others waited for it
     in the test's final gather (gloo: "Connection closed by peer"; NCCL: a hang). They stop together on rank 0's
     flag, as in the fit (rank 0 passes its signal on to the processes it started). A signal the fit ignored (rank
     1's) also stopped rank 1's test alone."""
     run_dir = tmp_path / "run"
     args = [arg for arg in base_args(synthetic_root, run_dir) if arg != "test=false"]
-    result = run_script("train.py", *args, *DDP_TEST, "+callbacks.term._target_=tests.callbacks.SignalInEpoch",
-                        f"+callbacks.term.signal_name={signal_name}", f"+callbacks.term.{when}=0",
-                        f"+callbacks.term.rank={rank}", timeout=300)
+    result = run_script("train.py", *args, *DDP_TEST, *signals, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert ("The test after training was stopped by a signal" in result.stdout + result.stderr) == stops

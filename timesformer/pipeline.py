@@ -194,13 +194,11 @@ def _resolve_ckpt_path(cfg: DictConfig, output_dir: Path) -> str | None:
     restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
     if restarts.isdigit() and int(restarts) > 0:
         # A requeued SLURM job (preempted, or requeued at its time limit) runs its command again, in the same run dir
-        # with resume=auto or several tasks (slurm-<job id>): it continues from its own newest checkpoint (started
-        # afresh, or from ckpt_path again, it overwrote them).
-        found = find_resume_checkpoint(output_dir)
+        # when it can (_run_dir_is_found_again): it continues from its own newest checkpoint (started afresh, or from
+        # ckpt_path again, it overwrote them).
+        found = _continue_from_newest(output_dir, cfg, f"a requeued SLURM job (SLURM_RESTART_COUNT={restarts})")
         if found:
-            log.info("SLURM requeued this job (SLURM_RESTART_COUNT=%s): continuing from %s", restarts, found)
-            _check_resumable(found, cfg, option="a requeued SLURM job")
-            return str(found)
+            return found
     if ckpt_path:
         if not Path(ckpt_path).is_file():
             raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file" + (
@@ -209,13 +207,21 @@ def _resolve_ckpt_path(cfg: DictConfig, output_dir: Path) -> str | None:
         return str(ckpt_path)
     if resume == "auto":
         _check_sweep_dir_is_fixed()
-        found = find_resume_checkpoint(output_dir)
-        log.info("resume=auto: %s", f"continuing from {found}" if found else f"no checkpoint in {output_dir}, "
-                 "starting a new run")
-        if found:
-            _check_resumable(found, cfg, option="resume=auto")
-        return str(found) if found else None
+        found = _continue_from_newest(output_dir, cfg, "resume=auto")
+        if not found:
+            log.info("resume=auto: no checkpoint in %s, starting a new run", output_dir)
+        return found
     return None
+
+
+def _continue_from_newest(output_dir: Path, cfg: DictConfig, option: str) -> str | None:
+    """The run dir's newest checkpoint (`find_resume_checkpoint`), checked against ``cfg``; ``option`` names what
+    asked for it, in the log and in errors."""
+    found = find_resume_checkpoint(output_dir)
+    if found:
+        log.info("%s: continuing from %s", option, found)
+        _check_resumable(found, cfg, option=option)
+    return str(found) if found else None
 
 
 def _plugins_without_lightning_requeue(plugins: Any) -> list[Any]:
@@ -257,8 +263,8 @@ def _named_on_command_line(*keys: str) -> bool:
     if not HydraConfig.initialized():
         return False
     written = OmegaConf.to_container(HydraConfig.get().overrides, resolve=False)  # as typed: ${now:...} unresolved
-    overrides = [override.lstrip("+").split("=", 1) for override in [*written["hydra"], *written["task"]]]
-    return any(key in keys and "${now:" not in value for key, value in overrides)
+    overrides = [override.lstrip("+").partition("=") for override in [*written["hydra"], *written["task"]]]
+    return any(key in keys and "${now:" not in value for key, _, value in overrides)
 
 
 def _requeue_only_where_the_run_continues(callbacks: list[Any], cfg: DictConfig, output_dir: Path) -> None:
