@@ -29,7 +29,7 @@ from timesformer.data import (
 )
 from timesformer.data.resumable import ResumableSampler
 from timesformer.data.synthetic import CLASS_SCHEMES, DIRECTIONS
-from timesformer.data.video import DECODERS, VideoInfo, decord_misreads
+from timesformer.data.video import DECODERS, VideoInfo, check_whole, decord_misreads
 
 # A tiny synthetic dataset: 4 classes x (2 train + 1 val) videos of 24 frames, 48x32 px.
 TINY = dict(
@@ -323,6 +323,33 @@ def test_decoders_return_the_frames_that_were_encoded(tmp_path, name, codec, opt
         assert frame_numbers(decode_frames(path, indices, decoder="pyav")) == indices
         assert frame_numbers(decode_frames(path, indices)) == indices
     assert check_video(str(path), 0) == VideoCheck(str(path), 0, num_frames=60, fps=25.0)
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_check_reports_an_mp4_cut_short(tmp_path, decoder):
+    """A download that stopped: the MP4's index (at the front) lists 60 frames, the file holds 30, whole (cut where a
+    packet ends: one cut mid-packet fails to decode, and check said so), and both decoders read it as a shorter
+    video: check passed it."""
+    import av
+
+    from timesformer.data.check import check_video
+
+    whole, cut = tmp_path / "whole.mp4", tmp_path / "cut.mp4"
+    with av.open(str(whole), mode="w", options={"movflags": "faststart"}) as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for t in range(60):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(_pattern(t), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    with av.open(str(whole)) as container:
+        ends = [packet.pos + packet.size for packet in container.demux(container.streams.video[0]) if packet.size]
+    cut.write_bytes(whole.read_bytes()[: ends[29]])
+    result = check_video(str(cut), 0, decoder)
+    assert result.error == "cut short: it holds 30 of the 60 frames its index lists"
+    assert result.num_frames == 30  # what the decoder saw: a shorter video
+    assert check_video(str(whole), 0, decoder).error is None
 
 
 class _CountingCodec:
@@ -885,6 +912,7 @@ def test_an_edit_list_hides_the_pre_roll_for_both_decoders(tmp_path):
         frames, info = decode_clip(cut, lambda num_frames, fps: [0, 20, 49, 25], decoder=decoder)
         shown = [int(np.abs(encoded - frame.numpy()).mean(axis=(1, 2, 3)).argmin()) for frame in frames]
         assert (info.num_frames, shown) == (50, [10, 30, 59, 35]), decoder
+    assert check_whole(cut) is None  # the hidden frames are in the file: not cut short
 
 
 def test_a_phone_videos_display_matrix_turns_its_frames_for_every_reader(tmp_path):

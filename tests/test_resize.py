@@ -13,10 +13,10 @@ from timesformer.data import decode_frames, read_video_info
 from timesformer.data.resize import main, resize_dataset, scaled_size
 
 
-def _write_smooth_video(path, codec: str, num_frames: int = 40) -> None:
+def _write_smooth_video(path, codec: str, num_frames: int = 40, options: dict[str, str] | None = None) -> None:
     """64x48, a smooth pattern drifting right: detail that survives downscaling and lossy re-encoding."""
     y, x = np.mgrid[0:48, 0:64].astype(np.float32)
-    with av.open(str(path), mode="w") as container:
+    with av.open(str(path), mode="w", options=options or {}) as container:
         stream = container.add_stream(codec, rate=25)
         stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
         for t in range(num_frames):
@@ -152,3 +152,19 @@ def test_out_of_range_options_are_refused_by_name(dataset, tmp_path, capsys, opt
     with pytest.raises(SystemExit):
         main([str(dataset), str(tmp_path / "dst"), option])
     assert option.split("=")[0] in capsys.readouterr().err and not (tmp_path / "dst").exists()
+
+
+def test_an_mp4_cut_short_is_reported_not_copied_shorter(tmp_path):
+    """An MP4 cut short (a download that stopped; its index, at the front, lists every frame): its copy was a clean
+    30-frame video of the 100-frame one, which nothing could tell from a whole video."""
+    folder = tmp_path / "src" / "train" / "walking"
+    folder.mkdir(parents=True)
+    _write_smooth_video(folder / "whole.mp4", "libx264", num_frames=100, options={"movflags": "faststart"})
+    data = (folder / "whole.mp4").read_bytes()
+    (folder / "cut.mp4").write_bytes(data[: len(data) * 6 // 10])
+    outcome = resize_dataset(tmp_path / "src", tmp_path / "dst", short_side=32)
+    assert [path.name for path in outcome["resized"]] == ["whole.mp4"]
+    [(path, reason)] = outcome["failed"]
+    assert path.name == "cut.mp4" and reason.startswith("cut short: it holds ") and "of the 100 frames" in reason
+    assert not (tmp_path / "dst/train/walking/cut.mp4").exists()
+    assert (tmp_path / "dst/resize_failures.txt").read_text().count("cut.mp4") == 1

@@ -11,7 +11,8 @@ Arguments other than the options below are Hydra overrides of configs/train.yaml
 video is missing or unreadable (the lists are still written), else 0.
 
 Each video is read as training reads it (`decode_clip` with `data.decoder`): its first, middle and last frames
-are decoded (a truncated file usually fails on the last). "Too short" videos have fewer frames than one clip needs; they still work (frames are
+are decoded (a truncated file usually fails on the last), and an MP4/MOV holding fewer frames than its index lists
+(cut short: it would read as a shorter video) is reported too. "Too short" videos have fewer frames than one clip needs; they still work (frames are
 repeated) but are listed. `--write-clean DIR` writes DIR/train.csv, DIR/val.csv (and DIR/test.csv for a
 separate test split) with the usable videos, and DIR/classes.txt with the class order, for `data=csv`; the
 command it prints keeps the dataset's recipe (e.g. SSv2's segment sampling, no flips; Kinetics' sampling rate):
@@ -48,7 +49,7 @@ class VideoCheck:
 
 def check_video(path: str, label: int, decoder: str = "decord") -> VideoCheck:
     """Read a video as the data loading does (`decode_clip` with ``decoder``): its first, middle and last frames."""
-    from timesformer.data.video import decode_clip
+    from timesformer.data.video import check_whole, decode_clip
 
     result = VideoCheck(path, label)
 
@@ -63,6 +64,7 @@ def check_video(path: str, label: int, decoder: str = "decord") -> VideoCheck:
             result.error = "empty file (0 bytes)"
             return result
         decode_clip(path, first_middle_last, decoder=decoder)
+        result.error = check_whole(path)  # an MP4 cut short reads as a shorter video
     except FileNotFoundError:
         result.error = "missing"
     except Exception as error:  # VideoDecodeError with FFmpeg's message, or "no frames"

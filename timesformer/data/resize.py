@@ -16,9 +16,9 @@ CSVs, split lists) are copied, so the same data config reads the copy: absolute 
 (PySlowFast lists, `data=csv` lists) are rewritten to point into `dst`. Folders reached through symbolic links are
 mirrored as folders; hidden files and folders (`.DS_Store`, macOS `._*` files) are left out, as the data
 loaders leave them out. Audio is dropped. Files
-already in the destination are skipped, so an interrupted run continues. Videos that cannot be decoded are
-listed (and written to `<dst>/resize_failures.txt`) and the command exits with status 1: nothing is dropped
-silently.
+already in the destination are skipped, so an interrupted run continues. Videos that cannot be decoded, and MP4/MOV
+files cut short (fewer frames than their index lists), are listed (and written to `<dst>/resize_failures.txt`) and
+the command exits with status 1: nothing is dropped or shortened silently.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from pathlib import Path
 import av
 
 from timesformer.data.sources import is_video_file
-from timesformer.data.video import upright_rgb
+from timesformer.data.video import missing_from_index, upright_rgb
 
 # Copied files whose absolute paths into the source are rewritten (video lists, annotations).
 TEXT_SUFFIXES = (".csv", ".txt", ".json", ".tsv", ".lst")
@@ -72,22 +72,26 @@ def resize_video(src: Path, dst: Path, short_side: int, crf: int = 23, preset: s
             out_stream.options = {"crf": str(crf)} | ({"preset": preset} if codec == "libx264" else {"b": "0"})
             if dst.suffix.lower() == ".avi":  # AVI has no presentation timestamps: B-frames would be misread
                 out_stream.options |= {"bf": "0"}
-            frames = 0
-            for frame in source.decode(in_stream):
-                small = frame.reformat(width=new_width, height=new_height, format="yuv420p", interpolation="AREA")
-                if round(frame.rotation / 90) % 4:  # a display matrix (phone video): written upright, without one
-                    small = av.VideoFrame.from_ndarray(upright_rgb(small), format="rgb24")
-                    if frames == 0:
-                        out_stream.width, out_stream.height = small.width, small.height
-                small.pts, small.time_base = frame.pts, frame.time_base
-                for packet in out_stream.encode(small):
-                    target.mux(packet)
-                frames += 1
+            frames = packets_held = 0
+            for source_packet in source.demux(in_stream):
+                packets_held += source_packet.size > 0
+                for frame in source_packet.decode():
+                    small = frame.reformat(width=new_width, height=new_height, format="yuv420p",
+                                           interpolation="AREA")
+                    if round(frame.rotation / 90) % 4:  # a display matrix (phone video): written upright, without one
+                        small = av.VideoFrame.from_ndarray(upright_rgb(small), format="rgb24")
+                        if frames == 0:
+                            out_stream.width, out_stream.height = small.width, small.height
+                    small.pts, small.time_base = frame.pts, frame.time_base
+                    for packet in out_stream.encode(small):
+                        target.mux(packet)
+                    frames += 1
             for packet in out_stream.encode():
                 target.mux(packet)
-        if frames == 0:
+        problem = "no frame could be decoded" if frames == 0 else missing_from_index(source, packets_held)
+        if problem:  # (a cut-short file's copy would be a clean, shorter video: nothing could tell it was cut)
             partial.unlink()
-            raise ValueError("no frame could be decoded")
+            raise ValueError(problem)
     partial.replace(dst)
     return "resized"
 

@@ -72,6 +72,28 @@ def read_video_info(path: str | os.PathLike) -> VideoInfo:
         raise VideoDecodeError(f"Could not read video {os.fspath(path)}: {error}") from error
 
 
+def missing_from_index(container: av.container.InputContainer, frames_held: int) -> str | None:
+    """Why a video is cut short, or None: an MP4/MOV lists every frame in its index (its samples), and a file that
+    holds fewer video packets (``frames_held``: a download that stopped, a copy cut off) reads as a shorter video
+    that nothing tells from a whole one; both decoders count the packets it holds. Other containers keep no count
+    (or, AVI, one that counts packed B-frames' placeholders)."""
+    if "mp4" not in container.format.name.split(",") or not container.streams.video:
+        return None
+    listed = container.streams.video[0].frames
+    if frames_held >= listed - 1:  # (slack for one zero-size sample)
+        return None
+    return f"cut short: it holds {frames_held} of the {listed} frames its index lists"
+
+
+def check_whole(path: str | os.PathLike) -> str | None:
+    """`missing_from_index` for a file (its video packets counted, none decoded)."""
+    with av.open(os.fspath(path)) as container:
+        if not container.streams.video:
+            return None
+        held = sum(packet.size > 0 for packet in container.demux(container.streams.video[0]))
+        return missing_from_index(container, held)
+
+
 def _drop_row_padding(frame: np.ndarray) -> np.ndarray:
     """(H, W, C) with C != 3 from decord2's padded-row bug (see `_get_batch`) -> the real (H, W, 3) RGB frame."""
     height, width, channels = frame.shape
