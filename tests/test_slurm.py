@@ -124,17 +124,19 @@ def test_lightnings_requeue_stays_off_whatever_the_plugins_and_torchrun_keeps_it
                                                                                        monkeypatch):
     """Any trainer.plugins setting brought Lightning's auto-requeue back, and one plugin (not a list) failed to merge
     with the list added. torchrun inside a SLURM job was forced onto SLURMEnvironment, so every process was rank 0."""
+    from lightning.fabric.plugins import TorchCheckpointIO
     from lightning.fabric.plugins.environments import LightningEnvironment, SLURMEnvironment
 
     import timesformer.pipeline
     from timesformer.pipeline import _plugins_without_lightning_requeue
 
-    environments = []
+    environments, kept = [], []
     build = timesformer.pipeline._plugins_without_lightning_requeue
 
     def recording(plugins):  # the trainer's plugins, as train() builds it
         built = build(plugins)
         environments.extend(plugin for plugin in built if isinstance(plugin, SLURMEnvironment))
+        kept.append(sum(isinstance(plugin, TorchCheckpointIO) for plugin in built))
         return built
 
     monkeypatch.setattr(timesformer.pipeline, "_plugins_without_lightning_requeue", recording)
@@ -146,6 +148,7 @@ def test_lightnings_requeue_stays_off_whatever_the_plugins_and_torchrun_keeps_it
                      f"+trainer.plugins={plugins}"]
         trainer_fits = train(compose_config("train", overrides, tmp_path / str(len(environments))))
         assert trainer_fits and len(environments) == 1 and not environments.pop().auto_requeue, plugins
+        assert kept.pop() == (plugins != "null"), plugins  # the user's own plugin too
     own = {"_target_": "lightning.fabric.plugins.environments.LightningEnvironment"}
     [environment] = _plugins_without_lightning_requeue(own)
     assert isinstance(environment, LightningEnvironment)  # the user's own cluster environment is kept
@@ -183,6 +186,24 @@ def test_ddp_processes_stop_their_test_together_on_rank_zeros_signal(synthetic_r
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert ("The test after training was stopped by a signal" in result.stdout + result.stderr) == stops
     assert ("test/acc" in metrics) == (not stops)
+
+
+def test_under_ddp_a_test_stops_only_where_every_process_checks(tmp_path):
+    """Lightning numbers each test dataloader's batches from 0 and skips the check at each one's last batch: with
+    several loaders the processes broadcast a different number of times (a hang, signal or not). Those tests, and
+    loaders of unknown length, are not stopped; one loader is, before the fewest-batch process's last batch."""
+    import torch
+
+    from timesformer.callbacks import PreemptionCheckpoint
+
+    callback = PreemptionCheckpoint(tmp_path)
+    callback._distributed = True
+    for mine, other, agreed in (([4], [3], 2), ([4, 2], [4, 3], -1), ([float("inf")], [float("inf")], -1)):
+        trainer = SimpleNamespace(num_test_batches=mine, is_global_zero=True, strategy=SimpleNamespace(
+            root_device=torch.device("cpu"),
+            all_gather=lambda count, other=other: torch.stack([count, torch.tensor([float(sum(other))])])))
+        callback.on_test_start(trainer, None)
+        assert callback._test_batches_to_agree_on == agreed, (mine, other)
 
 
 def test_a_signal_during_the_test_broadcasts_nothing_from_the_signal_handler(tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ speed (clips/s, data wait, MFU) and W&B media (validation clips, confusion matri
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -59,7 +60,7 @@ class PreemptionCheckpoint(L.Callback):
     came after the fit's last check (during its last checkpoint, say): the test would otherwise start as if none had
     come. Under DDP the processes stop the test together on rank 0's flag, broadcast after each test batch but the
     last of the process with the fewest (a test's processes may have a batch more or less): one stopping alone left
-    the others waiting for it in the test's final gather.
+    the others waiting for it in the test's final gather. (A test of several dataloaders is not stopped under DDP.)
     """
 
     def __init__(self, dirpath: str | Path, filename: str = "last.ckpt", slurm_requeue: bool = True) -> None:
@@ -120,7 +121,11 @@ class PreemptionCheckpoint(L.Callback):
             if trainer.is_global_zero:  # (under DDP rank 0's flag decides, as in the fit)
                 log.warning("%s came after training's last check: the test stops", self._signal_name)
         if self._distributed:  # every process stops after a batch that none of them ends its test with
-            batches = torch.tensor([float(sum(trainer.num_test_batches))], device=trainer.strategy.root_device)
+            # (one test dataloader of known length: Lightning numbers each loader's batches from 0 and does not check
+            # its last, so with several the processes could not agree; those tests are not stopped under DDP)
+            loaders = trainer.num_test_batches
+            count = float(loaders[0]) if len(loaders) == 1 and math.isfinite(loaders[0]) else 0.0
+            batches = torch.tensor([count], device=trainer.strategy.root_device)
             self._test_batches_to_agree_on = float(trainer.strategy.all_gather(batches).min()) - 1
 
     def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
