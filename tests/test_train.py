@@ -236,6 +236,12 @@ def test_checkpoints_of_the_wrong_kind_are_named(synthetic_root, tmp_path):
     # resume=auto finds the run dir's checkpoint
     with pytest.raises(ValueError, match="resume=auto: .* other settings: optimizer.lr=0.5"):
         train(compose_config("train", [*overrides, "resume=auto", "optimizer.lr=0.5"], tmp_path / "run"))
+    # The schedule, and how clips are drawn and batched: a restarted Optuna sweep's job N, say, continued the other
+    # settings' job N (the data position is a count of batches: another batch size resumed elsewhere)
+    with pytest.raises(ValueError, match=r"other settings: scheduler.warmup_epochs=3 \(it has 1\), "
+                                         r"data.batch_size=2 \(it has 4\)"):
+        train(compose_config("train", [*overrides, "resume=auto", "data.batch_size=2", "scheduler.warmup_epochs=3"],
+                             tmp_path / "run"))
     with pytest.raises(FileNotFoundError, match="is a folder: pass a train.py checkpoint file"):
         evaluate(compose_config("eval", [f"ckpt={tmp_path / 'run' / 'checkpoints'}"], tmp_path / "eval"))
     with pytest.raises(ValueError, match="notes.ckpt cannot be read as a PyTorch checkpoint"):

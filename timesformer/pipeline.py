@@ -283,7 +283,9 @@ def _requeue_only_where_the_run_continues(callbacks: list[Any], cfg: DictConfig,
 def _check_resumable(path: Path, cfg: DictConfig, option: str = "ckpt_path") -> None:
     """ckpt_path (or resume=auto) continues a train.py run: a Lightning checkpoint of a model built as ``cfg.model``
     builds it, trained with ``cfg.optimizer`` (its saved state, which Lightning restores, holds the learning rates,
-    weight decays and momenta: another value on the command line would be logged and never used)."""
+    weight decays and momenta: another value on the command line would be logged and never used) and
+    ``cfg.scheduler``, on clips and batches drawn as ``cfg.data`` draws them (`_RESUMED_DATA_KEYS`). A restarted
+    Optuna sweep's job N, say, has other settings than the job N whose checkpoint it finds."""
     checkpoint = load_checkpoint_file(path, option, mmap=True)
     if not isinstance(checkpoint, dict) or "pytorch-lightning_version" not in checkpoint:
         raise ValueError(f"{option}: {path} is not a checkpoint of a train.py run (resuming continues one, with its "
@@ -292,13 +294,17 @@ def _check_resumable(path: Path, cfg: DictConfig, option: str = "ckpt_path") -> 
     differ = [f"model.{name}={cfg.model.get(name)!r} (it has {saved[name]!r})"
               for name in (*ARCHITECTURE_FIELDS, "num_frames", "image_size")
               if name in saved and cfg.model.get(name) is not None and cfg.model.get(name) != saved[name]]
-    saved_optimizer = (checkpoint.get("hyper_parameters") or {}).get("optimizer")
-    if saved_optimizer is not None:
-        chosen = OmegaConf.to_container(cfg.optimizer, resolve=True)
+    hyper_parameters = checkpoint.get("hyper_parameters") or {}
+    saved_data = (hyper_parameters.get("run_config") or {}).get("data") or {}
+    sections = {"optimizer": hyper_parameters.get("optimizer") or {},
+                "scheduler": hyper_parameters.get("scheduler") or {},
+                "data": {key: value for key, value in saved_data.items() if key in _RESUMED_DATA_KEYS}}
+    for section, saved_settings in sections.items():
+        chosen = OmegaConf.to_container(cfg[section], resolve=True) if cfg.get(section) else {}
         # (fused is how the step runs, not state; a key older checkpoints lack is not a difference)
-        differ += [f"optimizer.{key}={chosen[key]!r} (it has {saved_optimizer[key]!r})"
-                   for key in sorted((set(chosen) & set(saved_optimizer)) - {"fused"})
-                   if chosen[key] != saved_optimizer[key]]
+        differ += [f"{section}.{key}={chosen[key]!r} (it has {saved_settings[key]!r})"
+                   for key in sorted((set(chosen) & set(saved_settings)) - {"fused"})
+                   if chosen[key] != saved_settings[key]]
     if differ:
         raise ValueError(f"{option}: {path} continues a run with other settings: {', '.join(differ)}. Resume with the "
                          f"run's own config (its .hydra/ folder), or start a new run from its weights with "
@@ -576,6 +582,9 @@ def _finish_wandb(loggers: list[Any], exit_code: int = 0) -> None:
 # checkpoint's unless set on the command line: the new config's values are for training on that dataset.
 CLIP_KEYS = ("num_frames", "image_size", "sampling", "sampling_rate", "target_fps", "mean", "std",
              "train_short_side_range")
+# Data settings a resumed run must share with the run it continues (`_check_resumable`): how clips are cut and batched,
+# and the seed of their draws (the data position is restored as a count of batches, the draws from the seed).
+_RESUMED_DATA_KEYS = (*CLIP_KEYS, "batch_size", "repeated_augmentation", "seed")
 
 
 def command_line_data_keys() -> set[str]:
