@@ -12,8 +12,8 @@ video is missing or unreadable (the lists are still written), else 0.
 
 Each video is read as training reads it (`decode_clip` with `data.decoder`): its first, middle and last frames
 are decoded (a truncated file usually fails on the last), and an MP4/MOV holding fewer frames than its index lists
-(cut short: it would read as a shorter video) is reported too. "Too short" videos have fewer frames than one clip needs; they still work (frames are
-repeated) but are listed. `--write-clean DIR` writes DIR/train.csv, DIR/val.csv (and DIR/test.csv for a
+(cut short: it would read as a shorter video) is reported too. "Too short" videos have fewer frames than one clip
+needs; they still work (frames are repeated) but are listed. `--write-clean DIR` writes DIR/train.csv, DIR/val.csv (and DIR/test.csv for a
 separate test split) with the usable videos, and DIR/classes.txt with the class order, for `data=csv`; the
 command it prints keeps the dataset's recipe (e.g. SSv2's segment sampling, no flips; Kinetics' sampling rate):
 

@@ -86,12 +86,16 @@ def missing_from_index(container: av.container.InputContainer, frames_held: int)
 
 
 def check_whole(path: str | os.PathLike) -> str | None:
-    """`missing_from_index` for a file (its video packets counted, none decoded)."""
-    with av.open(os.fspath(path)) as container:
-        if not container.streams.video:
-            return None
-        held = sum(packet.size > 0 for packet in container.demux(container.streams.video[0]))
-        return missing_from_index(container, held)
+    """`missing_from_index` for a file that decodes (its video packets counted, none decoded); None where PyAV cannot
+    read it (the decoders' own errors say what is wrong with such a file)."""
+    try:
+        with av.open(os.fspath(path)) as container:
+            if not container.streams.video:
+                return None
+            held = sum(packet.size > 0 for packet in container.demux(container.streams.video[0]))
+            return missing_from_index(container, held)
+    except av.FFmpegError:
+        return None
 
 
 def _drop_row_padding(frame: np.ndarray) -> np.ndarray:
