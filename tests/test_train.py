@@ -172,6 +172,44 @@ def test_evaluate_refuses_keys_it_does_not_read(tmp_path):
         evaluate(compose_config("eval", ["ckpt=any.ckpt", "+model.num_frames=16"], tmp_path))
 
 
+@pytest.mark.parametrize(("override", "message"), [
+    ("model.attention_type=divided", "model: attention_type='divided' is not supported; valid values: divided_space_t"),
+    ("+model.num_frame=16", r"model: unknown TimeSformerConfig field\(s\) \['num_frame'\]; known fields: .*'num_fr"),
+    ("model.image_size=200", "model: image_size=200 is not divisible by patch_size=16"),
+])
+def test_model_options_are_checked_before_the_dataset_is_read(override, message, tmp_path):
+    """A model option was judged only once the dataset had been indexed (minutes for Kinetics): behind a wrong
+    data.root, the user fixed that, waited, then met the model's error."""
+    cfg = compose_config("train", ["data=kinetics400", f"data.root={tmp_path / 'not_there'}", override], tmp_path)
+    with pytest.raises(ValueError, match=message):
+        train(cfg)
+
+
+def test_a_missing_ckpt_is_asked_for_with_the_newest_checkpoints(tmp_path):
+    """evaluate.py / predict.py without ckpt= failed with Hydra's MissingMandatoryValue traceback."""
+    import os
+
+    from timesformer.inference import run
+    from timesformer.pipeline import evaluate
+
+    logs = tmp_path / "logs"
+    written = [logs / "train/runs/2026-12-01_10-00-00/checkpoints/last.ckpt",
+               logs / "train/multiruns/2026-12-02_10-00-00/3/checkpoints/epoch=004.ckpt",
+               logs / "train/runs/2026-12-03_10-00-00/checkpoints/last.ckpt",
+               logs / "train/runs/2026-12-04_10-00-00/checkpoints/last.ckpt"]
+    for age, path in enumerate(reversed(written)):  # the last written is the newest
+        path.parent.mkdir(parents=True)
+        path.touch()
+        os.utime(path, (1e9 - age * 60, 1e9 - age * 60))
+    with pytest.raises(ValueError, match="evaluate.py needs ckpt=PATH, a checkpoint written by train.py") as error:
+        evaluate(compose_config("eval", [f"paths.log_dir={logs}"], tmp_path / "eval"))
+    named = str(error.value).split("; the newest under ")[1]
+    assert [named.index(str(path)) for path in written[:0:-1]] == sorted(named.index(str(path)) for path in written[1:])
+    assert str(written[0]) not in named  # three at most, newest first
+    with pytest.raises(ValueError, match=r"predict.py needs ckpt=PATH, a train.py checkpoint, a Hugging Face folder"):
+        run(compose_config("predict", ["input=clip.mp4", f"paths.log_dir={tmp_path / 'no_logs'}"], tmp_path / "p"))
+
+
 def test_a_run_records_its_real_batch_and_a_finished_run_restarted_keeps_its_results(synthetic_root, tmp_path):
     overrides = [*tiny_overrides(synthetic_root), "trainer.max_epochs=1", "test=false", "global_batch_size=8",
                  "trainer.enable_progress_bar=false"]

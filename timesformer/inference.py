@@ -196,6 +196,8 @@ def run(cfg: DictConfig) -> list[dict[str, Any]] | dict[str, Any]:
 
 def check_options(cfg: DictConfig) -> None:
     """Fail early, naming the valid choices, on options that contradict each other or are unknown."""
+    timesformer.pipeline.require_ckpt(cfg, "predict.py", "a train.py checkpoint, a Hugging Face folder or an "
+                                      "original *.pyth")
     precision = cfg.get("precision", "fp32")
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} is not supported; valid values: {', '.join(PRECISIONS)}")

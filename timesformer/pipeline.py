@@ -379,6 +379,7 @@ def check_run_options(cfg: DictConfig) -> None:
                      if entry and "_target_" not in entry]
     problems += [f"{key} is not an option of train.py (nothing reads it): remove the +{key}=..., or check its "
                  f"spelling against {', '.join(sorted(k for k in cfg if k != key))}" for key in created_keys(cfg)]
+    problems += _model_problems(cfg.model)
     try:  # optimizer, schedule and loss settings (checked for training only: evaluate.py ignores them)
         check_settings(OmegaConf.to_container(cfg.optimizer, resolve=True),
                        OmegaConf.to_container(cfg.scheduler, resolve=True),
@@ -387,6 +388,18 @@ def check_run_options(cfg: DictConfig) -> None:
         problems.append(str(error))
     if problems:
         raise ValueError("; ".join(problems))
+
+
+def _model_problems(model_cfg: DictConfig) -> list[str]:
+    """The model's settings, checked as build_model will check them, but before the dataset is indexed (which can
+    take minutes for a real one, and the class count it gives is not needed to judge the rest)."""
+    fields = OmegaConf.to_container(model_cfg, resolve=True)
+    fields = {key: value for key, value in fields.items() if key not in (*_WEIGHT_SOURCES, "num_classes")}
+    try:
+        TimeSformerConfig.from_dict(fields)
+    except ValueError as error:
+        return [f"model: {error}"]
+    return []
 
 
 def _direction_problems(cfg: DictConfig) -> list[str]:
@@ -604,6 +617,18 @@ def swap_dataset(saved_data: DictConfig | dict[str, Any], chosen: DictConfig) ->
     return OmegaConf.merge(chosen, kept)
 
 
+def require_ckpt(cfg: DictConfig, script: str, what: str) -> None:
+    """A clear error for a missing ``ckpt=`` (Hydra's own is a MissingMandatoryValue traceback), naming the newest
+    train.py checkpoints under ``paths.log_dir``, which is usually the one wanted."""
+    if not OmegaConf.is_missing(cfg, "ckpt"):
+        return
+    runs = Path(cfg.paths.log_dir) / "train"
+    written = [*runs.glob("runs/*/checkpoints/*.ckpt"), *runs.glob("multiruns/*/*/checkpoints/*.ckpt")]
+    newest = sorted(written, key=lambda path: path.stat().st_mtime, reverse=True)[:3]
+    found = (f"; the newest under {runs}: " + ", ".join(map(str, newest))) if newest else ""
+    raise ValueError(f"{script} needs ckpt=PATH, {what}{found}")
+
+
 def _saved_run_config(ckpt_path: str) -> DictConfig:
     checkpoint = load_checkpoint_file(ckpt_path, "ckpt")
     if not isinstance(checkpoint, dict):
@@ -627,6 +652,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if unread:
         raise ValueError(f"evaluate.py does not read {', '.join(unread)}: the model is the checkpoint's; its clips are "
                          "set with data.<key>=... (e.g. data.num_frames, data.test_temporal_clips)")
+    require_ckpt(cfg, "evaluate.py", "a checkpoint written by train.py")
     if Path(cfg.ckpt).is_dir():
         raise FileNotFoundError(f"ckpt={cfg.ckpt} is a folder: pass a train.py checkpoint file (e.g. "
                                 f"{Path(cfg.ckpt) / 'last.ckpt'}). A Hugging Face folder has no dataset to test on: "
