@@ -173,6 +173,25 @@ def train_step(model, video, labels) -> None:
     F.cross_entropy(model(video), labels).backward()
 
 
+def training_macs(model, video, labels) -> int:
+    """Multiply-adds of one training step (matmuls, convolutions, attention) as ``FlopCounterMode`` counts them, plus
+    what it leaves out on the CPU: in-place ``addmm_`` (our backward's) and SDPA's CPU flash attention."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+    aten = torch.ops.aten
+    uncounted = {  # formulas on shapes, in FLOPs (2 per multiply-add), as the counter's own
+        aten.addmm_: lambda bias, a, b, **_: 2 * a[0] * a[1] * b[1],
+        aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *_, **__: sdpa_flop_count(q, k, v),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            lambda grad, q, k, v, *_, **__: sdpa_backward_flop_count(grad, q, k, v),
+    }
+    with FlopCounterMode(display=False, custom_mapping=uncounted) as counter:
+        train_step(model, video, labels)
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() // 2
+
+
 def hf_speed(plan: list[tuple[Case, int, bool]]) -> list[dict]:
     """Part 1 times. All models are built (and compiled) first; then, repeat after repeat, every case takes its turn:
     one training step of ours, of HF (and of ours compiled), then one forward pass of each. A slow spell of the
@@ -230,8 +249,10 @@ def hf_memory(plan: list[tuple[Case, int, bool]]) -> list[dict]:
             model.zero_grad(set_to_none=True)
             peaks[name] = time_and_peak_memory(partial(train_step, model, video, labels))[1]
             model.zero_grad(set_to_none=True)
-        results.append({"case": dataclasses.asdict(case), "peak_mib": peaks})
-        print(f"  {case.label}, {case.depth} block(s): peak MiB {peaks}", file=sys.stderr, flush=True)
+        macs = {name: training_macs(model, video, labels) for name, model in (("ours", ours), ("hf", hf))}
+        results.append({"case": dataclasses.asdict(case), "peak_mib": peaks, "train_macs": macs})
+        print(f"  {case.label}, {case.depth} block(s): peak MiB {peaks}, training MACs {macs}", file=sys.stderr,
+              flush=True)
         del ours, hf, model
         gc.collect()
     return results
@@ -305,18 +326,21 @@ def _pair(ours: float, hf: float, digits: int) -> str:
 def hf_report(speed: list[dict], memory: list[dict], targets: bool = True) -> tuple[str, list[str]]:
     """Markdown tables of part 1, and one line per target (met or not)."""
     peaks = {json.dumps(m["case"], sort_keys=True): m["peak_mib"] for m in memory}
+    macs = {json.dumps(m["case"], sort_keys=True): m["train_macs"] for m in memory}
     rows = {}  # (attention, frames, size) -> {depth: (forward, step, peak)}, each {"ours": s, "hf": s}
     raw = {}  # the same -> {depth: (forward times, step times)}, each {"ours": [s, ...], "hf": [s, ...]}
     measured, compiled, shortcuts = [], [], []
     for s in speed:
         case = Case(**s["case"])
         f, t, m = s["forward_s"], s["step_s"], peaks[json.dumps(s["case"], sort_keys=True)]
-        rows.setdefault((case.attention_type, case.frames, case.image_size), {})[case.depth] = (f, t, m)
+        c = macs[json.dumps(s["case"], sort_keys=True)]
+        rows.setdefault((case.attention_type, case.frames, case.image_size), {})[case.depth] = (f, t, m, c)
         raw.setdefault((case.attention_type, case.frames, case.image_size), {})[case.depth] = (
             s["forward_all_s"], s["step_all_s"])
         measured.append([case.label, str(case.depth), _pair(f["ours"], f["hf"], 3), f"{f['hf'] / f['ours']:.2f}x",
                          _pair(t["ours"], t["hf"], 3), f"{t['hf'] / t['ours']:.2f}x", _pair(m["ours"], m["hf"], 0),
-                         f"{m['ours'] / m['hf']:.2f}", f"{s['max_abs_logit_diff']:.1e}"])
+                         f"{m['ours'] / m['hf']:.2f}", _pair(c["ours"] / 1e9, c["hf"] / 1e9, 2),
+                         f"{c['hf'] / c['ours']:.2f}x", f"{s['max_abs_logit_diff']:.1e}"])
         shortcuts.append([case.label, str(case.depth), _pair(t["ours"], t["ours_as_written"], 3),
                           f"{t['ours_as_written'] / t['ours']:.3f}x"])
         if "compile_s" in s:
@@ -328,32 +352,34 @@ def hf_report(speed: list[dict], memory: list[dict], targets: bool = True) -> tu
     for (attention_type, frames, size), by_depth in rows.items():
         label = f"{SHORT[attention_type]} {frames}x{size}"
         if 1 in by_depth and 2 in by_depth:
-            (f1, t1, m1), (_, t2, m2) = by_depth[1], by_depth[2]
+            (f1, t1, m1, c1), (_, t2, m2, c2) = by_depth[1], by_depth[2]
             one, two = raw[(attention_type, frames, size)][1], raw[(attention_type, frames, size)][2]
             per_block = [{k: statistics.median(b - a for a, b in zip(times1[k], times2[k], strict=True))
                           for k in ("ours", "hf")} for times1, times2 in zip(one, two, strict=True)]  # fwd, step
             per_block.append({k: m2[k] - m1[k] for k in ("ours", "hf")})
+            per_block.append({k: c2[k] - c1[k] for k in ("ours", "hf")})
             # The same from each model's fastest repeat: other jobs on the machine only ever add time, so the
             # fastest repeats are the least disturbed (timeit's reasoning); a second estimate of the same cost.
             fastest = [{k: min(times2[k]) - min(times1[k]) for k in ("ours", "hf")}
-                       for times1, times2 in zip(one, two, strict=True)] + [per_block[2]]
+                       for times1, times2 in zip(one, two, strict=True)] + per_block[2:]
             full = [{k: one[k] + (FULL_DEPTH - 1) * more[k] for k in ("ours", "hf")}
-                    for one, more in zip((f1, t1, m1), per_block, strict=True)]
+                    for one, more in zip((f1, t1, m1, c1), per_block, strict=True)]
             more = statistics.median(b - a for a, b in zip(one[1]["ours"], two[1]["ours"], strict=True))
             more_as_written = statistics.median(
                 b - a for a, b in zip(one[1]["ours_as_written"], two[1]["ours_as_written"], strict=True))
             shortcuts.append([label, "one more block (2 - 1)", _pair(more, more_as_written, 3),
                               f"{more_as_written / more:.3f}x"])
-            for name, (f, t, m) in (("one more block (2 - 1)", per_block),
+            for name, (f, t, m, c) in (("one more block (2 - 1)", per_block),
                                     ("one more block, fastest repeats", fastest),
                                     (f"{FULL_DEPTH} blocks (extrapolated)", full)):
                 derived.append([label, name, _pair(f["ours"], f["hf"], 3), f"{f['hf'] / f['ours']:.2f}x",
                                 _pair(t["ours"], t["hf"], 3), f"{t['hf'] / t['ours']:.2f}x",
-                                _pair(m["ours"], m["hf"], 0), f"{m['ours'] / m['hf']:.2f}"])
-            evaluated = [("2 blocks", t2, m2), ("per block", *per_block[1:]), (f"{FULL_DEPTH} blocks", *full[1:])]
+                                _pair(m["ours"], m["hf"], 0), f"{m['ours'] / m['hf']:.2f}",
+                                _pair(c["ours"] / 1e9, c["hf"] / 1e9, 2), f"{c['hf'] / c['ours']:.2f}x"])
+            evaluated = [("2 blocks", t2, m2), ("per block", *per_block[1:3]), (f"{FULL_DEPTH} blocks", *full[1:3])]
         else:
             depth = max(by_depth)
-            evaluated = [(f"{depth} block(s)", *by_depth[depth][1:])]
+            evaluated = [(f"{depth} block(s)", *by_depth[depth][1:3])]
         speedups = ", ".join(f"{name} {t['hf'] / t['ours']:.2f}x" for name, t, _ in evaluated)
         ratios = ", ".join(f"{name} {m['ours'] / m['hf']:.2f}" for name, _, m in evaluated)
         met = lambda ok: "met" if ok else "NOT met"  # noqa: E731
@@ -365,11 +391,13 @@ def hf_report(speed: list[dict], memory: list[dict], targets: bool = True) -> tu
     text = [f"### Ours vs Hugging Face: fp32 eager, CPU, batch 1, width {width} ({width // 64} heads, "
             f"MLP {4 * width})\n",
             markdown_table(["case", "blocks", "forward s (ours / HF)", "speedup", "fwd+bwd s (ours / HF)", "speedup",
-                            "peak train MiB (ours / HF)", "ours/HF", "max abs logit diff"], measured)]
+                            "peak train MiB (ours / HF)", "ours/HF", "fwd+bwd GMACs (ours / HF)", "HF/ours",
+                            "max abs logit diff"], measured)]
     if derived:
         text += ["\n### Per block, and a full-depth model extrapolated from it\n",
                  markdown_table(["case", "", "forward s (ours / HF)", "speedup", "fwd+bwd s (ours / HF)", "speedup",
-                                 "peak train MiB (ours / HF)", "ours/HF"], derived)]
+                                 "peak train MiB (ours / HF)", "ours/HF", "fwd+bwd GMACs (ours / HF)", "HF/ours"],
+                                derived)]
     text += ["\n### Ours against ours as written (no folded projections, every token in the last block): fwd+bwd s\n",
              markdown_table(["case", "blocks", "fwd+bwd s (ours / as written)", "speedup"], shortcuts)]
     if compiled:

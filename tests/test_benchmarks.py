@@ -27,7 +27,7 @@ def test_quick_benchmark_prints_and_writes_its_tables(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = " ".join(proc.stdout.split())  # table cells are padded: compare with single spaces
     for header in ("| case | blocks | forward s (ours / HF) | speedup | fwd+bwd s (ours / HF) | speedup | "
-                   "peak train MiB (ours / HF) | ours/HF | max abs logit diff |",
+                   "peak train MiB (ours / HF) | ours/HF | fwd+bwd GMACs (ours / HF) | HF/ours | max abs logit diff |",
                    "### Per block, and a full-depth model extrapolated from it",
                    "| divided (T+S) 4x64 | one more block, fastest repeats |",
                    "| joint (ST) 8x64 | one more block (2 - 1) |",
@@ -97,6 +97,30 @@ def test_gpu_benchmark_variant_names_combine_options_and_reject_unknown_ones():
     for bad in ("ours eager, max-autotune", "ours eager, fast", "theirs eager"):
         with pytest.raises(ValueError, match="max-autotune"):
             training_variant(bad, ours, hf)
+
+
+@pytest.mark.parametrize("attention_type", ["divided_space_time", "joint_space_time"])
+def test_training_multiply_adds_count_every_matmul_the_step_runs(attention_type):
+    """run.py's fwd+bwd GMACs (the per-block ceiling of a matmul-bound step): FlopCounterMode alone misses the
+    in-place addmm_ of our backward and SDPA's CPU flash attention. HF's step (plain autograd) is 3x its forward less
+    the patch convolution's input gradient; ours as written costs the same with the memory-saving backward as with
+    plain autograd; the folded projections and the class-token-only last block cost less."""
+    pytest.importorskip("transformers")
+    from benchmarks.gpu import training_variant
+    from benchmarks.run import Case, build_pair, make_input, training_macs
+
+    case = Case(attention_type, 4, 64, depth=2, width=128)
+    ours, hf = build_pair(case)
+    video, labels = make_input(case)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        hf(video)
+    forward = counter.get_total_flops() // 2
+    convolution = counter.get_flop_counts()["Global"][torch.ops.aten.convolution] // 2
+    assert training_macs(hf, video, labels) == 3 * forward - convolution
+    as_written = training_macs(training_variant("ours eager, as written", ours, hf)[1], video, labels)
+    plain = training_macs(training_variant("ours eager, plain autograd, as written", ours, hf)[1], video, labels)
+    assert as_written == plain
+    assert training_macs(ours, video, labels) < as_written
 
 
 # -- the model's memory-saving autograd functions -------------------------------------------------------------
