@@ -327,7 +327,7 @@ def hf_report(speed: list[dict], memory: list[dict], targets: bool = True) -> tu
     """Markdown tables of part 1, and one line per target (met or not)."""
     peaks = {json.dumps(m["case"], sort_keys=True): m["peak_mib"] for m in memory}
     macs = {json.dumps(m["case"], sort_keys=True): m["train_macs"] for m in memory}
-    rows = {}  # (attention, frames, size) -> {depth: (forward, step, peak)}, each {"ours": s, "hf": s}
+    rows = {}  # (attention, frames, size) -> {depth: (forward, step, peak, multiply-adds)}, each {"ours": x, "hf": x}
     raw = {}  # the same -> {depth: (forward times, step times)}, each {"ours": [s, ...], "hf": [s, ...]}
     measured, compiled, shortcuts = [], [], []
     for s in speed:
@@ -370,8 +370,8 @@ def hf_report(speed: list[dict], memory: list[dict], targets: bool = True) -> tu
             shortcuts.append([label, "one more block (2 - 1)", _pair(more, more_as_written, 3),
                               f"{more_as_written / more:.3f}x"])
             for name, (f, t, m, c) in (("one more block (2 - 1)", per_block),
-                                    ("one more block, fastest repeats", fastest),
-                                    (f"{FULL_DEPTH} blocks (extrapolated)", full)):
+                                       ("one more block, fastest repeats", fastest),
+                                       (f"{FULL_DEPTH} blocks (extrapolated)", full)):
                 derived.append([label, name, _pair(f["ours"], f["hf"], 3), f"{f['hf'] / f['ours']:.2f}x",
                                 _pair(t["ours"], t["hf"], 3), f"{t['hf'] / t['ours']:.2f}x",
                                 _pair(m["ours"], m["hf"], 0), f"{m['ours'] / m['hf']:.2f}",
