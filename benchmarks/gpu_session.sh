@@ -13,9 +13,9 @@ out=${1:-benchmarks/results}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/device.txt"
-timeout 180 python -m pytest -q --noconftest -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/test_cuda.log"
+timeout 180 python3 -m pytest -q --noconftest -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/test_cuda.log"
 # Sections that would start after 280 s are skipped (each compile takes ~60-80 s on an H200).
-python benchmarks/gpu.py --only attention training lightning --profile --budget-s 280 --out "$out" --variants \
+python3 benchmarks/gpu.py --only attention training lightning --profile --budget-s 280 --out "$out" --variants \
     "HF eager" "ours torch.compile, bf16 residual stream" \
     "ours torch.compile, bf16 residual stream, fused short attention" \
     "HF torch.compile" 2>&1 | tee "$out/gpu.log"

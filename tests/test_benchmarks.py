@@ -123,6 +123,30 @@ def test_training_multiply_adds_count_every_matmul_the_step_runs(attention_type)
     assert training_macs(ours, video, labels) < as_written
 
 
+def test_the_gpu_session_script_names_sections_and_variants_gpu_py_has():
+    """benchmarks/gpu_session.sh is the one prepared call for a lent GPU (minutes of device time): a renamed
+    section or variant would only fail there."""
+    pytest.importorskip("transformers")
+    import re
+    import shlex
+
+    from benchmarks.gpu import training_variant
+    from benchmarks.run import Case, build_pair
+
+    script = (ROOT / "benchmarks" / "gpu_session.sh").read_text()
+    command = " ".join(re.search(r"^python3 benchmarks/gpu\.py (.*?) 2>&1", script, re.M | re.S)[1].split("\\\n"))
+    words = shlex.split(command)
+    sections = words[words.index("--only") + 1: words.index("--profile")]
+    variants = words[words.index("--variants") + 1:]
+    assert sections == ["attention", "training", "lightning"] and len(variants) == 4, words
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--only", *sections, "--help"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]  # argparse refuses an unknown section
+    ours, hf = build_pair(Case("divided_space_time", 2, 32, depth=1, width=128))
+    for variant in variants:
+        training_variant(variant, ours, hf)  # raises for an unknown option or base
+
+
 # -- the model's memory-saving autograd functions -------------------------------------------------------------
 def _reference(monkeypatch) -> None:
     """Replace the memory-saving functions by the plain compositions they stand for (autograd's own backward)."""
