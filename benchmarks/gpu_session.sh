@@ -6,14 +6,16 @@
 #   2. the attention kernels alone (the fused kernel's "short fused" column against the matmul path);
 #   3. training: train.py's model compiled, the same with the fused kernel, and HF compiled ("2x HF" against HF
 #      compiled has never been measured);
-#   4. train.py's loop against the bare step (the deferred non-finite check), if the budget leaves time.
+#   4. train.py's loop against the bare step (the deferred non-finite check), if the budget leaves time (it starts
+#      only where the training section ended within 280 s; otherwise run `gpu.py --only lightning` in a next call).
+# Expected: tests <= 150 s, then ~5 min of gpu.py (three compiles of ~60-90 s), < 9 min in all.
 # Usage: bash benchmarks/gpu_session.sh [OUT_DIR]   (the device tool: bash benchmarks/gpu_session.sh "$OUT")
 set -uo pipefail
 out=${1:-benchmarks/results}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/device.txt"
-timeout 180 python3 -m pytest -q --noconftest -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/test_cuda.log"
+timeout 150 python3 -m pytest -q --noconftest -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/test_cuda.log"
 # Sections that would start after 280 s are skipped (each compile takes ~60-80 s on an H200).
 python3 benchmarks/gpu.py --only attention training lightning --profile --budget-s 280 --out "$out" --variants \
     "HF eager" "ours torch.compile, bf16 residual stream" \
