@@ -201,11 +201,14 @@ def test_a_missing_ckpt_is_asked_for_with_the_newest_checkpoints(tmp_path):
         path.parent.mkdir(parents=True)
         path.touch()
         os.utime(path, (1e9 - age * 60, 1e9 - age * 60))
+    snapshot = written[-1].parent / "nonfinite-step7.ckpt"  # newer than all, but the weights before a NaN loss
+    snapshot.touch()
+    os.utime(snapshot, (1e9 + 60, 1e9 + 60))
     with pytest.raises(ValueError, match="evaluate.py needs ckpt=PATH, a checkpoint written by train.py") as error:
         evaluate(compose_config("eval", [f"paths.log_dir={logs}"], tmp_path / "eval"))
     named = str(error.value).split("; the newest under ")[1]
     assert [named.index(str(path)) for path in written[:0:-1]] == sorted(named.index(str(path)) for path in written[1:])
-    assert str(written[0]) not in named  # three at most, newest first
+    assert str(written[0]) not in named and snapshot.name not in named  # three at most, newest first
     with pytest.raises(ValueError, match=r"predict.py needs ckpt=PATH, a train.py checkpoint, a Hugging Face folder"):
         run(compose_config("predict", ["input=clip.mp4", f"paths.log_dir={tmp_path / 'no_logs'}"], tmp_path / "p"))
 
@@ -280,6 +283,12 @@ def test_checkpoints_of_the_wrong_kind_are_named(synthetic_root, tmp_path):
                                          r"data.batch_size=2 \(it has 4\)"):
         train(compose_config("train", [*overrides, "resume=auto", "data.batch_size=2", "scheduler.warmup_epochs=3"],
                              tmp_path / "run"))
+    # The sweep's other searched option, and the loss: the regularisation of one trial went on in another's weights
+    saved = torch.load(last, map_location="cpu", weights_only=False)["timesformer_config"]["drop_path_rate"]
+    with pytest.raises(ValueError, match=rf"other settings: model.drop_path_rate=0.25 \(it has {saved}\), "
+                                         r"module.label_smoothing=0.2 \(it has 0.0\)"):
+        train(compose_config("train", [*overrides, "resume=auto", "model.drop_path_rate=0.25",
+                                       "module.label_smoothing=0.2"], tmp_path / "run"))
     with pytest.raises(FileNotFoundError, match="is a folder: pass a train.py checkpoint file"):
         evaluate(compose_config("eval", [f"ckpt={tmp_path / 'run' / 'checkpoints'}"], tmp_path / "eval"))
     with pytest.raises(ValueError, match="notes.ckpt cannot be read as a PyTorch checkpoint"):

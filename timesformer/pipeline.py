@@ -282,23 +282,26 @@ def _requeue_only_where_the_run_continues(callbacks: list[Any], cfg: DictConfig,
 
 def _check_resumable(path: Path, cfg: DictConfig, option: str = "ckpt_path") -> None:
     """ckpt_path (or resume=auto) continues a train.py run: a Lightning checkpoint of a model built as ``cfg.model``
-    builds it, trained with ``cfg.optimizer`` (its saved state, which Lightning restores, holds the learning rates,
-    weight decays and momenta: another value on the command line would be logged and never used) and
-    ``cfg.scheduler``, on clips and batches drawn as ``cfg.data`` draws them (`_RESUMED_DATA_KEYS`). A restarted
-    Optuna sweep's job N, say, has other settings than the job N whose checkpoint it finds."""
+    builds it (`_RESUMED_MODEL_FIELDS`), trained with ``cfg.optimizer`` (its saved state, which Lightning restores,
+    holds the learning rates, weight decays and momenta: another value on the command line would be logged and never
+    used), ``cfg.scheduler`` and ``cfg.module``'s loss, on clips and batches drawn as ``cfg.data`` draws them
+    (`_RESUMED_DATA_KEYS`). A restarted Optuna sweep's job N, say, has other settings than the job N whose checkpoint
+    it finds."""
     checkpoint = load_checkpoint_file(path, option, mmap=True)
     if not isinstance(checkpoint, dict) or "pytorch-lightning_version" not in checkpoint:
         raise ValueError(f"{option}: {path} is not a checkpoint of a train.py run (resuming continues one, with its "
                          f"optimizer and loop state); to start from its weights use model.pretrained={path}")
     saved = checkpoint.get("timesformer_config") or {}
-    differ = [f"model.{name}={cfg.model.get(name)!r} (it has {saved[name]!r})"
-              for name in (*ARCHITECTURE_FIELDS, "num_frames", "image_size")
+    differ = [f"model.{name}={cfg.model.get(name)!r} (it has {saved[name]!r})" for name in _RESUMED_MODEL_FIELDS
               if name in saved and cfg.model.get(name) is not None and cfg.model.get(name) != saved[name]]
     hyper_parameters = checkpoint.get("hyper_parameters") or {}
-    saved_data = (hyper_parameters.get("run_config") or {}).get("data") or {}
+    run_config = hyper_parameters.get("run_config") or {}
     sections = {"optimizer": hyper_parameters.get("optimizer") or {},
                 "scheduler": hyper_parameters.get("scheduler") or {},
-                "data": {key: value for key, value in saved_data.items() if key in _RESUMED_DATA_KEYS}}
+                "module": {key: value for key, value in (run_config.get("module") or {}).items()
+                           if key in _RESUMED_MODULE_KEYS},
+                "data": {key: value for key, value in (run_config.get("data") or {}).items()
+                         if key in _RESUMED_DATA_KEYS}}
     for section, saved_settings in sections.items():
         chosen = OmegaConf.to_container(cfg[section], resolve=True) if cfg.get(section) else {}
         # (fused is how the step runs, not state; a key older checkpoints lack is not a difference)
@@ -598,6 +601,11 @@ CLIP_KEYS = ("num_frames", "image_size", "sampling", "sampling_rate", "target_fp
 # Data settings a resumed run must share with the run it continues (`_check_resumable`): how clips are cut and batched,
 # and the seed of their draws (the data position is restored as a count of batches, the draws from the seed).
 _RESUMED_DATA_KEYS = (*CLIP_KEYS, "batch_size", "repeated_augmentation", "seed")
+# And of the model, its architecture and regularisation (configs/hparams_search/optuna.yaml searches drop_path_rate);
+# of the module, the loss.
+_RESUMED_MODEL_FIELDS = (*ARCHITECTURE_FIELDS, "num_frames", "image_size", "num_classes", "drop_path_rate",
+                         "hidden_dropout_prob", "attention_probs_dropout_prob")
+_RESUMED_MODULE_KEYS = ("label_smoothing",)
 
 
 def command_line_data_keys() -> set[str]:
@@ -624,6 +632,7 @@ def require_ckpt(cfg: DictConfig, script: str, what: str) -> None:
         return
     runs = Path(cfg.paths.log_dir) / "train"
     written = [*runs.glob("runs/*/checkpoints/*.ckpt"), *runs.glob("multiruns/*/*/checkpoints/*.ckpt")]
+    written = [path for path in written if not path.name.startswith("nonfinite-")]  # the weights before a NaN loss
     newest = sorted(written, key=lambda path: path.stat().st_mtime, reverse=True)[:3]
     found = (f"; the newest under {runs}: " + ", ".join(map(str, newest))) if newest else ""
     raise ValueError(f"{script} needs ckpt=PATH, {what}{found}")
