@@ -9,16 +9,18 @@ after scaling the short side to 256-320 px, so storing more than that is decoded
 This is the usual preparation for Kinetics (short side 256, as mmaction2 and PySlowFast users keep it).
 
 The folder tree is mirrored: every video (by suffix) whose short side is above `--short-side` is re-encoded
-with its short side at that size (aspect ratio kept, even sides), the same frames and timestamps, as h264 (x264
-CRF 23, preset veryfast) in the same container (VP9 for .webm; an MP4 container, name kept, for suffixes whose
-container cannot hold h264: .mpg, .ts, .wmv, ...); smaller videos and every other file (annotation
+with its short side at that size (aspect ratio kept, even sides), the same frames and timestamps (where these do
+not order the frames, as in AVI files with B-frames or MPEG-PS files joined with `cat`, a constant frame rate), as
+h264 (x264 CRF 23, preset veryfast) in the same container (VP9 for .webm; an MP4 container, name kept, for
+suffixes whose container cannot hold h264: .mpg, .ts, .wmv, ...); smaller videos and every other file (annotation
 CSVs, split lists) are copied, so the same data config reads the copy: absolute paths into `src` in text files
 (PySlowFast lists, `data=csv` lists) are rewritten to point into `dst`. Folders reached through symbolic links are
 mirrored as folders; hidden files and folders (`.DS_Store`, macOS `._*` files) are left out, as the data
 loaders leave them out. Audio is dropped. Files
-already in the destination are skipped, so an interrupted run continues. Videos that cannot be decoded, and MP4/MOV
-files cut short (fewer frames than their index lists), are listed (and written to `<dst>/resize_failures.txt`) and
-the command exits with status 1: nothing is dropped or shortened silently.
+already in the destination are skipped, so an interrupted run continues. Videos that cannot be decoded, MP4/MOV
+files cut short (fewer frames than their index lists) and videos whose frame size changes mid-way (one size would
+stretch the other part) are listed (and written to `<dst>/resize_failures.txt`) and the command exits with
+status 1: nothing is dropped, shortened or distorted silently.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from pathlib import Path
 import av
 
 from timesformer.data.sources import is_video_file
-from timesformer.data.video import missing_from_index, upright_rgb
+from timesformer.data.video import missing_from_index, timestamps_give_the_order, upright_rgb
 
 # Copied files whose absolute paths into the source are rewritten (video lists, annotations).
 TEXT_SUFFIXES = (".csv", ".txt", ".json", ".tsv", ".lst")
@@ -64,7 +66,8 @@ def resize_video(src: Path, dst: Path, short_side: int, crf: int = 23, preset: s
         new_width, new_height = scaled_size(width, height, short_side)
         codec = "libvpx-vp9" if dst.suffix.lower() == ".webm" else "libx264"
         with av.open(str(partial), mode="w", format=_muxer_for(dst)) as target:
-            out_stream = target.add_stream(codec, rate=in_stream.average_rate or in_stream.guessed_rate or 30)
+            rate = in_stream.average_rate or in_stream.guessed_rate or 30
+            out_stream = target.add_stream(codec, rate=rate)
             out_stream.width, out_stream.height, out_stream.pix_fmt = new_width, new_height, "yuv420p"
             # The same timestamps, frame for frame: the muxer's and the encoder's time base (left at 1/rate, the
             # encoder rounded a variable frame rate's timestamps onto that grid, or made two of them equal)
@@ -72,17 +75,32 @@ def resize_video(src: Path, dst: Path, short_side: int, crf: int = 23, preset: s
             out_stream.options = {"crf": str(crf)} | ({"preset": preset} if codec == "libx264" else {"b": "0"})
             if dst.suffix.lower() == ".avi":  # AVI has no presentation timestamps: B-frames would be misread
                 out_stream.options |= {"bf": "0"}
+            # Where the source's timestamps do not order its frames (AVI with B-frames: in decode order; MPEG-PS
+            # files joined with `cat`: each part starts again), the muxer refused them: the copy's frames go on a
+            # constant-rate grid from the first one, in the order they are decoded, as the loader numbers them.
+            frame_step = max(1, round(1 / (rate * in_stream.time_base)))  # (the decoded frames' time base)
+            with av.open(str(src)) as probe:
+                timestamps = [packet.pts for packet in probe.demux(probe.streams.video[0]) if packet.size]
+            keep_timestamps = timestamps_give_the_order(timestamps, in_stream.codec_context.has_b_frames)
             frames = packets_held = 0
+            first_size = first_pts = None
             for source_packet in source.demux(in_stream):
                 packets_held += source_packet.size > 0
                 for frame in source_packet.decode():
+                    first_size = first_size or (frame.width, frame.height)
+                    first_pts = first_pts if first_pts is not None else frame.pts or 0
+                    if (frame.width, frame.height) != first_size:  # scaled to the first size, it would be stretched
+                        first = "x".join(map(str, first_size))
+                        raise ValueError(f"its frame size changes at frame {frames}, from {first} to "
+                                         f"{frame.width}x{frame.height} (files joined?)")
                     small = frame.reformat(width=new_width, height=new_height, format="yuv420p",
                                            interpolation="AREA")
                     if round(frame.rotation / 90) % 4:  # a display matrix (phone video): written upright, without one
                         small = av.VideoFrame.from_ndarray(upright_rgb(small), format="rgb24")
                         if frames == 0:
                             out_stream.width, out_stream.height = small.width, small.height
-                    small.pts, small.time_base = frame.pts, frame.time_base
+                    small.pts = frame.pts if keep_timestamps else first_pts + frames * frame_step
+                    small.time_base = frame.time_base
                     for packet in out_stream.encode(small):
                         target.mux(packet)
                     frames += 1

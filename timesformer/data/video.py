@@ -287,6 +287,16 @@ def upright_rgb(picture: av.VideoFrame) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
 
 
+def timestamps_give_the_order(timestamps: Sequence[int | None], has_b_frames: bool) -> bool:
+    """Whether the packets' presentation timestamps (in decode order) number a stream's frames; where they do not,
+    the frames are numbered as they come out of the decoder."""
+    if None in timestamps or len(set(timestamps)) != len(timestamps):
+        return False  # missing (some AVI files) or repeated (MPEG-PS files joined with `cat`: each starts again)
+    # The codec reorders frames but the container's timestamps never do: AVI, which has no presentation timestamps,
+    # stores h264 B-frames this way. (mp4, mkv, webm, mov record the real order.)
+    return not (has_b_frames and all(a < b for a, b in zip(timestamps, timestamps[1:], strict=False)))
+
+
 class _DecodeOrderTimestamps(Exception):
     """The packets' timestamps follow the decode order, not the presentation order (h264 with B-frames in AVI)."""
 
@@ -297,11 +307,7 @@ def _decode_wanted(codec: av.CodecContext, packets: list[av.Packet], wanted: Seq
     stretches be skipped; where the timestamps cannot be trusted for that, the pictures are counted as they
     come out of a sequential decode instead (slower, always right)."""
     timestamps = [packet.pts for packet in packets]
-    if None in timestamps or len(set(timestamps)) != len(timestamps):
-        return _decode_sequentially(codec, packets, wanted)  # missing (some AVI files) or repeated timestamps
-    if codec.has_b_frames and all(a < b for a, b in zip(timestamps, timestamps[1:], strict=False)):
-        # The codec reorders frames but the container's timestamps never do: AVI, which has no presentation
-        # timestamps, stores h264 B-frames this way. (mp4, mkv, webm, mov record the real order.)
+    if not timestamps_give_the_order(timestamps, codec.has_b_frames):
         return _decode_sequentially(codec, packets, wanted)
     # Frame 0 is the first frame shown: hidden pre-roll (edit list) gets negative numbers, and no picture.
     first_shown = min((packet.pts for packet in packets if not packet.is_discard), default=None)
