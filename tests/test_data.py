@@ -322,7 +322,37 @@ def test_decoders_return_the_frames_that_were_encoded(tmp_path, name, codec, opt
     for indices in ([0, 13, 29, 41, 59], [7, 8, 50], list(range(60))):
         assert frame_numbers(decode_frames(path, indices, decoder="pyav")) == indices
         assert frame_numbers(decode_frames(path, indices)) == indices
-    assert check_video(str(path), 0) == VideoCheck(str(path), 0, num_frames=60, fps=25.0)
+    # AVI's B-frames (timestamps in decode order) and MPEG-PS (some packets without one) are decoded from the start
+    slow = name in ("h264_bframes.avi", "mpeg2.mpg")
+    assert check_video(str(path), 0) == VideoCheck(str(path), 0, num_frames=60, fps=25.0, read_from_start=slow)
+
+
+def test_an_mp4_allowing_b_frames_but_holding_none_is_still_read_by_seeking(tmp_path):
+    """x264 told not to use them (b-bias=-100; or on noise, often) places no B-frame although the stream allows them,
+    so the mp4's timestamps never go back: the PyAV path took that for AVI's decode-order timestamps and decoded
+    every clip from the first frame."""
+    import av
+
+    from timesformer.data.video import read_from_start
+
+    path = tmp_path / "noise.mp4"
+    noise = np.random.default_rng(0).integers(0, 255, (60, 48, 64, 3), dtype=np.uint8)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.options = {"x264-params": "bframes=3:b-bias=-100"}
+        for frame in noise:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    with av.open(str(path)) as container:
+        timestamps = [packet.pts for packet in container.demux(video=0) if packet.size]
+        assert container.streams.video[0].codec_context.has_b_frames and timestamps == sorted(timestamps)
+    assert not read_from_start(path, decoder="pyav")
+    decoded = decode_frames(path, [3, 41, 59], decoder="pyav").float()
+    errors = [[(decoded[i] - torch.from_numpy(frame).float()).abs().mean() for frame in noise] for i in range(3)]
+    assert [int(np.argmin(row)) for row in errors] == [3, 41, 59]
 
 
 @pytest.mark.parametrize("decoder", DECODERS)
@@ -387,7 +417,7 @@ def test_pyav_decoder_skips_what_no_wanted_frame_needs(tmp_path):
         stream.thread_type = "NONE"
         packets = [packet for packet in container.demux(stream) if packet.size]
         counting = _CountingCodec(stream.codec_context)
-        frames = _decode_wanted(counting, packets, [5, 29])
+        frames = _decode_wanted(counting, packets, [5, 29], container.format.name)
     assert sorted(frames) == [5, 29]
     # Sequentially that is 30 pictures. With a keyframe every 8 frames, frame 5 needs at most frames 0-5 and
     # frame 29 at most 24-29: 12 pictures, fewer once unreferenced B-frames are skipped (10 for this file).

@@ -475,6 +475,24 @@ def test_check_lists_problems_and_writes_a_clean_list(tmp_path, capsys):
     assert len(index.splits["train"]) == 6 and len(index.splits["val"]) == 2
 
 
+def test_check_lists_the_videos_decoded_from_their_start_which_a_resized_copy_seeks(tmp_path, capsys):
+    """An AVI holding h264 (B-frames allowed: timestamps in decode order) is read from its first frame for every clip:
+    it works, slowly, so it is listed without failing the check; its `timesformer.data.resize` copy seeks."""
+    from timesformer.data.check import main
+    from timesformer.data.resize import resize_dataset
+
+    root = tmp_path / "data"
+    make_folder(root)
+    write_video(root / "train" / "cat" / "slow.avi", num_frames=40)
+    heading = "decoded from their first frame for every clip"
+    assert main(["data=folder", f"data.root={root}", "--workers=1"]) == 0
+    listed = capsys.readouterr().out.split(heading)[1].split("\n\n")[0]
+    assert "slow.avi" in listed and ".mp4" not in listed
+    resize_dataset(root, tmp_path / "copy", short_side=16)  # 64x48 -> 22x16
+    assert main(["data=folder", f"data.root={tmp_path / 'copy'}", "--workers=1"]) == 0
+    assert heading not in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("num_frames, sampling_rate, fps, target_fps", [
     (8, 8, 30.0, 30.0), (8, 32, 30.0, 30.0), (8, 4, 25.0, 30.0), (16, 4, 60.0, 30.0),
     (56, 1, 23.976, 29.97),  # (T - 1) * rate * fps / target rounds to 44.0 where the indices' step reaches 43.99..

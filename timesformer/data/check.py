@@ -12,7 +12,8 @@ video is missing or unreadable (the lists are still written), else 0.
 
 Each video is read as training reads it (`decode_clip` with `data.decoder`): its first, middle and last frames
 are decoded (a truncated file usually fails on the last), and an MP4/MOV holding fewer frames than its index lists
-(cut short: it would read as a shorter video) is reported too. "Too short" videos have fewer frames than one clip
+(cut short: it would read as a shorter video) is reported too. Videos that can only be decoded from their first
+frame for every clip (AVI with h264 B-frames, MPEG-PS files joined with `cat`) are listed: they work, slowly. "Too short" videos have fewer frames than one clip
 needs; they still work (frames are repeated) but are listed. `--write-clean DIR` writes DIR/train.csv, DIR/val.csv (and DIR/test.csv for a
 separate test split) with the usable videos, and DIR/classes.txt with the class order, for `data=csv`; the
 command it prints keeps the dataset's recipe (e.g. SSv2's segment sampling, no flips; Kinetics' sampling rate):
@@ -45,11 +46,12 @@ class VideoCheck:
     num_frames: int = 0
     fps: float = 0.0
     error: str | None = None
+    read_from_start: bool = False  # decoded from its first frame for every clip (`video.read_from_start`)
 
 
 def check_video(path: str, label: int, decoder: str = "decord") -> VideoCheck:
     """Read a video as the data loading does (`decode_clip` with ``decoder``): its first, middle and last frames."""
-    from timesformer.data.video import check_whole, decode_clip
+    from timesformer.data.video import check_whole, decode_clip, read_from_start
 
     result = VideoCheck(path, label)
 
@@ -65,6 +67,7 @@ def check_video(path: str, label: int, decoder: str = "decord") -> VideoCheck:
             return result
         decode_clip(path, first_middle_last, decoder=decoder)
         result.error = check_whole(path)  # an MP4 cut short reads as a shorter video
+        result.read_from_start = result.error is None and read_from_start(path, decoder)
     except FileNotFoundError:
         result.error = "missing"
     except Exception as error:  # VideoDecodeError with FFmpeg's message, or "no frames"
@@ -240,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
                   [f"{r.path}: {r.num_frames} frames, a clip spans {frames_needed(datamodule, r.fps)}"
                    for r in results if r.error is None and r.num_frames < frames_needed(datamodule, r.fps)],
                   args.max_listed)
+            _list(f"{split}: decoded from their first frame for every clip (slow: their timestamps do not order "
+                  "their frames; a `python -m timesformer.data.resize` copy seeks)",
+                  [r.path for r in results if r.read_from_start], args.max_listed)
 
     if args.write_clean:
         if args.no_decode:

@@ -81,7 +81,8 @@ def resize_video(src: Path, dst: Path, short_side: int, crf: int = 23, preset: s
             frame_step = max(1, round(1 / (rate * in_stream.time_base)))  # (the decoded frames' time base)
             with av.open(str(src)) as probe:
                 timestamps = [packet.pts for packet in probe.demux(probe.streams.video[0]) if packet.size]
-            keep_timestamps = timestamps_give_the_order(timestamps, in_stream.codec_context.has_b_frames)
+            keep_timestamps = timestamps_give_the_order(timestamps, in_stream.codec_context.has_b_frames,
+                                                        source.format.name)
             frames = packets_held = 0
             first_size = first_pts = None
             for source_packet in source.demux(in_stream):
