@@ -12,8 +12,9 @@ video is missing or unreadable (the lists are still written), else 0.
 
 Each video is read as training reads it (`decode_clip` with `data.decoder`): its first, middle and last frames
 are decoded (a truncated file usually fails on the last), and an MP4/MOV holding fewer frames than its index lists
-(cut short: it would read as a shorter video) is reported too. Videos that can only be decoded from their first
-frame for every clip (AVI with h264 B-frames, MPEG-PS files joined with `cat`) are listed: they work, slowly. "Too short" videos have fewer frames than one clip
+(cut short: it would read as a shorter video) is reported too. Videos decoded from their first frame for every
+clip (AVI with h264 B-frames, MPEG-PS files whose packets lack timestamps) are listed: they work, slowly; their
+`timesformer.data.resize` copies seek. "Too short" videos have fewer frames than one clip
 needs; they still work (frames are repeated) but are listed. `--write-clean DIR` writes DIR/train.csv, DIR/val.csv (and DIR/test.csv for a
 separate test split) with the usable videos, and DIR/classes.txt with the class order, for `data=csv`; the
 command it prints keeps the dataset's recipe (e.g. SSv2's segment sampling, no flips; Kinetics' sampling rate):
