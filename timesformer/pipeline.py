@@ -70,8 +70,9 @@ OmegaConf.register_new_resolver("process_suffix", process_suffix, replace=True)
 _WEIGHT_SOURCES = ("pretrained", "init_from")
 # Fields a pretrained checkpoint may have changed for fine-tuning. Its architecture fields must be the config's (an
 # error otherwise: the run config would describe another model); num_frames and image_size resize its embeddings.
-_FINETUNE_FIELDS = ("drop_path_rate", "hidden_dropout_prob", "attention_probs_dropout_prob", "gradient_checkpointing",
-                    "memory_saving_backward", "bf16_residual_stream", "fused_short_attention")
+_REGULARISATION_FIELDS = ("drop_path_rate", "hidden_dropout_prob", "attention_probs_dropout_prob")
+_FINETUNE_FIELDS = (*_REGULARISATION_FIELDS, "gradient_checkpointing", "memory_saving_backward", "bf16_residual_stream",
+                    "fused_short_attention")
 
 
 def build_model(model_cfg: DictConfig, class_names: list[str]) -> TimeSformer:
@@ -603,8 +604,7 @@ CLIP_KEYS = ("num_frames", "image_size", "sampling", "sampling_rate", "target_fp
 _RESUMED_DATA_KEYS = (*CLIP_KEYS, "batch_size", "repeated_augmentation", "seed")
 # And of the model, its architecture and regularisation (configs/hparams_search/optuna.yaml searches drop_path_rate);
 # of the module, the loss.
-_RESUMED_MODEL_FIELDS = (*ARCHITECTURE_FIELDS, "num_frames", "image_size", "num_classes", "drop_path_rate",
-                         "hidden_dropout_prob", "attention_probs_dropout_prob")
+_RESUMED_MODEL_FIELDS = (*ARCHITECTURE_FIELDS, "num_frames", "image_size", "num_classes", *_REGULARISATION_FIELDS)
 _RESUMED_MODULE_KEYS = ("label_smoothing",)
 
 
