@@ -6,6 +6,8 @@
 Sections, each printed as a table when done and saved to --out (gpu.md, gpu.json) as it goes:
 0. Attention kernels: forward + backward of one attention call over 50,176 tokens cut into sequences of L (the
    model's layout), for the model's short-sequence path and each SDPA backend: why SHORT_SEQUENCE is what it is.
+0b. The fused short-sequence kernel (``model.fused_short_attention``) alone, forward and backward timed apart, at
+   every launch that fits its registers: which launch its ops should use, and how close it gets to memory speed.
 1. The device and its ceilings: a bf16 8192x8192x8192 matrix product's rate, measured, next to the datasheet's
    dense bf16 peak, which MFU is computed against (the usual convention).
 2. Parity on this device: ours and HF with the same weights (a random HF model saved with save_pretrained and
@@ -318,6 +320,54 @@ def attention_section(device: torch.device, quick: bool, steps: int) -> list[dic
         rows.append(row)
         print(f"  L={length}: " + ", ".join(f"{n} {ms:.2f} ms" if ms else f"{n} -" for n, ms in row["ms"].items()),
               flush=True)
+    return rows
+
+
+def fused_launch_section(device: torch.device, quick: bool, steps: int) -> list[dict[str, Any]]:
+    """The fused short-sequence kernel at every launch of ``launch_candidates`` (rows per program, warps), bf16,
+    forward and backward apart, on the time attention of 32 clips x 196 positions at 8 and 16 frames, laid out as
+    in the model (q, k, v views of one qkv projection's output; the output's gradient as SDPA's output is laid
+    out). GB/s counts the bytes a pass must move (forward: q, k, v read, the output written; backward: those
+    four read, dq, dk, dv written). Each launch's results are compared with the default launch's. Without a GPU
+    (or Triton's interpreter, ``TRITON_INTERPRET=1``) there is nothing to run: no rows."""
+    try:
+        from timesformer.model import triton_short_attention as fused
+    except ImportError as error:
+        print(f"  skipped: {error}", flush=True)
+        return []
+    if device.type != "cuda" and not fused.INTERPRETED:
+        print("  skipped: the kernel needs a CUDA GPU (or TRITON_INTERPRET=1)", flush=True)
+        return []
+    heads, head_dim, sequences = (2, 64, 4) if quick else (12, 64, 32 * 196)
+    scale = head_dim ** -0.5
+    rows = []
+    for length in (8, 16):
+        qkv = torch.randn(sequences, length, 3 * heads * head_dim, device=device, dtype=torch.bfloat16)
+        q, k, v = (t.reshape(sequences, length, heads, head_dim).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+        grad = torch.randn(sequences, length, heads, head_dim, device=device, dtype=torch.bfloat16).transpose(1, 2)
+        default = fused.default_launch(length, head_dim)
+        reference = [fused.attention_forward(q, k, v, scale, default).float(),
+                     *(g.float() for g in fused.attention_backward(grad, q, k, v, scale, default))]
+        tensor_bytes = q.numel() * q.element_size()
+        for launch in fused.launch_candidates(length, head_dim):
+            def forward(launch=launch, q=q, k=k, v=v) -> torch.Tensor:
+                return fused.attention_forward(q, k, v, scale, launch)
+
+            def backward(launch=launch, q=q, k=k, v=v, grad=grad) -> tuple[torch.Tensor, ...]:
+                return fused.attention_backward(grad, q, k, v, scale, launch)
+
+            results = [forward(), *backward()]
+            forward_s = median_seconds(forward, steps=steps, warmup=2, device=device)
+            backward_s = median_seconds(backward, steps=steps, warmup=2, device=device)
+            rows.append({"length": length, "sequences": sequences, "heads": heads, "rows": launch["ROWS"],
+                         "warps": launch["num_warps"], "default": launch == default,
+                         "forward_ms": 1000 * forward_s, "backward_ms": 1000 * backward_s,
+                         "forward_gb_per_s": 4 * tensor_bytes / forward_s / 1e9,
+                         "backward_gb_per_s": 7 * tensor_bytes / backward_s / 1e9,
+                         "max_diff_from_default": max((r.float() - d).abs().max().item()
+                                                      for r, d in zip(results, reference, strict=True))})
+            print(f"  L={length} rows {launch['ROWS']} warps {launch['num_warps']}: forward "
+                  f"{rows[-1]['forward_ms']:.3f} ms, backward {rows[-1]['backward_ms']:.3f} ms", flush=True)
     return rows
 
 
@@ -690,6 +740,16 @@ def report(results: dict[str, Any]) -> str:
                   markdown_table(["L", "sequences", *names], [
                       [str(r["length"]), str(r["sequences"]),
                        *[f"{r['ms'][n]:.2f}" if r["ms"][n] else "n/a" for n in names]] for r in results["attention"]])]
+    if results.get("fused_launch"):
+        first = results["fused_launch"][0]
+        parts += [f"\n### The fused short-sequence kernel per launch, bf16, {first['sequences']:,} sequences x "
+                  f"{first['heads']} heads (* = the default launch)\n",
+                  markdown_table(["L", "rows per program", "warps", "forward ms", "forward GB/s", "backward ms",
+                                  "backward GB/s", "max diff from default"], [
+                      [str(r["length"]), str(r["rows"]) + ("*" if r["default"] else ""), str(r["warps"]),
+                       f"{r['forward_ms']:.3f}", f"{r['forward_gb_per_s']:.1f}", f"{r['backward_ms']:.3f}",
+                       f"{r['backward_gb_per_s']:.1f}", f"{r['max_diff_from_default']:.1e}"]
+                      for r in results["fused_launch"]])]
     if "growth" in results:
         rows = results["growth"]
         points = sorted({(r["frames"], r["image_size"]) for r in rows}, key=lambda p: (p[1], p[0]))
@@ -725,8 +785,8 @@ def main(argv: list[str] | None = None) -> None:
                              "torch.compile' followed by comma-separated options: "
                              + "; ".join(f"'{k}': {v}" for k, v in VARIANT_OPTIONS.items()))
     parser.add_argument("--profile", action="store_true", help="a kernel-time breakdown of each training variant")
-    parser.add_argument("--only", nargs="+", choices=("attention", "parity", "training", "lightning", "inference",
-                                                      "largest_batch", "growth"),
+    parser.add_argument("--only", nargs="+", choices=("attention", "fused_launch", "parity", "training", "lightning",
+                                                      "inference", "largest_batch", "growth"),
                         help="run these sections only")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="skip the sections that start after this many seconds (their results are lost)")
@@ -754,6 +814,7 @@ def main(argv: list[str] | None = None) -> None:
     variants = [v for v in args.variants if compile_ or "compile" not in v]
     sections = {
         "attention": lambda: attention_section(device, args.quick, steps),
+        "fused_launch": lambda: fused_launch_section(device, args.quick, steps),
         "parity": lambda: parity_section(case, device),
         "training": lambda: training_section(case, batch, device, steps, variants, flops_per_clip, peak_tflops,
                                              args.profile),

@@ -66,6 +66,29 @@ def test_the_model_with_the_kernel_matches_the_model_without(interpreted):
         assert 0 < fused < 2 * unfused, bf16
 
 
+def test_every_launch_the_gpu_benchmark_tries_gives_the_default_launchs_results(interpreted):
+    """benchmarks/gpu.py times the kernels at each of ``launch_candidates`` (rows per program, warps) so that a GPU
+    run can choose the fastest: each must compute the same output and gradients, also where the rows do not fill
+    the last program (15 and 21 rows; up to 16 rows per program) and for padded lengths and head sizes."""
+    for case in interpreted["launches"]:
+        assert case["default_is_a_candidate"], case
+        assert len(case["max_differences"]) >= 3 and max(case["rows_per_program"]) >= 4, case
+        assert case["largest_reference"] > 0.1, case
+        assert max(case["max_differences"]) < 1e-6 * case["largest_reference"], case
+
+
+def test_the_gpu_benchmarks_launch_sweep_runs_each_launch_and_marks_the_default(interpreted):
+    """benchmarks/gpu.py's fused_launch section, run through the interpreter at its --quick sizes: the script a
+    lent GPU runs (minutes of device time) must not fail there first."""
+    rows = interpreted["benchmark"]
+    for length in (8, 16):
+        mine = [r for r in rows if r["length"] == length]
+        assert len(mine) > 1 and sum(r["default"] for r in mine) == 1, mine
+        for r in mine:
+            assert r["forward_ms"] > 0 and r["backward_ms"] > 0 and r["backward_gb_per_s"] > 0, r
+            assert r["max_diff_from_default"] < 1e-2, r  # bf16 outputs: the same, up to rounding
+
+
 def test_fused_short_attention_without_triton_says_what_to_do(monkeypatch):
     import timesformer.model
 

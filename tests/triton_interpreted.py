@@ -12,6 +12,7 @@ import json  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from benchmarks.gpu import fused_launch_section  # noqa: E402
 from timesformer import TimeSformer, TimeSformerConfig  # noqa: E402
 from timesformer.model import triton_short_attention as fused  # noqa: E402
 
@@ -36,6 +37,28 @@ def kernel_against_float64_sdpa(S: int, H: int, L: int, d: int, dtype: torch.dty
             "errors": [relative_error(out, reference)] + [relative_error(g, r) for g, r in
                                                            zip(grads, reference_grads, strict=True)],
             "largest_reference_gradient": max(r.abs().max().item() for r in reference_grads)}
+
+
+def launches_against_default(S: int, H: int, L: int, d: int) -> dict:
+    """Forward and backward at every launch of ``launch_candidates`` (rows per program, warps; benchmarks/gpu.py
+    times them to choose one), against the default launch: float32 (S, H, L, d) views of one qkv projection."""
+    qkv = torch.randn(S, L, 3 * H * d)
+    q, k, v = (t.reshape(S, L, H, d).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+    grad = torch.randn(S, L, H, d).transpose(1, 2)
+
+    def run(launch: dict) -> list[torch.Tensor]:
+        return [fused.attention_forward(q, k, v, d ** -0.5, launch), *fused.attention_backward(grad, q, k, v,
+                                                                                                d ** -0.5, launch)]
+
+    default = fused.default_launch(L, d)
+    reference = run(default)
+    candidates = fused.launch_candidates(L, d)
+    return {"shape": [S, H, L, d], "default_is_a_candidate": default in candidates,
+            "rows_per_program": sorted({launch["ROWS"] for launch in candidates}),
+            "largest_reference": max(r.abs().max().item() for r in reference),
+            "max_differences": [max((r - ref).abs().max().item() for r, ref in zip(run(launch), reference,
+                                                                                    strict=True))
+                                for launch in candidates]}
 
 
 def model_fused_against_unfused(attention_type: str, autocast: bool, **changes) -> dict:
@@ -91,7 +114,9 @@ def main() -> None:
     models += [model_fused_against_unfused("divided_space_time", autocast=False, memory_saving_backward=False),
                model_fused_against_unfused("divided_space_time", autocast=False, gradient_checkpointing=True),
                model_fused_against_unfused("divided_space_time", autocast=True, bf16_residual_stream=True)]
-    print(json.dumps({"kernels": kernels, "models": models}))
+    launches = [launches_against_default(*shape) for shape in [(5, 3, 8, 64), (7, 3, 3, 48), (4, 2, 15, 32)]]
+    benchmark = fused_launch_section(torch.device("cpu"), quick=True, steps=1)
+    print(json.dumps({"kernels": kernels, "models": models, "launches": launches, "benchmark": benchmark}))
 
 
 if __name__ == "__main__":

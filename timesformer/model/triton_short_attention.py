@@ -37,11 +37,23 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
             and q.dtype in (torch.float32, torch.bfloat16, torch.float16))
 
 
-def _launch(length: int, head_dim: int) -> dict[str, int]:
+def default_launch(length: int, head_dim: int) -> dict[str, int]:
+    """The launch the ops use: rows per program and warps such that a program's (rows, L, L, d) broadcast holds
+    ~64 float32 registers a thread (``launch_candidates`` lists the others that fit; ``benchmarks/gpu.py`` times
+    them all on a GPU)."""
     block_l, block_d = triton.next_power_of_2(length), triton.next_power_of_2(head_dim)
     rows = max(1, _BROADCAST_ELEMENTS // (block_l * block_l * block_d))
     return {"ROWS": rows, "BLOCK_L": block_l, "BLOCK_D": block_d,
             "num_warps": 4 if rows * block_l * block_l * block_d <= _BROADCAST_ELEMENTS else 8}
+
+
+def launch_candidates(length: int, head_dim: int) -> list[dict[str, int]]:
+    """Every launch (rows per program in 1..16, warps in 1..8) whose (rows, L, L, d) broadcast takes 16 to 128
+    float32 registers a thread: past 128 they spill, below 16 most threads idle. Each gives the same results."""
+    block_l, block_d = triton.next_power_of_2(length), triton.next_power_of_2(head_dim)
+    return [{"ROWS": rows, "BLOCK_L": block_l, "BLOCK_D": block_d, "num_warps": warps}
+            for rows in (1, 2, 4, 8, 16) for warps in (1, 2, 4, 8)
+            if 16 <= rows * block_l * block_l * block_d // (32 * warps) <= 128]
 
 
 @triton.jit
@@ -119,19 +131,37 @@ def _like_sdpa_output(q: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, in
     return out, (out.stride(0), out.stride(2), out.stride(1))
 
 
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                      launch: dict[str, int]) -> torch.Tensor:
+    """The forward kernel with a given launch (``default_launch`` or one of ``launch_candidates``): (S, H, L, d)
+    tensors in, (S, H, L, d) out, laid out as (S, L, H, d)."""
+    q, k, v = (_unit_stride(t) for t in (q, k, v))
+    S, H, L, d = q.shape
+    out, out_strides = _like_sdpa_output(q)
+    grid = (triton.cdiv(S * H, launch["ROWS"]),)
+    wrap_triton(_forward_kernel)[grid](q, k, v, out, S * H, H, L, d, scale, *q.stride()[:3], *k.stride()[:3],
+                                       *v.stride()[:3], *out_strides, **launch)
+    return out.transpose(1, 2)  # (S, H, L, d)
+
+
+def attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                       launch: dict[str, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward kernel with a given launch: (dq, dk, dv), each (S, H, L, d) laid out as (S, L, H, d)."""
+    grad, q, k, v = (_unit_stride(t) for t in (grad, q, k, v))
+    S, H, L, d = q.shape
+    (dq, strides), (dk, _), (dv, _) = _like_sdpa_output(q), _like_sdpa_output(q), _like_sdpa_output(q)
+    grid = (triton.cdiv(S * H, launch["ROWS"]),)
+    wrap_triton(_backward_kernel)[grid](grad, q, k, v, dq, dk, dv, S * H, H, L, d, scale, *grad.stride()[:3],
+                                        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *strides, **launch)
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+
+
 @triton_op("timesformer::short_attention", mutates_args=())
 def short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """softmax(scale · q kᵀ) v for (S, H, L, d) tensors of one dtype: ``F.scaled_dot_product_attention(q, k, v,
     scale=scale)`` for L ≤ 16 (any L runs; past 16 the registers spill). Returns (S, H, L, d) laid out as
     (S, L, H, d)."""
-    q, k, v = (_unit_stride(t) for t in (q, k, v))
-    S, H, L, d = q.shape
-    out, out_strides = _like_sdpa_output(q)
-    config = _launch(L, d)
-    grid = (triton.cdiv(S * H, config["ROWS"]),)
-    wrap_triton(_forward_kernel)[grid](q, k, v, out, S * H, H, L, d, scale, *q.stride()[:3], *k.stride()[:3],
-                                       *v.stride()[:3], *out_strides, **config)
-    return out.transpose(1, 2)  # (S, H, L, d)
+    return attention_forward(q, k, v, scale, default_launch(q.shape[2], q.shape[3]))
 
 
 @triton_op("timesformer::short_attention_backward", mutates_args=())
@@ -139,14 +169,7 @@ def short_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tenso
                              scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gradients (dq, dk, dv) of ``short_attention`` for the output's gradient ``grad``, each laid out as
     SDPA's gradients are ((S, H, L, d) as (S, L, H, d))."""
-    grad, q, k, v = (_unit_stride(t) for t in (grad, q, k, v))
-    S, H, L, d = q.shape
-    (dq, strides), (dk, _), (dv, _) = _like_sdpa_output(q), _like_sdpa_output(q), _like_sdpa_output(q)
-    config = _launch(L, d)
-    grid = (triton.cdiv(S * H, config["ROWS"]),)
-    wrap_triton(_backward_kernel)[grid](grad, q, k, v, dq, dk, dv, S * H, H, L, d, scale, *grad.stride()[:3],
-                                        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *strides, **config)
-    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)  # each (S, H, L, d)
+    return attention_backward(grad, q, k, v, scale, default_launch(q.shape[2], q.shape[3]))
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
