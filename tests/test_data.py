@@ -29,7 +29,7 @@ from timesformer.data import (
 )
 from timesformer.data.resumable import ResumableSampler
 from timesformer.data.synthetic import CLASS_SCHEMES, DIRECTIONS
-from timesformer.data.video import DECODERS, VideoInfo, check_whole, decord_misreads
+from timesformer.data.video import DECODERS, VideoInfo, check_whole, decord_misreads, open_video
 
 # A tiny synthetic dataset: 4 classes x (2 train + 1 val) videos of 24 frames, 48x32 px.
 TINY = dict(
@@ -316,6 +316,16 @@ def test_decoders_return_the_frames_that_were_encoded(tmp_path, name, codec, opt
     def frame_numbers(frames: torch.Tensor) -> list[int]:  # the encoded frame each decoded one is closest to
         return [int(np.abs(encoded - frame.numpy()).mean(axis=(1, 2, 3)).argmin()) for frame in frames]
 
+    # The readers open files without FFmpeg's probe decoding frames (open_video): what they read from the container
+    # is what a plain av.open gives
+    def container_facts(container: av.container.InputContainer) -> tuple:
+        stream = container.streams.video[0]
+        return (container.format.name, stream.codec_context.name, stream.codec_context.has_b_frames,
+                stream.average_rate, stream.guessed_rate, stream.frames, stream.time_base,
+                [(packet.pts, packet.is_keyframe, packet.is_discard) for packet in container.demux(stream)])
+
+    with av.open(str(path)) as plain, open_video(path) as unprobed:
+        assert container_facts(unprobed) == container_facts(plain)
     # decord alone misreads all but the closed-GOP mp4/mkv h264 after a seek (or, HEVC, cannot decode it); the
     # decord path reads those files with PyAV
     assert decord_misreads(path) == (name not in ("h264_bframes.mp4", "hevc_closed_gop.mp4"))

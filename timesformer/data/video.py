@@ -85,11 +85,19 @@ def missing_from_index(container: av.container.InputContainer, frames_held: int)
     return f"cut short: it holds {frames_held} of the {listed} frames its index lists"
 
 
+def open_video(path: str | os.PathLike) -> av.container.InputContainer:
+    """``av.open`` for reading, without FFmpeg decoding frames to probe the streams: its probe
+    (avformat_find_stream_info) decodes the first frames to learn what the container does not say, mostly the
+    pixel format, which the decoder learns anyway; the frame rate, frame count, B-frame delay and timestamps are
+    the same. Opening a 10 s 340x256 h264 mp4 takes 0.6 ms instead of 2.1, once per clip."""
+    return av.open(os.fspath(path), options={"skip_frame": "all"})
+
+
 def check_whole(path: str | os.PathLike) -> str | None:
     """`missing_from_index` for a file that decodes (its video packets counted, none decoded); None where PyAV cannot
     read it (the decoders' own errors say what is wrong with such a file)."""
     try:
-        with av.open(os.fspath(path)) as container:
+        with open_video(path) as container:
             if not container.streams.video:
                 return None
             held = sum(packet.size > 0 for packet in container.demux(container.streams.video[0]))
@@ -188,13 +196,13 @@ def decord_misreads(path: str | os.PathLike) -> bool:
       open-GOP h264 in mkv: 29 asked, 1 returned).
     - MPEG program and transport streams (.mpg, .ts: MPEG-2 13 asked, 1 returned; h264 in TS 13 -> 33), and any
       file whose packets lack timestamps.
-    Read from the packets (no decoding): 4-8 ms for a 10 s clip (mostly ``av.open``), once per file and process.
+    Read from the packets (no decoding): ~1.3 ms for a 10 s 340x256 clip, once per file and process.
     """
     path = os.fspath(path)
     if os.path.splitext(path)[1].lower() in DECORD_UNRELIABLE_SUFFIXES:
         return True
     try:
-        with av.open(path) as container:
+        with open_video(path) as container:
             if container.format.name in ("mpeg", "mpegts"):
                 return True
             stream = container.streams.video[0]
@@ -237,7 +245,7 @@ def _decode_clip_pyav(
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Video file not found: {path}")
     try:
-        container = av.open(path)
+        container = open_video(path)
     except av.FFmpegError as error:
         raise VideoDecodeError(f"Could not open video {path}: {error}") from error
     with container:
@@ -312,7 +320,7 @@ def read_from_start(path: str | os.PathLike, decoder: str = "decord") -> bool:
     if decoder == "decord" and not decord_misreads(path):
         return False  # decord seeks to the keyframe before each wanted frame
     try:
-        with av.open(path) as container:
+        with open_video(path) as container:
             stream = container.streams.video[0]
             timestamps = [packet.pts for packet in container.demux(stream) if packet.size]
             return not timestamps_give_the_order(timestamps, stream.codec_context.has_b_frames,
