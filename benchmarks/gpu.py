@@ -372,8 +372,10 @@ def fused_launch_section(device: torch.device, quick: bool, steps: int) -> list[
 
 
 def training_section(case: Case, batch: int, device: torch.device, steps: int, variant_names: list[str],
-                     flops_per_clip: float, peak_tflops: float | None, profile: bool) -> list[dict[str, Any]]:
-    """Training clips/s, peak memory and MFU of each variant at ``batch``."""
+                     flops_per_clip: float, peak_tflops: float | None, profile: bool,
+                     after_each: Callable[[list[dict[str, Any]]], None] = lambda rows: None) -> list[dict[str, Any]]:
+    """Training clips/s, peak memory and MFU of each variant at ``batch``; ``after_each(rows so far)`` after each
+    variant (main saves them: a run cut short in the next variant's compile keeps the ones measured)."""
     variants = training_variants(case, variant_names)
     batches = inputs(batch, case, device)
     rows = []
@@ -405,6 +407,7 @@ def training_section(case: Case, batch: int, device: torch.device, steps: int, v
         del trainer, step
         module.to("cpu")
         free_memory()
+        after_each(rows)
     return rows
 
 
@@ -812,12 +815,18 @@ def main(argv: list[str] | None = None) -> None:
     peak_tflops = results["device"]["datasheet_tflops"] or results["device"]["matmul_tflops"]
     compile_ = not args.no_compile
     variants = [v for v in args.variants if compile_ or "compile" not in v]
+    def save(**partial: Any) -> None:
+        """Write what is measured so far (with a section's rows so far, ``partial``) to gpu.json and gpu.md."""
+        so_far = {**results, **partial, "elapsed_s": time.perf_counter() - start}
+        (args.out / "gpu.json").write_text(json.dumps(so_far, indent=1))
+        (args.out / "gpu.md").write_text(report(so_far) + "\n")
+
     sections = {
         "attention": lambda: attention_section(device, args.quick, steps),
         "fused_launch": lambda: fused_launch_section(device, args.quick, steps),
         "parity": lambda: parity_section(case, device),
         "training": lambda: training_section(case, batch, device, steps, variants, flops_per_clip, peak_tflops,
-                                             args.profile),
+                                             args.profile, after_each=lambda rows: save(training=rows)),
         "lightning": lambda: lightning_section(case, batch, device, steps, compile_, flops_per_clip, peak_tflops,
                                                args.quick),
         "largest_batch": lambda: largest_batch_section(case, device, small=max(1, batch // 4), large=batch),
@@ -840,9 +849,7 @@ def main(argv: list[str] | None = None) -> None:
 
             traceback.print_exc()
             results.setdefault("errors", {})[name] = f"{type(error).__name__}: {error}"
-        results["elapsed_s"] = time.perf_counter() - start
-        (args.out / "gpu.json").write_text(json.dumps(results, indent=1))
-        (args.out / "gpu.md").write_text(report(results) + "\n")
+        save()
     print("\n" + report(results))
     failed = {**results.get("errors", {}), **{f"{section} / {r['variant']}": r["error"] for section in
                                                ("training", "inference") for r in results.get(section, [])

@@ -75,6 +75,22 @@ def test_gpu_benchmark_quick_runs_on_the_cpu(tmp_path):
     assert 0 < results["lightning"][0]["idle_before_backward_s"] < results["lightning"][0]["lightning_step_s"]
 
 
+def test_gpu_benchmark_hands_on_each_training_variant_as_it_is_measured(tmp_path):
+    """A lent GPU's call can be cut short at its time limit, most likely in a training variant's compile: main saves
+    the variants measured so far, handed on by the training section after each one (gpu.json, gpu.md)."""
+    pytest.importorskip("transformers")
+    from benchmarks.gpu import training_section
+    from benchmarks.run import Case
+
+    handed_on = []
+    rows = training_section(Case("divided_space_time", 2, 32, depth=1, width=64), 2, torch.device("cpu"), 1,
+                            ["HF eager", "ours eager", "ours eager, cuDNN attention"], 1e9, None, False,
+                            after_each=lambda so_far: handed_on.append([row["variant"] for row in so_far]))
+    assert handed_on == [["HF eager"], ["HF eager", "ours eager"],
+                         ["HF eager", "ours eager", "ours eager, cuDNN attention"]]
+    assert "error" not in rows[1] and "error" in rows[2]  # no cuDNN on the CPU: a variant that fails is handed on too
+
+
 def test_gpu_benchmark_variant_names_combine_options_and_reject_unknown_ones():
     """A training variant's name is 'ours eager' / 'ours torch.compile' and comma-separated options, in any
     combination; an unknown option or base names the valid ones."""
