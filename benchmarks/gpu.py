@@ -815,6 +815,7 @@ def main(argv: list[str] | None = None) -> None:
     peak_tflops = results["device"]["datasheet_tflops"] or results["device"]["matmul_tflops"]
     compile_ = not args.no_compile
     variants = [v for v in args.variants if compile_ or "compile" not in v]
+
     def save(**partial: Any) -> None:
         """Write what is measured so far (with a section's rows so far, ``partial``) to gpu.json and gpu.md."""
         so_far = {**results, **partial, "elapsed_s": time.perf_counter() - start}
