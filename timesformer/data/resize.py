@@ -37,7 +37,7 @@ from pathlib import Path
 import av
 
 from timesformer.data.sources import is_video_file
-from timesformer.data.video import missing_from_index, timestamps_give_the_order, upright_rgb
+from timesformer.data.video import missing_from_index, open_video, timestamps_order_the_frames, upright_rgb
 
 # Copied files whose absolute paths into the source are rewritten (video lists, annotations).
 TEXT_SUFFIXES = (".csv", ".txt", ".json", ".tsv", ".lst")
@@ -79,10 +79,8 @@ def resize_video(src: Path, dst: Path, short_side: int, crf: int = 23, preset: s
             # files joined with `cat`: each part starts again), the muxer refused them: the copy's frames go on a
             # constant-rate grid from the first one, in the order they are decoded, as the loader numbers them.
             frame_step = max(1, round(1 / (rate * in_stream.time_base)))  # (the decoded frames' time base)
-            with av.open(str(src)) as probe:
-                timestamps = [packet.pts for packet in probe.demux(probe.streams.video[0]) if packet.size]
-            keep_timestamps = timestamps_give_the_order(timestamps, in_stream.codec_context.has_b_frames,
-                                                        source.format.name)
+            with open_video(src) as probe:
+                keep_timestamps = timestamps_order_the_frames(probe)
             frames = packets_held = 0
             first_size = first_pts = None
             for source_packet in source.demux(in_stream):

@@ -321,12 +321,17 @@ def read_from_start(path: str | os.PathLike, decoder: str = "decord") -> bool:
         return False  # decord seeks to the keyframe before each wanted frame
     try:
         with open_video(path) as container:
-            stream = container.streams.video[0]
-            timestamps = [packet.pts for packet in container.demux(stream) if packet.size]
-            return not timestamps_give_the_order(timestamps, stream.codec_context.has_b_frames,
-                                                 container.format.name)
+            return not timestamps_order_the_frames(container)
     except (av.FFmpegError, IndexError, OSError):
         return False
+
+
+def timestamps_order_the_frames(container: av.container.InputContainer) -> bool:
+    """`timestamps_give_the_order` for the first video stream of a container opened for reading (its packets are
+    read to the end)."""
+    stream = container.streams.video[0]
+    timestamps = [packet.pts for packet in container.demux(stream) if packet.size]
+    return timestamps_give_the_order(timestamps, stream.codec_context.has_b_frames, container.format.name)
 
 
 class _DecodeOrderTimestamps(Exception):
