@@ -203,6 +203,18 @@ def test_eval_transform_is_a_deterministic_centre_crop():
     assert torch.equal(out, video[..., 8:40])  # short side already 32: crop the middle
 
 
+@pytest.mark.parametrize("height, width", [(98, 130), (196, 262), (130, 98), (318, 424)])
+def test_train_transform_scales_the_short_side_exactly_so_the_smallest_scale_fits_the_crop(height, width):
+    # Scaling 98 x 130 to a short side of 32 by a factor 32 / 98 gives 31.99...: truncated, the crop did not fit
+    # (torchvision's RandomShortestSize) and the DataLoader worker raised in the middle of training.
+    video = torch.randint(0, 256, (2, 3, height, width), dtype=torch.uint8)
+    for seed in range(4):
+        torch.manual_seed(seed)
+        assert train_transform(32, short_side_range=(32, 33))(video).shape == (2, 3, 32, 32)
+    scale = train_transform(32, short_side_range=(32, 32)).transforms[0]
+    assert min(scale(video).shape[-2:]) == 32
+
+
 def test_transform_rejects_a_crop_larger_than_the_short_side():
     with pytest.raises(ValueError, match="crop_size"):
         train_transform(224, short_side_range=(128, 160))

@@ -59,8 +59,10 @@ def train_transform(
             f"the crop would not fit"
         )
     steps: list[v2.Transform] = [
-        # Picks one short side for the whole clip; the long side keeps the aspect ratio.
-        v2.RandomShortestSize(min_size=list(range(low, high + 1)), antialias=True),
+        # Picks one short side for the whole clip; the long side keeps the aspect ratio. Resize(int) makes the short
+        # side exactly that size; RandomShortestSize rounds it down for many frame sizes (318 x 424 to 224 gives
+        # 223 x 298), and a crop as large as the smallest short side then fails.
+        v2.RandomChoice([v2.Resize(side, antialias=True) for side in range(low, high + 1)]),
         v2.RandomCrop(crop_size),
     ]
     if horizontal_flip:
