@@ -1018,3 +1018,32 @@ def test_each_ddp_process_trains_on_its_own_share(tiny_source):
         shares.append([int(i) for batch in datamodule.train_dataloader() for i in batch["index"]])
     assert len(shares[0]) == len(shares[1]) == 4
     assert sorted(shares[0] + shares[1]) == list(range(8))
+
+
+@pytest.mark.parametrize("num_replicas", [1, 2, 3])
+def test_evaluation_decodes_each_clip_once_for_all_its_crops_over_processes_and_batches(tiny_source, monkeypatch,
+                                                                                         num_replicas):
+    """Each process evaluates whole videos and each batch whole clips, so a clip's crops come from one decode.
+
+    Dealt view by view (Lightning's samplers), the 3 crops of a clip went to 3 processes, each decoding it; batches
+    of 8 views split every other clip's crops over two DataLoader workers."""
+    from types import SimpleNamespace
+
+    decodes = []
+    decode = VideoClipDataset._decode
+    monkeypatch.setattr(VideoClipDataset, "_decode",
+                        lambda self, path, temporal_clip: decodes.append(path) or decode(self, path, temporal_clip))
+    views, batches = [], []
+    for rank in range(num_replicas):
+        datamodule = _datamodule(tiny_source, batch_size=8, test_temporal_clips=2, test_spatial_crops=3)
+        datamodule.trainer = SimpleNamespace(distributed_sampler_kwargs={"num_replicas": num_replicas, "rank": rank},
+                                             global_rank=rank)
+        datamodule.setup("test")
+        for batch in datamodule.test_dataloader():
+            batches.append([(int(i), int(v)) for i, v in zip(batch["index"], batch["view"], strict=True)])
+            views += batches[-1]
+    assert sorted(views) == [(video, view) for video in range(4) for view in range(6)]  # each view once
+    assert len(decodes) == 4 * 2  # videos x temporal clips
+    for batch in batches:  # a batch holds all 3 crops of each of its clips (views 0-2: clip 0, 3-5: clip 1)
+        clips = {(video, view // 3) for video, view in batch}
+        assert len(batch) == 3 * len(clips) <= 8

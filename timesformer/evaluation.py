@@ -1,9 +1,10 @@
 """Video-level evaluation: several views per video aggregated into one prediction, each video counted once.
 
 A dataset yields views (temporal clips x spatial crops) of its videos; every sample carries the video's
-``index`` in its split and, with several views, the ``view`` number. Under DDP a video's views are spread over
-ranks (and Lightning's sampler repeats samples when a split has fewer views than processes), so scores are gathered
-from every rank and de-duplicated by (index, view) before they are averaged per video.
+``index`` in its split and, with several views, the ``view`` number. Under DDP each rank evaluates its share of
+the videos (a split with fewer videos than ranks shares out views; Lightning's sampler repeats views when there are
+fewer views than ranks), so scores are gathered from every rank and de-duplicated by (index, view) before they are
+averaged per video.
 """
 
 from __future__ import annotations
