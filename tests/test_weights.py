@@ -190,6 +190,22 @@ def test_class_names_are_matched_by_name(tmp_path, caplog):
     assert torch.equal(unnamed.head.weight, source.head.weight)  # classes named by their ids: kept in order
 
 
+def test_a_folder_saved_without_class_names_keeps_its_head_for_the_datasets_names(tmp_path):
+    """transformers (and our export) write id2label LABEL_0..LABEL_{N-1} when a model has no class names: not
+    names, so fine-tuning or evaluating on a dataset with as many classes keeps the trained head (the placeholders
+    taken as names made it new and random, and evaluate.py failed to number the dataset's classes by them)."""
+    torch.manual_seed(0)
+    hf_config = transformers.TimesformerConfig(**TINY, num_labels=3)
+    transformers.TimesformerForVideoClassification(hf_config).save_pretrained(tmp_path / "hf")
+    TimeSformer(TimeSformerConfig(**TINY, num_classes=3)).save_pretrained(tmp_path / "ours")
+    for folder in ("hf", "ours"):
+        source = TimeSformer.from_pretrained(tmp_path / folder)
+        assert source.config.class_names is None and source.config.num_classes == 3
+        named = TimeSformer.from_pretrained(tmp_path / folder, num_classes=3, class_names=["cat", "dog", "eel"])
+        assert torch.equal(named.head.weight, source.head.weight)
+        assert named.config.class_names == ["cat", "dog", "eel"]
+
+
 def test_new_head_for_another_class_count_keeps_the_backbone(tmp_path):
     hf_model = random_hf_model("divided_space_time")
     hf_model.save_pretrained(tmp_path / "hf")

@@ -89,7 +89,8 @@ def hf_config_to_ours(hf: dict[str, Any]) -> TimeSformerConfig:
     if id2label:
         ordered = [id2label[str(i)] if str(i) in id2label else id2label[i] for i in range(len(id2label))]
         values["num_classes"] = len(ordered)
-        values["class_names"] = ordered
+        if ordered != [f"LABEL_{i}" for i in range(len(ordered))]:  # transformers' (and our export's) "no names"
+            values["class_names"] = ordered
     elif "num_labels" in hf:
         values["num_classes"] = int(hf["num_labels"])
     return TimeSformerConfig(**values)
