@@ -129,3 +129,21 @@ def test_other_attention_types_copy_the_spatial_attention_into_each_extra_one(vi
     assert features.shape == (1, 48)
     if attention_type == "space_only":  # the image ViT on each frame, averaged
         torch.testing.assert_close(features, vit_features(vit, frame), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("width, heads", [(768, 12), (1280, 16)])
+def test_head_count_defaults_to_the_released_vits_of_that_width(tmp_path, width, heads):
+    """Heads are not visible in the weights: ViT-B has 12 of 64, ViT-H 16 of 80 (not 1280 / 64 = 20, a different
+    function of the same weights)."""
+    torch.manual_seed(0)
+    vit = timm_vit.VisionTransformer(img_size=28, patch_size=14, embed_dim=width, depth=1, num_heads=heads,
+                                     mlp_ratio=1, num_classes=3).eval()
+    with torch.no_grad():
+        for param in vit.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    torch.save(vit.state_dict(), tmp_path / "vit.pth")
+    model = TimeSformer.from_image_vit(tmp_path / "vit.pth", num_frames=2).eval()
+    assert model.config.num_attention_heads == heads
+    frame = torch.randn(1, 3, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(model(frame[:, None].expand(1, 2, 3, 28, 28)), vit(frame), atol=1e-4, rtol=0)

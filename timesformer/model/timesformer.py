@@ -898,8 +898,9 @@ class TimeSformer(nn.Module):
 
         The architecture (width, depth, patch size, MLP size, qkv bias, resolution, classes) is read off the
         tensors; ``config_fields`` set the rest or override it: ``num_frames`` (default 8), ``attention_type``
-        (default divided_space_time), ``num_attention_heads`` (default hidden_size / 64, as in every released
-        ViT: heads are not visible in the shapes), ``image_size``, ``num_classes``, ``drop_path_rate``, ...
+        (default divided_space_time), ``num_attention_heads`` (default the released ViTs' for the width: heads of
+        64, 16 heads from ViT-H's 1280 up; heads are not visible in the shapes), ``image_size``, ``num_classes``,
+        ``drop_path_rate``, ...
 
         - Spatial weights are copied: patch embedding, cls token, each block's norm1/attn/norm2/mlp, final norm.
         - Each extra attention of a block (e.g. the temporal one of divided attention) starts as a copy of the

@@ -204,10 +204,20 @@ def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
+# Released ViTs wider than ViT-L keep 16 heads (huge 1280 = 16 x 80, giant 1408 = 16 x 88, gigantic 1664 = 16 x 104,
+# SigLIP so400m 1152 = 16 x 72); tiny to large have heads of 64.
+_SIXTEEN_HEAD_WIDTHS = (1152, 1280, 1408, 1664)
+
+
+def default_heads(hidden_size: int) -> int:
+    """The head count of the released ViTs of this width (not visible in their weights' shapes)."""
+    return 16 if hidden_size in _SIXTEEN_HEAD_WIDTHS else max(hidden_size // 64, 1)
+
+
 def infer_config_from_state(state: dict[str, torch.Tensor], **overrides: Any) -> TimeSformerConfig:
     """Read the architecture off an original-layout state dict (the ``.pyth`` files carry no usable config).
 
-    Head count is not visible in the shapes: it defaults to hidden_size / 64 (true of every released model)
+    Head count is not visible in the shapes: it defaults to the released ViTs' for the width (`default_heads`)
     and can be overridden.
     """
     dim = state["cls_token"].shape[-1]
@@ -229,14 +239,15 @@ def infer_config_from_state(state: dict[str, torch.Tensor], **overrides: Any) ->
         num_channels=state["patch_embed.proj.weight"].shape[1],
         image_size=grid * patch,
         num_hidden_layers=len({k.split(".")[1] for k in state if k.startswith("blocks.")}),
-        num_attention_heads=max(dim // 64, 1),
+        num_attention_heads=default_heads(dim),
         intermediate_size=state["blocks.0.mlp.fc1.weight"].shape[0],
         qkv_bias="blocks.0.attn.qkv.bias" in state,
         attention_type=attention_type,
     )
     if "num_attention_heads" not in overrides:  # not visible in the shapes
-        log.info("num_attention_heads not stored with the weights: assuming %d heads of 64 (every released ViT and "
-                 "TimeSformer); pass num_attention_heads=... for other head sizes", values["num_attention_heads"])
+        heads = values["num_attention_heads"]
+        log.info("num_attention_heads not stored with the weights: assuming %d heads of %d (the released ViTs and "
+                 "TimeSformers of width %d); pass num_attention_heads=... for others", heads, dim // heads, dim)
     if "head.weight" in state:  # an image ViT saved without its classifier has none
         values["num_classes"] = state["head.weight"].shape[0]
     if "time_embed" in state:
