@@ -208,3 +208,19 @@ def test_attention_maps_of_an_unsupported_model_fail_before_any_video(tmp_path):
                             "top_k": 1, "attention_maps": True, "paths": {"output_dir": str(tmp_path / "out")}})
     with pytest.raises(ValueError, match="attention_maps=true supports attention_type in"):
         predict(cfg)
+
+
+@pytest.mark.parametrize("num_frames, sampling_rate", [(8, 32), (16, 16), (96, 4), (4, 64)])
+def test_a_checkpoint_without_clip_settings_gets_the_papers_sampling_for_its_frames(tmp_path, num_frames,
+                                                                                    sampling_rate):
+    """An original HR (16 frames) or L (96) .pyth, or a bare save_pretrained folder, says nothing of its sampling:
+    base's rate of 32 made an L clip span 3072 frames, mostly the last frame of a 10 s video repeated."""
+    from timesformer.inference import clip_settings
+
+    model = TimeSformer(TimeSformerConfig(image_size=16, patch_size=8, num_frames=num_frames, hidden_size=16,
+                                          num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+                                          num_classes=2))
+    model.save_pretrained(tmp_path / "folder")
+    settings = clip_settings(tmp_path / "folder", TimeSformer.from_pretrained(tmp_path / "folder"))
+    assert (settings.num_frames, settings.sampling_rate) == (num_frames, sampling_rate)
+    assert clip_settings(tmp_path / "folder", model, sampling_rate=5).sampling_rate == 5

@@ -112,14 +112,26 @@ def export_pretrained(ckpt: str | Path, folder: str | Path) -> None:
                                            settings.train_short_side_min or settings.image_size)})
 
 
+# The paper's sampling rates (frames between sampled frames at 30 fps) for its clip lengths: base 8 x 32, HR 16 x 16,
+# L 96 x 4. Other lengths get the rate of an 8 x 32 clip's span, 256 frames.
+PAPER_SAMPLING_RATES = {8: 32, 16: 16, 96: 4}
+
+
+def paper_sampling_rate(num_frames: int) -> int:
+    return PAPER_SAMPLING_RATES.get(num_frames, max(256 // num_frames, 1))
+
+
 def clip_settings(ckpt: str | Path, model: TimeSformer, **overrides: Any) -> ClipSettings:
     """The checkpoint's saved data settings when it has them (train.py checkpoints, folders written by
-    ``export_pretrained``), else the model's sizes and the paper's 8x32 sampling; non-None ``overrides`` win."""
+    ``export_pretrained``), else the model's sizes and the paper's sampling for its frame count
+    (`paper_sampling_rate`: an original HR or L ``.pyth`` clip sampled at base's 32 spanned 512 or 3072 frames);
+    non-None ``overrides`` win."""
     data = saved_data_config(ckpt) or exported_data_config(ckpt)
     aggregation = saved_data_config(ckpt, "module").get("view_aggregation") or data.get("view_aggregation")
+    num_frames = int(data.get("num_frames", model.config.num_frames))
     settings = ClipSettings(
-        num_frames=int(data.get("num_frames", model.config.num_frames)),
-        sampling_rate=int(data.get("sampling_rate", 32)),
+        num_frames=num_frames,
+        sampling_rate=int(data.get("sampling_rate", paper_sampling_rate(num_frames))),
         image_size=int(data.get("image_size", model.config.image_size)),
         target_fps=float(data.get("target_fps", 30.0)),
         temporal_clips=int(data.get("test_temporal_clips", 1)),
