@@ -554,6 +554,46 @@ def test_clean_lists_inside_the_dataset_follow_a_resized_copy(tmp_path, capsys, 
     assert all(Path(path).is_absolute() for path, _ in CsvSource.read_rows(tmp_path / "elsewhere" / "train.csv"))
 
 
+def test_clean_lists_go_to_any_folder_name_and_never_over_other_files(tmp_path, capsys):
+    """A folder with a space, brackets, a comma or a quote: the lists' command was pasted unquoted into a Hydra
+    override, which failed after every video was decoded, with nothing written. Lists already in DIR (the dataset's
+    own train.csv, say) were overwritten; now refused before decoding, unless --overwrite."""
+    import shlex
+
+    from timesformer.data.check import compose_data_config, main
+
+    root, clean = tmp_path / "data", tmp_path / "clean (v2), it's"
+    make_folder(root)
+    arguments = ["data=folder", f"data.root={root}", "--workers=1", "--write-clean", str(clean)]
+    assert main(arguments) == 0
+    command = capsys.readouterr().out.split("Train on them with: ")[1].strip()
+    words = shlex.split(command)
+    assert words[:2] == ["python", "train.py"] and compose_data_config(words[2:])["root"] == str(clean)
+    assert len(CsvSource(clean).load().splits["train"]) == 4
+
+    (clean / "train.csv").write_text("my own list\n")
+    assert main(arguments) == 2
+    assert "--overwrite" in capsys.readouterr().err and (clean / "train.csv").read_text() == "my own list\n"
+    assert main([*arguments, "--overwrite"]) == 0
+    assert len(CsvSource(clean).load().splits["train"]) == 4
+
+
+def test_check_of_a_test_split_that_is_the_val_split_checks_and_lists_val(tmp_path, capsys):
+    """UCF101's test list is its val split: --splits test wrote no list and counted none of its missing videos."""
+    from timesformer.data.check import main
+
+    make_ucf101(tmp_path)
+    with open(tmp_path / "ucfTrainTestlist" / "testlist01.txt", "a", newline="") as file:
+        file.write("ApplyEyeMakeup/v_ApplyEyeMakeup_g02_c01.avi\r\n")  # annotated, no file
+    assert main(["data=ucf101", f"data.root={tmp_path}", "--splits=test", "--no-decode"]) == 1
+    assert "v_ApplyEyeMakeup_g02_c01.avi" in capsys.readouterr().out
+    (tmp_path / "UCF-101" / "ApplyEyeMakeup" / "v_ApplyEyeMakeup_g02_c01.avi").write_bytes(
+        (tmp_path / "UCF-101" / "ApplyEyeMakeup" / "v_ApplyEyeMakeup_g01_c01.avi").read_bytes())
+    assert main(["data=ucf101", f"data.root={tmp_path}", "--splits=test", "--workers=1",
+                 "--write-clean", str(tmp_path / "clean")]) == 0
+    assert len(CsvSource(tmp_path / "clean").load().splits["val"]) == 3
+
+
 def test_folder_videos_outside_class_folders_are_reported(tmp_path, caplog):
     make_folder(tmp_path)
     write_video(tmp_path / "train" / "stray.mp4")

@@ -16,7 +16,8 @@ are decoded (a truncated file usually fails on the last), and an MP4/MOV holding
 clip (AVI with h264 B-frames, MPEG-PS files whose packets lack timestamps) are listed: they work, slowly; their
 `timesformer.data.resize` copies seek. "Too short" videos have fewer frames than one clip
 needs; they still work (frames are repeated) but are listed. `--write-clean DIR` writes DIR/train.csv, DIR/val.csv (and DIR/test.csv for a
-separate test split) with the usable videos, and DIR/classes.txt with the class order, for `data=csv`; the
+separate test split) with the usable videos, and DIR/classes.txt with the class order, for `data=csv` (lists
+already in DIR, e.g. the dataset's own train.csv, are refused before any decoding unless `--overwrite`); the
 command it prints keeps the dataset's recipe (e.g. SSv2's segment sampling, no flips; Kinetics' sampling rate):
 
     python train.py data=csv data.root=DIR data.sampling=segment data.horizontal_flip=false
@@ -28,6 +29,8 @@ import argparse
 import csv
 import math
 import os
+import re
+import shlex
 import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -109,20 +112,30 @@ def clean_list_command(overrides: Sequence[str], folder: Path) -> str:
     """`python train.py data=csv data.root=FOLDER ...` with the overrides that keep the checked dataset's clip
     sampling and augmentation (`data=csv` has its own defaults: dense sampling 8 apart, flips)."""
     others = [override for override in overrides if not override.lstrip("+~").startswith(("data=", "data."))]
-    command = ["data=csv", f"data.root={folder}"]
+    command = ["data=csv", f"data.root={_override_value(str(folder))}"]
     checked, as_csv = compose_data_config(overrides), compose_data_config([*others, *command])
     for key, value in checked.items():
         if key not in ("_target_", "source", "root", "split") and as_csv.get(key) != value:
             command.append(f"data.{key}={_override_value(value)}")
-    return "python train.py " + " ".join([*others, *command])
+    return "python train.py " + " ".join(_shell_word(word) for word in [*others, *command])
 
 
 def _override_value(value: object) -> str:
+    """A value as Hydra's override grammar reads it back: strings with spaces, commas, brackets, quotes, ... quoted."""
     if isinstance(value, bool) or value is None:
         return {True: "true", False: "false", None: "null"}[value]
     if isinstance(value, list | tuple):
         return "[" + ",".join(_override_value(item) for item in value) + "]"
+    if isinstance(value, str) and not re.fullmatch(r"[\w/.+:@~%-]+", value):
+        return "'" + value.replace("'", "\\'") + "'"
     return str(value)
+
+
+def _shell_word(word: str) -> str:
+    """One command-line argument as a shell reads it back (double quotes where they suffice: easier to read)."""
+    if shlex.quote(word) == word:
+        return word
+    return f'"{word}"' if not re.search(r'["$`\\!]', word) else shlex.quote(word)
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -143,7 +156,12 @@ def _list(title: str, items: list[str], max_listed: int) -> None:
         print(f"  ... and {len(items) - max_listed} more (--max-listed N shows more)")
 
 
-def write_clean(folder: Path, class_names: list[str], checked: dict[str, list[VideoCheck]], test_is_val: bool,
+def clean_list_files(folder: Path, splits: Sequence[str]) -> list[Path]:
+    """The files `write_clean` writes in `folder` for these splits."""
+    return [folder / "classes.txt", *(folder / f"{split}.csv" for split in splits)]
+
+
+def write_clean(folder: Path, class_names: list[str], checked: dict[str, list[VideoCheck]],
                 dataset_root: Path | None = None, train_command: str | None = None) -> None:
     """The usable videos as `data=csv` lists (class names) and the class order. Paths are relative to the lists'
     folder when it is inside the dataset (a copy of the tree, e.g. by `timesformer.data.resize`, then reads its own
@@ -157,14 +175,12 @@ def write_clean(folder: Path, class_names: list[str], checked: dict[str, list[Vi
         return os.path.relpath(os.path.abspath(path), folder_path) if inside else os.path.abspath(path)
     (folder / "classes.txt").write_text("".join(f"{name}\n" for name in class_names))
     for split, results in checked.items():
-        if split == "test" and test_is_val:
-            continue
         with open(folder / f"{split}.csv", "w", newline="") as file:
             writer = csv.writer(file)
             writer.writerow(["path", "label"])
             writer.writerows([listed(result.path), class_names[result.label]] for result in results
                              if result.error is None)
-    train_command = train_command or f"python train.py data=csv data.root={folder}"
+    train_command = train_command or "python train.py data=csv " + _shell_word(f"data.root={_override_value(str(folder))}")
     print(f"\nWrote the usable videos to {folder} (classes.txt, {', '.join(f'{s}.csv' for s in checked)}). "
           f"Train on them with: {train_command}")
 
@@ -180,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decoding threads")
     parser.add_argument("--no-decode", action="store_true", help="only count and find the files (fast)")
     parser.add_argument("--write-clean", metavar="DIR", type=Path, help="write lists of the usable videos here")
+    parser.add_argument("--overwrite", action="store_true", help="let --write-clean replace lists already in DIR")
     parser.add_argument("--max-listed", type=int, default=20, help="videos listed per problem (default 20)")
     args = parser.parse_args(argv)
     requested = [split.strip() for split in args.splits.split(",") if split.strip()]
@@ -203,8 +220,14 @@ def main(argv: list[str] | None = None) -> int:
     for split in sorted(set(requested) - set(splits), key=requested.index):
         print(f"(the dataset has no {split} split; it has {', '.join(index.splits)})", file=sys.stderr)
     test_is_val = "val" in index.splits and index.splits.get("test") is index.splits["val"]
-    if test_is_val and "val" in splits and "test" in splits:
-        splits.remove("test")  # the same videos: checked and listed once
+    if test_is_val and "test" in splits:  # the same videos as val: checked, counted and listed once, as val
+        splits = list(dict.fromkeys("val" if split == "test" else split for split in splits))
+    if args.write_clean and not args.overwrite:  # before any decoding; e.g. DIR = the dataset's own train.csv's folder
+        existing = [str(path) for path in clean_list_files(args.write_clean, splits) if path.exists()]
+        if existing:
+            print(f"--write-clean {args.write_clean}: {', '.join(existing)} exist already; choose another folder, or "
+                  "pass --overwrite to replace them", file=sys.stderr)
+            return 2
     title = getattr(source, "title", type(source).__name__)
     print(f"{title} at {getattr(source, 'root', '?')}: {index.num_classes} classes"
           + (" (test = val)" if test_is_val else ""))
@@ -252,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.no_decode:
             print("\n--write-clean needs the videos decoded; run it without --no-decode", file=sys.stderr)
             return 2
-        write_clean(args.write_clean, index.class_names, checked, test_is_val, getattr(source, "root", None),
+        write_clean(args.write_clean, index.class_names, checked, getattr(source, "root", None),
                     clean_list_command(args.overrides, args.write_clean))
     # Non-zero when a video is missing or unreadable, so that a script can stop before training on a broken copy
     # (too-short videos work: repeated frames)
