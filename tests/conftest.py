@@ -94,8 +94,9 @@ def tiny_classifier(**kwargs) -> VideoClassifier:
 # DDP ones) are compared with.
 
 def base_args(synthetic_root, run_dir) -> list[str]:
-    return ["experiment=demo", f"data.source.root={synthetic_root}", *TINY_DATA, "trainer.enable_progress_bar=false",
-            "test=false", f"hydra.run.dir={run_dir}"]
+    # (stochastic depth on: a resumed run must draw the masks an uninterrupted one does)
+    return ["experiment=demo", f"data.source.root={synthetic_root}", *TINY_DATA, "model.drop_path_rate=0.3",
+            "trainer.enable_progress_bar=false", "test=false", f"hydra.run.dir={run_dir}"]
 
 
 def final_weights(run_dir) -> dict[str, torch.Tensor]:

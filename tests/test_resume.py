@@ -177,8 +177,9 @@ def test_processes_launched_together_share_a_run_dir_and_keep_their_own_logs(tmp
     assert log_file() == f"{tmp_path}/train.log"  # rank 0
 
 
-def test_ddp_processes_draw_their_own_masks_and_the_same_ones_on_resume():
-    """seed_everything seeds every process alike: each GPU drew the same stochastic-depth and dropout masks."""
+def test_processes_draw_their_own_masks_and_the_same_ones_on_resume():
+    """seed_everything seeds every process alike: each GPU drew the same stochastic-depth and dropout masks. And a
+    resumed single process drew other masks: its new DataLoader iterator took a draw from the restored RNG."""
     module = tiny_classifier()
     module.on_fit_start()
 
@@ -190,5 +191,8 @@ def test_ddp_processes_draw_their_own_masks_and_the_same_ones_on_resume():
     assert not torch.equal(draws(0), draws(1))
     assert torch.equal(draws(1), draws(1))  # a function of the batch's place: a resumed run draws the same
     assert not torch.equal(draws(1), draws(1, batch_idx=4))
+    alone = draws(0, world_size=1)
+    torch.empty((), dtype=torch.int64).random_()  # what creating a DataLoader iterator draws
+    assert torch.equal(draws(0, world_size=1), alone)
     module._trainer = None
 

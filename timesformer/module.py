@@ -429,12 +429,14 @@ class VideoClassifier(L.LightningModule):
         self._run_seed = torch.initial_seed()  # seed_everything's: train.py's `seed`
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        # Stochastic depth and dropout draw from the global RNG, which seed_everything seeds alike in every process:
-        # every GPU drew the same masks for its batch (32 GPUs, the same decisions 32 times). Under DDP each batch
-        # reseeds it from (run seed, epoch, batch, rank): different across processes, and a function of the batch's
-        # place, so a resumed run draws what an uninterrupted one does (checkpoints hold rank 0's RNG state only).
-        if self.trainer.world_size > 1:
-            torch.manual_seed(hash((self._run_seed, self.current_epoch, batch_idx, self.global_rank)) % 2**63)
+        # Stochastic depth and dropout draw from the global RNG. Each batch reseeds it from (run seed, epoch, batch,
+        # rank), so that
+        # - the masks differ across processes (seed_everything seeds every process alike: 32 GPUs drew the same
+        #   decisions 32 times);
+        # - a resumed run draws the masks an uninterrupted one does. The RNG state restored from a checkpoint is not
+        #   enough: the DataLoader iterator a resumed run creates draws its base seed from the global RNG after the
+        #   restore, where the uninterrupted run drew it earlier (and checkpoints hold rank 0's state only).
+        torch.manual_seed(hash((self._run_seed, self.current_epoch, batch_idx, self.global_rank)) % 2**63)
 
     def on_train_start(self) -> None:
         states, self._rng_states_to_restore = getattr(self, "_rng_states_to_restore", None), None
