@@ -27,7 +27,10 @@ def test_quick_benchmark_prints_and_writes_its_tables(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = " ".join(proc.stdout.split())  # table cells are padded: compare with single spaces
     for header in ("| case | blocks | forward s (ours / HF) | speedup | fwd+bwd s (ours / HF) | speedup | "
-                   "peak train MiB (ours / HF) | ours/HF | fwd+bwd GMACs (ours / HF) | HF/ours | max abs logit diff |",
+                   "peak train MiB (ours / HF) | ours/HF | ours/HF with weights | fwd+bwd GMACs (ours / HF) | "
+                   "HF/ours | max abs logit diff |",
+                   "### Peak training memory against the batch",
+                   "| case | batch | step's own MiB (ours / HF) | ours/HF | weights MiB | ours/HF with weights |",
                    "### Per block, and a full-depth model extrapolated from it",
                    "| divided (T+S) 4x64 | one more block, fastest repeats |",
                    "| joint (ST) 8x64 | one more block (2 - 1) |",
