@@ -37,8 +37,9 @@ _NOT_ARCHITECTURE = ("pretrained", "init_from")
 DEFAULT_NUM_CLASSES = 400
 # Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s, matched on the device name in
 # this order (the first name it contains): the denominator of model FLOPs utilisation (MFU).
-DATASHEET_BF16_TFLOPS = {"GH200": 989.4, "H200": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.4,
-                         "A100": 312.0, "L40S": 362.1, "A10G": 70.0, "L4": 121.0, "RTX 4090": 165.2}
+DATASHEET_BF16_TFLOPS = {"GH200": 989.4, "H200 NVL": 835.5, "H200": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.0,
+                         "H100": 989.4, "A100": 312.0, "L40S": 362.1, "L40": 181.0, "A10G": 70.0, "L4": 121.0,
+                         "RTX 4090": 165.2}
 
 
 @dataclass(frozen=True)
