@@ -140,6 +140,17 @@ def test_resume_auto_skips_a_truncated_checkpoint(tmp_path):
     assert find_resume_checkpoint(tmp_path) is None
 
 
+def test_resume_auto_continues_from_the_checkpoint_furthest_into_training(tmp_path):
+    """Not the newest file: a run dir copied file by file (rsync without -t, a cloud sync) has the copy's mtimes,
+    and resume=auto continued from latest-step.ckpt at step 4, redoing the steps to last.ckpt's 6."""
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    for name, step, mtime in (("last.ckpt", 6, 1), ("latest-step.ckpt", 4, 3), ("epoch=1-val_acc=0.9.ckpt", 6, 0)):
+        torch.save({"state_dict": {}, "loops": {}, "global_step": step}, checkpoints / name)
+        os.utime(checkpoints / name, (mtime, mtime))
+    assert find_resume_checkpoint(tmp_path) == checkpoints / "last.ckpt"  # (the best one: step 6 too, but older)
+
+
 def test_resume_auto_run_dir_depends_only_on_the_command(tmp_path):
     assert run_name("auto", "a=1,b=2", "2026-01-01") == run_name("auto", "a=1,b=2", "2027-05-05")
     assert run_name("auto", "a=1,b=2", "t") != run_name("auto", "a=1,b=3", "t")
@@ -161,7 +172,8 @@ def test_processes_launched_together_share_a_run_dir_and_keep_their_own_logs(tmp
             cfg.hydra.runtime.output_dir, cfg.hydra.job.name = str(tmp_path), "train"
         return cfg.hydra.job_logging.handlers.file.filename
 
-    for variable in ("RANK", "WORLD_SIZE", "SLURM_NTASKS", "SLURM_JOB_ID", "SLURM_PROCID", "TORCHELASTIC_RUN_ID"):
+    for variable in ("RANK", "WORLD_SIZE", "SLURM_NTASKS", "SLURM_JOB_ID", "SLURM_PROCID", "SLURM_STEP_ID",
+                     "TORCHELASTIC_RUN_ID"):
         monkeypatch.delenv(variable, raising=False)
     assert run_name(None, "a=1", "2026-01-01_00-00-00") == "2026-01-01_00-00-00"
     monkeypatch.setenv("SLURM_NTASKS", "16")
@@ -169,7 +181,11 @@ def test_processes_launched_together_share_a_run_dir_and_keep_their_own_logs(tmp
     monkeypatch.setenv("SLURM_PROCID", "3")
     assert run_name(None, "a=1", "2026-01-01_00-00-03") == "slurm-4242"  # every task, whenever it starts
     assert log_file() == f"{tmp_path}/train_rank3.log"
-    for variable in ("SLURM_NTASKS", "SLURM_JOB_ID", "SLURM_PROCID"):
+    monkeypatch.setenv("SLURM_STEP_ID", "0")  # an srun step: two in one job are two runs, with two run dirs
+    assert run_name(None, "a=1", "t") == "slurm-4242.0"
+    monkeypatch.setenv("SLURM_STEP_ID", "1")
+    assert run_name(None, "a=1", "t") == "slurm-4242.1"
+    for variable in ("SLURM_NTASKS", "SLURM_JOB_ID", "SLURM_PROCID", "SLURM_STEP_ID"):
         monkeypatch.delenv(variable)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "abc")

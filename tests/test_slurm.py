@@ -103,6 +103,8 @@ def test_a_requeue_is_kept_for_runs_the_requeued_job_continues(tmp_path, monkeyp
     from timesformer.pipeline import _requeue_only_where_the_run_continues
 
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_NTASKS", "2")  # (the run dir slurm-4242's: one srun step of 2 tasks)
+    monkeypatch.delenv("SLURM_STEP_ID", raising=False)
     for overrides, run_dir, kept in [(["~callbacks.wandb_media"], "2026-12-07_05-00-00", False),
                                      (["resume=auto"], "auto-0123456789ab", True),
                                      ([], "slurm-4242", True), ([f"hydra.run.dir={tmp_path}/mine"], "mine", True),

@@ -100,6 +100,15 @@ def test_train_then_evaluate_the_checkpoint(synthetic_root, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((tmp_path / "eval_logits" / "eval.json").read_text())["view_aggregation"] == "logits"
 
+    # A dataset swapped in (data=<name>) finds its files under this command's paths.data_dir: it was the training
+    # run's (another machine's paths), from the checkpoint's config.
+    result = run_script("evaluate.py", f"ckpt={metrics['best_checkpoint']}", "data=synthetic", *TINY_DATA,
+                        f"paths.data_dir={tmp_path / 'here'}", "data.batch_size=2", "trainer.enable_progress_bar=false",
+                        f"hydra.run.dir={tmp_path / 'eval_swapped'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "here" / "synthetic" / "val").is_dir()
+    assert json.loads((tmp_path / "eval_swapped" / "eval.json").read_text())["videos_total"] == num_videos
+
 
 def test_invalid_attention_type_names_the_valid_choices(synthetic_root, tmp_path):
     result = run_script("train.py", *tiny_overrides(synthetic_root), "model.attention_type=spacetime",

@@ -42,15 +42,25 @@ def run_name(resume: str | None, overrides: str, timestamp: str) -> str:
 
     Processes started together by srun or torchrun each compose their own config: their timestamps differ (one
     run dir per process, the checkpoints in one, the logs of the others elsewhere). They share the launch's id
-    instead: ``slurm-<job id>`` (a requeued job keeps it), ``torchrun-<run id>`` (``--rdzv-id``, or torchrun
+    instead: ``slurm-<job id>.<step id>`` (`slurm_launch_name`), ``torchrun-<run id>`` (``--rdzv-id``, or torchrun
     --standalone's own)."""
     if resume == "auto":
         return "auto-" + hashlib.sha1(overrides.encode()).hexdigest()[:12]
-    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and os.environ.get("SLURM_JOB_ID"):
-        return f"slurm-{os.environ['SLURM_JOB_ID']}"
+    if slurm_launch_name():
+        return slurm_launch_name()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("TORCHELASTIC_RUN_ID", "none") != "none":
         return f"torchrun-{os.environ['TORCHELASTIC_RUN_ID']}"
     return timestamp
+
+
+def slurm_launch_name() -> str | None:
+    """``slurm-<job id>.<step id>`` for the tasks of one srun step (several tasks), else None. The step tells apart
+    the train.py runs of one job (an sbatch script's srun lines, runs in one salloc), which shared a run dir and
+    overwrote each other's checkpoints; a requeued job keeps its id and numbers its steps from 0 again."""
+    job, step = os.environ.get("SLURM_JOB_ID"), os.environ.get("SLURM_STEP_ID")
+    if int(os.environ.get("SLURM_NTASKS", "1")) <= 1 or not job:
+        return None
+    return f"slurm-{job}" + (f".{step}" if step else "")
 
 
 def process_suffix() -> str:
@@ -165,27 +175,31 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float, torch.Tensor))}
 
 
-def _loadable(path: Path) -> bool:
+def _global_step(path: Path) -> int | None:
+    """The global step a full train.py checkpoint was written at; None when it cannot be read or is not one."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # tensors are not read
     except Exception as error:  # truncated or half-written: any unpickling error
         log.warning("resume=auto: skipping %s, which cannot be read (%s)", path, type(error).__name__)
-        return False
-    return isinstance(checkpoint, dict) and "state_dict" in checkpoint and "loops" in checkpoint
+        return None
+    if not (isinstance(checkpoint, dict) and "state_dict" in checkpoint and "loops" in checkpoint):
+        return None
+    return int(checkpoint.get("global_step", 0))
 
 
 def find_resume_checkpoint(output_dir: Path) -> Path | None:
-    """The newest readable full checkpoint of the run in ``output_dir`` (None for a fresh run).
+    """The readable full checkpoint of the run in ``output_dir`` furthest into training (None for a fresh run).
 
-    Candidates are ``checkpoints/*.ckpt`` and Lightning's SLURM ``hpc_ckpt_*.ckpt``, newest first by
-    modification time; a file that cannot be loaded (killed mid-write) is skipped with a warning.
+    Candidates are ``checkpoints/*.ckpt`` and Lightning's SLURM ``hpc_ckpt_*.ckpt``, ranked by the global step they
+    were written at, then by modification time (last.ckpt after a best checkpoint of the same step). Modification
+    times alone ranked a copied run dir (rsync without -t, a cloud sync, a restore) by the copy's order. A file that
+    cannot be loaded (killed mid-write) is skipped with a warning.
     """
     candidates = [*(output_dir / "checkpoints").glob("*.ckpt"), *output_dir.glob("hpc_ckpt_*.ckpt")]
     candidates = [c for c in candidates if not c.name.startswith("nonfinite-")]
-    for path in sorted(candidates, key=lambda c: c.stat().st_mtime, reverse=True):
-        if _loadable(path):
-            return path
-    return None
+    steps = {path: _global_step(path) for path in candidates}
+    readable = [path for path, step in steps.items() if step is not None]
+    return max(readable, key=lambda path: (steps[path], path.stat().st_mtime), default=None)
 
 
 def _resolve_ckpt_path(cfg: DictConfig, output_dir: Path) -> str | None:
@@ -248,7 +262,7 @@ def _run_dir_is_found_again(cfg: DictConfig, output_dir: Path) -> bool:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    if cfg.get("resume") == "auto" or output_dir.name == f"slurm-{os.environ.get('SLURM_JOB_ID')}":
+    if cfg.get("resume") == "auto" or output_dir.name == slurm_launch_name():
         return True
     if not HydraConfig.initialized():
         return True
@@ -671,8 +685,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         raise FileNotFoundError(f"ckpt={cfg.ckpt}: no such checkpoint file")
     saved = _saved_run_config(cfg.ckpt)
     data_cfg = cfg.get("data")
-    if data_cfg and "_target_" in data_cfg:
-        saved.data = swap_dataset(saved.data, data_cfg)  # a data=<name> group choice replaces the saved dataset
+    if data_cfg and "_target_" in data_cfg:  # a data=<name> group choice replaces the saved dataset
+        # whose ${paths.*} and ${seed} are this command's (the saved config's are the training machine's)
+        saved.paths, saved.seed = OmegaConf.to_container(cfg.paths, resolve=True), cfg.seed
+        saved.data = swap_dataset(saved.data, data_cfg)
     elif data_cfg:
         saved.data = OmegaConf.merge(saved.data, data_cfg)  # data.<key>=<value> overrides
     L.seed_everything(cfg.seed, workers=True)
