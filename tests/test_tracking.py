@@ -67,12 +67,17 @@ def test_wandb_sweep_launches_a_valid_train_command(sweep_file):
 
 
 @pytest.mark.slow
-def test_local_optuna_sweep_goes_on_past_a_failed_trial(synthetic_root, tmp_path):
-    """A failed trial (here a refused lr; a diverged or out-of-memory one alike) ended the search, results lost."""
+def test_local_optuna_sweep_goes_on_past_a_failed_trial_and_keeps_its_study(synthetic_root, tmp_path):
+    """A failed trial (here a refused lr; a diverged or out-of-memory one alike) ended the search, results lost. The
+    study kept in SQLite, as the README says to (optuna 2 failed to open it under SQLAlchemy 2)."""
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     result = run_script("train.py", "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=3", "hydra.sweeper.n_jobs=1",
                  "hydra.sweeper.sampler.seed=2", "optimizer.lr=choice(-1.0,0.001)", "experiment=demo",
-                 f"data.source.root={synthetic_root}",
+                 f"data.source.root={synthetic_root}", f"hydra.sweeper.storage={storage}",
+                 "hydra.sweeper.study_name=kept",
                  *TINY_DATA, "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "test=false",
                  f"hydra.sweep.dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -80,6 +85,8 @@ def test_local_optuna_sweep_goes_on_past_a_failed_trial(synthetic_root, tmp_path
     optimization = yaml.safe_load(Path(tmp_path / "optimization_results.yaml").read_text())
     assert 0.0 <= optimization["best_value"] <= 1.0 and optimization["best_params"]["optimizer.lr"] == 0.001
     assert len([d for d in tmp_path.iterdir() if d.is_dir() and d.name.isdigit()]) == 3
+    study = optuna.load_study(study_name="kept", storage=storage)
+    assert len(study.trials) == 3 and study.best_value == optimization["best_value"]
 
 
 def test_wandb_uploads_only_checkpoints_chosen_by_a_metric(tmp_path, monkeypatch):
