@@ -211,8 +211,8 @@ def test_train_transform_scales_the_short_side_exactly_so_the_smallest_scale_fit
     for seed in range(4):
         torch.manual_seed(seed)
         assert train_transform(32, short_side_range=(32, 33))(video).shape == (2, 3, 32, 32)
-    scale = train_transform(32, short_side_range=(32, 32)).transforms[0]
-    assert min(scale(video).shape[-2:]) == 32
+    scaled = train_transform(32, short_side_range=(32, 32)).transforms[0](video)
+    assert min(scaled.shape[-2:]) == 32 and max(scaled.shape[-2:]) == max(height, width) * 32 // min(height, width)
 
 
 def test_transform_rejects_a_crop_larger_than_the_short_side():

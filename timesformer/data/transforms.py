@@ -39,6 +39,22 @@ def _check_crop_size(crop_size: int) -> None:
         raise ValueError(f"crop_size must be a positive number of pixels, got {crop_size}")
 
 
+class RandomShortSide(v2.RandomShortestSize):
+    """Scales the short side to a size drawn from `min_size`, exactly; the long side keeps the aspect ratio.
+
+    torchvision's RandomShortestSize scales both sides by size / short side and truncates, which for many frame
+    sizes gives one pixel less (318 x 424 to 224: 223 x 298): a crop as large as the smallest size then failed in
+    the DataLoader worker. The size is drawn as RandomShortestSize draws it, so seeded runs keep their draws.
+    """
+
+    def make_params(self, flat_inputs: list) -> dict:
+        height, width = v2.query_size(flat_inputs)
+        side = self.min_size[int(torch.randint(len(self.min_size), ()))]
+        if height <= width:
+            return {"size": (side, int(width * side / height))}
+        return {"size": (int(height * side / width), side)}
+
+
 def train_transform(
     crop_size: int,
     short_side_range: Sequence[int] = (256, 320),
@@ -59,10 +75,7 @@ def train_transform(
             f"the crop would not fit"
         )
     steps: list[v2.Transform] = [
-        # Picks one short side for the whole clip; the long side keeps the aspect ratio. Resize(int) makes the short
-        # side exactly that size; RandomShortestSize rounds it down for many frame sizes (318 x 424 to 224 gives
-        # 223 x 298), and a crop as large as the smallest short side then fails.
-        v2.RandomChoice([v2.Resize(side, antialias=True) for side in range(low, high + 1)]),
+        RandomShortSide(list(range(low, high + 1))),  # one short side for the whole clip
         v2.RandomCrop(crop_size),
     ]
     if horizontal_flip:
