@@ -46,8 +46,9 @@ def run_name(resume: str | None, overrides: str, timestamp: str) -> str:
     --standalone's own)."""
     if resume == "auto":
         return "auto-" + hashlib.sha1(overrides.encode()).hexdigest()[:12]
-    if slurm_launch_name():
-        return slurm_launch_name()
+    launch = slurm_launch_name()
+    if launch:
+        return launch
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("TORCHELASTIC_RUN_ID", "none") != "none":
         return f"torchrun-{os.environ['TORCHELASTIC_RUN_ID']}"
     return timestamp
