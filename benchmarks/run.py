@@ -417,8 +417,8 @@ def hf_report(speed: list[dict], memory: list[dict], targets: bool = True,
             shortcuts.append([label, "one more block (2 - 1)", _pair(more, more_as_written, 3),
                               f"{more_as_written / more:.3f}x"])
             for name, (f, t, m, c, w) in (("one more block (2 - 1)", per_block),
-                                       ("one more block, fastest repeats", fastest),
-                                       (f"{FULL_DEPTH} blocks (extrapolated)", full)):
+                                          ("one more block, fastest repeats", fastest),
+                                          (f"{FULL_DEPTH} blocks (extrapolated)", full)):
                 derived.append([label, name, _pair(f["ours"], f["hf"], 3), f"{f['hf'] / f['ours']:.2f}x",
                                 _pair(t["ours"], t["hf"], 3), f"{t['hf'] / t['ours']:.2f}x",
                                 _pair(m["ours"], m["hf"], 0), f"{m['ours'] / m['hf']:.2f}", _ratio(_plus(m, w)),
