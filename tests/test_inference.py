@@ -40,6 +40,20 @@ def test_rollout_is_a_distribution_and_uniform_when_attention_is(attention_type)
     torch.testing.assert_close(uniform, torch.full_like(uniform, 1 / 64))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_rollout_of_a_model_in_another_dtype_keeps_its_mode_and_matches_float32(dtype):
+    """A bf16 or float64 model gave an index_put dtype error; and the rollout left a training model in eval mode
+    (stochastic depth and dropout off for the rest of a notebook's training)."""
+    reference_model = tiny_model("divided_space_time")
+    video = torch.randn(4, 3, 32, 32)
+    expected = attention_rollout(reference_model, video)
+    model = tiny_model("divided_space_time").to(dtype).train()
+    heatmap = attention_rollout(model, video)  # a float32 clip: moved to the model's dtype
+    assert model.training
+    assert heatmap.dtype == torch.float32 and heatmap.device.type == "cpu"
+    torch.testing.assert_close(heatmap, expected, atol=0.02 if dtype == torch.bfloat16 else 1e-6, rtol=0)
+
+
 def test_rollout_follows_a_token_that_everyone_attends_to():
     """Every query attends to the one bright patch (frame 2, row 1, col 3): the map must peak there."""
     model = tiny_model("joint_space_time")

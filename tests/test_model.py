@@ -181,6 +181,16 @@ def test_gradient_checkpointing_leaves_gradients_unchanged(attention_type):
         torch.testing.assert_close(param.grad, plain[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_reset_head_leaves_other_models_built_from_the_same_config_alone():
+    """reset_head wrote into the config object the caller passed: a second model built from it reported 10 classes
+    with a 5-class head and saved a folder that could not be loaded."""
+    config = tiny_config()
+    first, second = TimeSformer(config), TimeSformer(config)
+    first.reset_head(10)
+    assert first.config.num_classes == 10 and first.head.out_features == 10
+    assert second.config.num_classes == 5 and config.num_classes == 5 and TimeSformer(config).head.out_features == 5
+
+
 def test_space_only_averages_frames_before_the_head():
     """On T identical frames space_only must give what it gives on one frame (per-frame cls averaged)."""
     torch.manual_seed(0)

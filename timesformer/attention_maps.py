@@ -24,9 +24,9 @@ def _probabilities(attention: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Head-averaged softmax(q kᵀ / √d) of ``attention`` on its input (..., L, D) -> (..., L, L)."""
     *batch, length, dim = x.shape
     qkv = attention.qkv(x.reshape(-1, length, dim)).reshape(-1, length, 3, attention.num_heads, attention.head_dim)
-    q, k, _ = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (S, H, L, head_dim)
+    q, k, _ = qkv.float().permute(2, 0, 3, 1, 4).unbind(0)  # (S, H, L, head_dim), in float32 whatever the model's
     probabilities = (q @ k.transpose(-2, -1) * attention.head_dim**-0.5).softmax(dim=-1).mean(dim=1)
-    return probabilities.reshape(*batch, length, length)
+    return probabilities.reshape(*batch, length, length).cpu()  # the rollout's matrices live on the CPU
 
 
 def _with_residual(mixing: torch.Tensor) -> torch.Tensor:
@@ -37,7 +37,9 @@ def _with_residual(mixing: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def attention_rollout(model: TimeSformer, video: torch.Tensor) -> torch.Tensor:
-    """Rolled-out cls-to-patch attention for one clip (T, C, H, W) -> (T, h, w), summing to 1.
+    """Rolled-out cls-to-patch attention for one clip (T, C, H, W) -> (T, h, w) on the CPU, summing to 1.
+
+    The model may be on any device and in any dtype (the clip is moved to it); its mode is left as it was.
 
     For space_only the frames never exchange information: each frame's own cls token is rolled out and the
     frames' maps are averaged (as the per-frame cls tokens are before the head).
@@ -57,9 +59,12 @@ def attention_rollout(model: TimeSformer, video: torch.Tensor) -> torch.Tensor:
 
     hooks = [module.register_forward_hook(record, with_kwargs=True)
              for block in model.blocks for module in (getattr(block, "temporal_attn", None), block.attn) if module]
+    was_training = model.training
+    weight = model.patch_embed.proj.weight
     try:
-        model.eval()(video.unsqueeze(0))
+        model.eval()(video.to(device=weight.device, dtype=weight.dtype).unsqueeze(0))
     finally:
+        model.train(was_training)
         for hook in hooks:
             hook.remove()
 

@@ -11,6 +11,7 @@ The five attention schemes of the paper are described in ``Block``.
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 from contextlib import nullcontext
@@ -697,7 +698,7 @@ class TimeSformer(nn.Module):
 
     def __init__(self, config: TimeSformerConfig) -> None:
         super().__init__()
-        self.config = config
+        self.config = copy.deepcopy(config)  # reset_head changes it: a config shared with other models must not change
         D = config.hidden_size
         self.patch_embed = PatchEmbed(config)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
