@@ -83,3 +83,19 @@ def test_every_experiment_composes(tmp_path):
     # Another schedule on the paper's recipe takes its own options (the experiment's milestones were refused).
     cosine = compose_config("train", ["experiment=k400_paper", "scheduler=cosine"], tmp_path)
     check_settings(OmegaConf.to_container(cosine.optimizer), OmegaConf.to_container(cosine.scheduler))
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    # (torch refused these only in configure_optimizers, after the dataset was indexed; nesterov's naming no option)
+    (["scheduler=multistep", "scheduler.milestones=[11,14]"], r"scheduler.milestones=\[11, 14\]: .* in \(0, 1\)"),
+    (["optimizer=sgd", "optimizer.momentum=0"], "optimizer.nesterov=true needs optimizer.momentum > 0"),
+    # (the data's clip followed its own frame count and the model interpolated its embeddings at every step)
+    (["data.num_frames=16"], "data.num_frames=16 differs from model.num_frames=8: .* set model.num_frames=16"),
+    (["data.image_size=24"], "data.image_size=24 differs from model.image_size=32"),
+])
+def test_train_options_that_would_fail_or_mislead_late_are_refused_first(overrides, message, tmp_path):
+    from timesformer.pipeline import check_run_options
+
+    cfg = compose_config("train", ["experiment=demo", *overrides], tmp_path)
+    with pytest.raises(ValueError, match=message):
+        check_run_options(cfg)

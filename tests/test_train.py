@@ -261,6 +261,35 @@ def test_a_failed_run_closes_its_wandb_run(synthetic_root, tmp_path, monkeypatch
     assert closed == [1]  # finished, marked failed
 
 
+def test_a_fine_tuning_run_resumes_without_its_pretrained_file_and_only_on_its_own_classes(synthetic_root, tmp_path,
+                                                                                          monkeypatch):
+    """Resuming rebuilt the model from model.pretrained, so a requeued fine-tuning job whose starting checkpoint was
+    gone (a scratch disk) could never continue; and a checkpoint of another dataset with as many classes resumed
+    silently, its head rows renamed by position."""
+    from timesformer.data import VideoDataModule
+
+    overrides = [*tiny_overrides(synthetic_root), "trainer.max_epochs=1", "test=false",
+                 "trainer.enable_progress_bar=false"]
+    train(compose_config("train", overrides, tmp_path / "first"))
+    start = tmp_path / "start.ckpt"
+    start.write_bytes((tmp_path / "first" / "checkpoints" / "last.ckpt").read_bytes())
+    finetune = [*overrides, f"model.pretrained={start}"]
+    train(compose_config("train", finetune, tmp_path / "finetune"))
+    last = tmp_path / "finetune" / "checkpoints" / "last.ckpt"
+    start.unlink()
+    with pytest.raises(FileNotFoundError, match=f"model.pretrained={start}: no such file"):  # a new run needs it
+        train(compose_config("train", finetune, tmp_path / "again"))
+    resumed = train(compose_config("train", [*finetune, "trainer.max_epochs=2", f"ckpt_path={last}"],
+                                   tmp_path / "finetune"))
+    assert torch.load(last, weights_only=False)["epoch"] == 1 and "val/acc" in resumed
+
+    classes = VideoDataModule.class_names.fget  # the same videos under other class names
+    monkeypatch.setattr(VideoDataModule, "class_names", property(lambda self: [f"other {name}" for name in
+                                                                               classes(self)]))
+    with pytest.raises(ValueError, match="continues a run on 2 classes .* 'other .* is new.*model.pretrained="):
+        train(compose_config("train", [*overrides, "trainer.max_epochs=2", f"ckpt_path={last}"], tmp_path / "x"))
+
+
 def test_checkpoints_of_the_wrong_kind_are_named(synthetic_root, tmp_path):
     """Pickle errors, KeyError('global_step') and pages of size mismatches named no file or option."""
     from timesformer.pipeline import evaluate

@@ -140,6 +140,13 @@ def check_settings(optimizer: dict[str, Any], scheduler: dict[str, Any], label_s
         problems.append(f"scheduler.gamma={scheduler['gamma']} must be in (0, 1] (the factor at each milestone)")
     if float(scheduler.get("warmup_epochs", 0.0)) < 0:
         problems.append(f"scheduler.warmup_epochs={scheduler['warmup_epochs']} must be >= 0")
+    milestones = scheduler.get("milestones") or ()
+    if not all(isinstance(m, int | float) and 0 < m < 1 for m in milestones):  # (lr_multiplier's rule, checked early)
+        problems.append(f"scheduler.milestones={list(milestones)}: milestones are fractions of training in (0, 1) "
+                        f"(epoch 11 of 15 is 0.7333), not epochs or steps")
+    if optimizer.get("name") == "sgd" and optimizer.get("nesterov") and not float(optimizer.get("momentum", 0.0)) > 0:
+        problems.append(f"optimizer.nesterov=true needs optimizer.momentum > 0 (it is {optimizer.get('momentum', 0)}); "
+                        f"set optimizer.nesterov=false for plain SGD")
     # Options the chosen optimizer or schedule does not read (a `+optimizer.momentum=0.8` under adamw did nothing)
     unused = {"adamw": ("momentum", "nesterov"), "sgd": ("betas",)}.get(optimizer.get("name"), ())
     problems += [f"optimizer.{key} has no effect with optimizer.name={optimizer['name']} (choose the optimizer with "

@@ -86,16 +86,18 @@ _FINETUNE_FIELDS = (*_REGULARISATION_FIELDS, "gradient_checkpointing", "memory_s
                     "fused_short_attention")
 
 
-def build_model(model_cfg: DictConfig, class_names: list[str]) -> TimeSformer:
-    """A TimeSformer for ``class_names``: new, from a pretrained video checkpoint, or from an image ViT."""
+def build_model(model_cfg: DictConfig, class_names: list[str], resumed_from: Path | None = None) -> TimeSformer:
+    """A TimeSformer for ``class_names``: new, from a pretrained video checkpoint, or from an image ViT; or, for a run
+    that continues ``resumed_from`` (a train.py checkpoint), built as that checkpoint's model, its weights left to
+    Lightning's restore."""
     fields: dict[str, Any] = OmegaConf.to_container(model_cfg, resolve=True)
     sources = {key: fields.pop(key, None) for key in _WEIGHT_SOURCES}
     num_classes = fields.pop("num_classes", None) or len(class_names)
     if num_classes != len(class_names):
         raise ValueError(f"model.num_classes={num_classes} but the dataset has {len(class_names)} classes; "
                          f"leave model.num_classes=null to take it from the data")
-    if sources["pretrained"] and sources["init_from"]:
-        raise ValueError("set at most one of model.pretrained (a video checkpoint) and model.init_from (an image ViT)")
+    if resumed_from is not None:
+        return _resumed_model(resumed_from, fields, class_names)
     if sources["pretrained"]:
         wanted = (*ARCHITECTURE_FIELDS, "num_frames", "image_size", *_FINETUNE_FIELDS)
         return TimeSformer.from_pretrained(sources["pretrained"], num_classes=num_classes, class_names=class_names,
@@ -104,6 +106,27 @@ def build_model(model_cfg: DictConfig, class_names: list[str]) -> TimeSformer:
         return TimeSformer.from_image_vit(sources["init_from"], **fields, num_classes=num_classes,
                                           class_names=class_names)
     return TimeSformer(TimeSformerConfig(**fields, num_classes=num_classes, class_names=list(class_names)))
+
+
+def _resumed_model(path: Path, fields: dict[str, Any], class_names: list[str]) -> TimeSformer:
+    """The model of the run ``path`` continues (`_check_resumable` compared its settings), with new weights: Lightning
+    restores every one. model.pretrained and init_from are not read: a requeued job must continue when the file it
+    started from is gone (from a scratch disk, a cache)."""
+    saved = (load_checkpoint_file(path, mmap=True).get("timesformer_config") or {})
+    if not saved:  # (a checkpoint older than the config it now holds: the run's config describes its model)
+        return TimeSformer(TimeSformerConfig(**fields, num_classes=len(class_names), class_names=list(class_names)))
+    saved_classes = saved.get("class_names") or [str(i) for i in range(saved["num_classes"])]
+    if list(saved_classes) != list(class_names):
+        different = next((name for name in class_names if name not in saved_classes), None)
+        raise ValueError(
+            f"{path} continues a run on {len(saved_classes)} classes ({', '.join(map(str, saved_classes[:3]))}, ...) "
+            f"and this run's data has {len(class_names)}"
+            + (f" (e.g. {different!r} is new)" if different else ", numbered otherwise")
+            + f": resuming would keep its head, whose rows are its classes. Resume on the run's own data, or start a "
+            f"new run from its weights with model.pretrained={path} (a new head, or its rows matched by class name)")
+    log.info("Resuming from %s: its model is rebuilt and restored (model.pretrained / init_from are not read)", path)
+    free = {key: fields[key] for key in _FINETUNE_FIELDS if key in fields}  # how it runs, not what it is
+    return TimeSformer(TimeSformerConfig.from_dict({**saved, **free}))
 
 
 def _instantiate_all(group: DictConfig | None) -> list[Any]:
@@ -399,6 +422,12 @@ def check_run_options(cfg: DictConfig) -> None:
     problems += [f"{key} is not an option of train.py (nothing reads it): remove the +{key}=..., or check its "
                  f"spelling against {', '.join(sorted(k for k in cfg if k != key))}" for key in created_keys(cfg)]
     problems += _model_problems(cfg.model)
+    # The data config reads the clip length and crop size from the model (configs/data/common): a data.num_frames of
+    # its own trained the model's embeddings interpolated at every step, and its exports described the model's
+    for key in ("num_frames", "image_size"):
+        if cfg.data.get(key) is not None and cfg.data.get(key) != cfg.model.get(key):
+            problems.append(f"data.{key}={cfg.data.get(key)} differs from model.{key}={cfg.model.get(key)}: the model "
+                            f"sets the clip for both; set model.{key}={cfg.data.get(key)} instead")
     try:  # optimizer, schedule and loss settings (checked for training only: evaluate.py ignores them)
         check_settings(OmegaConf.to_container(cfg.optimizer, resolve=True),
                        OmegaConf.to_container(cfg.scheduler, resolve=True),
@@ -409,10 +438,21 @@ def check_run_options(cfg: DictConfig) -> None:
         raise ValueError("; ".join(problems))
 
 
+def _check_weight_sources(model_cfg: DictConfig) -> None:
+    """model.pretrained / model.init_from name a file or folder that exists, checked before the dataset is indexed
+    (or generated), which can take minutes."""
+    for key in _WEIGHT_SOURCES:
+        path = model_cfg.get(key)
+        if path and not Path(path).exists():
+            raise FileNotFoundError(f"model.{key}={path}: no such file or folder")
+
+
 def _model_problems(model_cfg: DictConfig) -> list[str]:
     """The model's settings, checked as build_model will check them, but before the dataset is indexed (which can
     take minutes for a real one, and the class count it gives is not needed to judge the rest)."""
     fields = OmegaConf.to_container(model_cfg, resolve=True)
+    if fields.get("pretrained") and fields.get("init_from"):
+        return ["set at most one of model.pretrained (a video checkpoint) and model.init_from (an image ViT)"]
     fields = {key: value for key, value in fields.items() if key not in (*_WEIGHT_SOURCES, "num_classes")}
     try:
         TimeSformerConfig.from_dict(fields)
@@ -478,8 +518,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ckpt_path = _resolve_ckpt_path(cfg, output_dir)
 
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    if ckpt_path is None:  # (a resumed run does not read them)
+        _check_weight_sources(cfg.model)
     datamodule.prepare_data()  # generated data is written here, before the model needs the class list
-    model = build_model(cfg.model, datamodule.class_names)
+    model = build_model(cfg.model, datamodule.class_names, resumed_from=Path(ckpt_path) if ckpt_path else None)
     if (cfg.optimizer.get("layer_decay") and not cfg.model.get("pretrained") and not cfg.model.get("init_from")):
         log.warning("optimizer.layer_decay=%s on a model trained from scratch only slows its early blocks down: it is "
                     "for fine-tuning (model.init_from= or model.pretrained=); optimizer.layer_decay=null turns it off",
