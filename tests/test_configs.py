@@ -71,6 +71,8 @@ def test_every_experiment_composes(tmp_path):
     assert list(hr.data.train_short_side_range) == [448, 512]
     assert (large.data.num_frames, large.data.sampling_rate, large.data.image_size) == (96, 4, 224)
     assert hr.optimizer.lr == large.optimizer.lr == 0.005 and hr.global_batch_size == large.global_batch_size == 64
+    # (8 clips per GPU, base's, held ~54 and ~79 GiB of fp32 activations: out of memory for L on an 80 GB GPU)
+    assert hr.data.batch_size == large.data.batch_size == 2
     paper = compose_config("train", ["experiment=k400_paper"], tmp_path)
     assert (paper.optimizer.name, paper.optimizer.lr, paper.optimizer.nesterov) == ("sgd", 0.005, True)
     assert paper.global_batch_size == 64 and paper.trainer.max_epochs == 15
