@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 
 from tests.conftest import ROOT, compose_config
 from tests.test_inference import tiny_model
+from timesformer import TimeSformer, TimeSformerConfig
 from timesformer.data import SyntheticMotionSource
 from timesformer.data.sources import FolderSource
 from timesformer.inference import dataset_config, embed, features_sidecar, run
@@ -133,6 +134,20 @@ def test_an_exported_folder_keeps_its_clips_on_another_dataset(tmp_path):
                                      "features=f.pt"], tmp_path / "run")
     data = dataset_config(cfg, model)
     assert data.sampling_rate == 3 and list(data.mean) == [0.5, 0.5, 0.5]  # folder.yaml's: 8 and 0.45
+
+
+def test_split_mode_samples_a_checkpoint_without_clip_settings_at_the_papers_rate(tmp_path):
+    """An original HR .pyth or a plain Hugging Face folder: input= sampled 16 frames 16 apart, data=<name> split= at
+    the data config's 32 (base's), so HR features came from clips spanning 512 frames."""
+    model = TimeSformer(TimeSformerConfig(image_size=16, patch_size=8, num_frames=16, hidden_size=16,
+                                          num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+                                          num_classes=2))
+    model.save_pretrained(tmp_path / "hf")  # weights only, no clip settings
+    chosen = ["data=kinetics400", "data.root=/k400", "split=val", "features=f.pt"]
+    cfg = compose_config("predict", [f"ckpt={tmp_path / 'hf'}", *chosen], tmp_path / "run")
+    assert dataset_config(cfg, model).sampling_rate == 16
+    cfg = compose_config("predict", [f"ckpt={tmp_path / 'hf'}", *chosen, "data.sampling_rate=8"], tmp_path / "run")
+    assert dataset_config(cfg, model).sampling_rate == 8  # the command line's
 
 
 def test_data_config_is_sized_from_the_loaded_model(tmp_path):

@@ -260,7 +260,13 @@ def dataset_config(cfg: DictConfig, model: TimeSformer) -> DictConfig:
     saved = saved_data_config(cfg.ckpt)
     if "_target_" in chosen:
         clips = saved or exported_data_config(cfg.ckpt)  # a train.py checkpoint's, or an export_pretrained folder's
-        data = timesformer.pipeline.swap_dataset(clips, chosen) if clips else chosen
+        data = timesformer.pipeline.swap_dataset(clips, chosen) if clips else chosen.copy()
+        if (not clips and data.get("sampling") == "dense" and data.get("sampling_rate") == paper_sampling_rate(8)
+                and "sampling_rate" not in timesformer.pipeline.command_line_data_keys()):
+            # No clip settings with the weights (an original HR/L *.pyth, a Hugging Face folder) and the Kinetics
+            # configs' rate, base's for 8 frames (an HR clip spanned 512 frames): the paper's rate for the model's
+            # frame count, as clip_settings (input=) takes
+            data.sampling_rate = paper_sampling_rate(model.config.num_frames)
     else:
         if not saved:
             raise ValueError(f"ckpt={cfg.ckpt} carries no data config (only train.py checkpoints do): choose the "
