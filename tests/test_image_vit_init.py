@@ -99,8 +99,27 @@ def test_tensors_that_cannot_be_placed_are_reported_by_name(vit, tmp_path, caplo
     torch.save(state, tmp_path / "broken.pth")
     with pytest.raises(RuntimeError, match=r"does not provide 1 tensor\(s\).*blocks\.1\.norm2\.bias"):
         TimeSformer.from_image_vit(tmp_path / "broken.pth", num_frames=T, num_attention_heads=4)
-    with pytest.raises(RuntimeError, match=r"blocks\.0\.attn\.qkv\.weight"):  # a width the file does not have
+    # A width the file does not have: named as the config field, with the file's (not the resized) shapes
+    with pytest.raises(ValueError, match=r"vit.pth is an image ViT of width 48 .* hidden_size=64 \(it has 48\)"):
         TimeSformer.from_image_vit(tmp_path / "vit.pth", num_attention_heads=4, hidden_size=64)
+
+
+def test_head_count_is_the_released_vits_for_its_width_or_must_be_given(tmp_path, caplog):
+    """train.py passes model.num_attention_heads (base's 12) for every file: a ViT-S (384 = 6 heads of 64) then ran with
+    12 heads of 32, silently, a function of the same weights other than the ViT's. A width no released ViT has got
+    width // 64 heads, guessed."""
+    small = timm_vit.VisionTransformer(img_size=32, patch_size=16, embed_dim=384, depth=1, num_heads=6, mlp_ratio=1,
+                                       num_classes=0)
+    torch.save(small.state_dict(), tmp_path / "small.pth")
+    assert TimeSformer.from_image_vit(tmp_path / "small.pth", num_frames=T).config.num_attention_heads == 6
+    with caplog.at_level(logging.WARNING):
+        TimeSformer.from_image_vit(tmp_path / "small.pth", num_frames=T, num_attention_heads=12)
+    assert "12 heads of 32 (num_attention_heads=12), where the released ViTs of width 384 have 6 heads" in caplog.text
+    odd = timm_vit.VisionTransformer(img_size=32, patch_size=16, embed_dim=96, depth=1, num_heads=4, num_classes=0)
+    torch.save(odd.state_dict(), tmp_path / "odd.pth")
+    with pytest.raises(ValueError, match="odd.pth: the weights are 96 wide.*pass num_attention_heads"):
+        TimeSformer.from_image_vit(tmp_path / "odd.pth", num_frames=T)
+    assert TimeSformer.from_image_vit(tmp_path / "odd.pth", num_attention_heads=4).config.num_attention_heads == 4
 
 
 def test_not_an_image_vit_is_a_clear_error(tmp_path):
@@ -109,6 +128,27 @@ def test_not_an_image_vit_is_a_clear_error(tmp_path):
         TimeSformer.from_image_vit(tmp_path / "resnet.pth")
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         TimeSformer.from_image_vit(tmp_path / "nope.pth")
+    # Hugging Face's ViTModel names, and a folder (timm's hub download: config.json + model.safetensors)
+    torch.save({"embeddings.cls_token": torch.zeros(1, 1, 8)}, tmp_path / "hf_vit.bin")
+    with pytest.raises(ValueError, match="in Hugging Face's ViTModel names: load it with timm"):
+        TimeSformer.from_image_vit(tmp_path / "hf_vit.bin")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="a folder without model.safetensors or pytorch_model.bin"):
+        TimeSformer.from_image_vit(tmp_path / "empty")
+
+
+def test_a_folder_holding_the_weights_file_loads_like_the_file(vit, tmp_path):
+    from safetensors.torch import save_file
+
+    (tmp_path / "hub").mkdir()
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(tmp_path / "hub" / "model.safetensors"))
+    (tmp_path / "hub" / "config.json").write_text("{}")
+    torch.save(vit.state_dict(), tmp_path / "vit.pth")
+    from_folder = TimeSformer.from_image_vit(tmp_path / "hub", num_frames=T, num_attention_heads=4).state_dict()
+    from_file = TimeSformer.from_image_vit(tmp_path / "vit.pth", num_frames=T, num_attention_heads=4).state_dict()
+    for name, tensor in from_file.items():
+        if name != "head.weight" and name != "head.bias":  # (new heads: random)
+            torch.testing.assert_close(from_folder[name], tensor, rtol=0, atol=0, msg=name)
 
 
 @pytest.mark.parametrize(("attention_type", "extra"), [("sparse_local_global", ["local"]),

@@ -157,7 +157,10 @@ def test_architecture_other_than_the_checkpoints_is_an_error(tmp_path):
     heads = TimeSformer.from_pretrained(tmp_path / "original.pyth", num_attention_heads=2).config.num_attention_heads
     assert heads == 2
     with pytest.raises(ValueError, match="num_hidden_layers=2 \\(it has 3\\)"):
-        TimeSformer.from_pretrained(tmp_path / "original.pyth", num_hidden_layers=2)
+        TimeSformer.from_pretrained(tmp_path / "original.pyth", num_hidden_layers=2, num_attention_heads=2)
+    # 48 wide is no released ViT's width: a guessed head count (48 // 64 -> 1) built another model without a word
+    with pytest.raises(ValueError, match="48 wide, not a released ViT's width .* pass num_attention_heads"):
+        TimeSformer.from_pretrained(tmp_path / "original.pyth")
     # nor its activation and norm epsilon
     other = TimeSformer.from_pretrained(tmp_path / "original.pyth", num_attention_heads=4, hidden_act="gelu_tanh",
                                         layer_norm_eps=1e-5)
@@ -281,3 +284,25 @@ def test_new_attention_types_round_trip_through_a_state_dict(attention_type, tmp
     with pytest.raises(ValueError, match="cannot be exported"):
         model.save_pretrained(tmp_path / "hf")
     assert not (tmp_path / "hf").exists()  # nothing written
+
+
+def test_a_bare_state_dict_says_what_it_assumes_and_refuses_to_guess_heads(tmp_path, caplog):
+    """torch.save(model.state_dict()) keeps no head count, activation or epsilon: reloading a 96-wide, 4-head
+    gelu_tanh model gave 1 head and gelu (logits 3.5 apart) with a line at INFO, which a notebook does not show."""
+    import logging
+
+    torch.manual_seed(0)
+    model = TimeSformer(TimeSformerConfig(**{**TINY, "hidden_size": 96, "num_attention_heads": 4}, num_classes=3,
+                                          hidden_act="gelu_tanh"))
+    torch.save(model.state_dict(), tmp_path / "model.pth")
+    with pytest.raises(ValueError, match="model.pth: the weights are 96 wide, not a released ViT's width"):
+        TimeSformer.from_pretrained(tmp_path / "model.pth")
+    with caplog.at_level(logging.WARNING):
+        loaded = TimeSformer.from_pretrained(tmp_path / "model.pth", num_attention_heads=4)
+    assert "holds weights alone: hidden_act='gelu', layer_norm_eps=1e-06 assumed" in caplog.text
+    assert loaded.config.hidden_act == "gelu"  # the default: the warning is what tells the user
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        TimeSformer.from_pretrained(tmp_path / "model.pth", num_attention_heads=4, hidden_act="gelu_tanh",
+                                    layer_norm_eps=1e-6)
+    assert "assumed" not in caplog.text  # all given

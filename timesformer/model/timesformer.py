@@ -900,7 +900,8 @@ class TimeSformer(nn.Module):
         The architecture (width, depth, patch size, MLP size, qkv bias, resolution, classes) is read off the
         tensors; ``config_fields`` set the rest or override it: ``num_frames`` (default 8), ``attention_type``
         (default divided_space_time), ``num_attention_heads`` (default the released ViTs' for the width: heads of
-        64, 16 heads from ViT-H's 1280 up; heads are not visible in the shapes), ``image_size``, ``num_classes``,
+        64, 16 heads from ViT-H's 1280 up; heads are not visible in the shapes, so other widths must give it, and
+        another count for a released width is logged as a warning), ``image_size``, ``num_classes``,
         ``drop_path_rate``, ...
 
         - Spatial weights are copied: patch embedding, cls token, each block's norm1/attn/norm2/mlp, final norm.
@@ -914,7 +915,10 @@ class TimeSformer(nn.Module):
         logged by name; a parameter the file should provide but does not is an error.
         """
         vit = weights.read_image_vit(Path(path))
-        config = weights.infer_config_from_state(vit, **{"attention_type": "divided_space_time", **config_fields})
+        heads = {k: v for k, v in config_fields.items() if k == "num_attention_heads"}  # not in the shapes
+        weights._check_architecture(Path(path), weights.infer_config_from_state(vit, path, **heads), config_fields,
+                                    unseen=(*weights.NOT_IN_THE_SHAPES, "attention_type"), kind="an image ViT")
+        config = weights.infer_config_from_state(vit, path, **{"attention_type": "divided_space_time", **config_fields})
         model = cls(config)
         ours = model.state_dict()
 

@@ -204,21 +204,25 @@ def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-# Released ViTs wider than ViT-L keep 16 heads (huge 1280 = 16 x 80, giant 1408 = 16 x 88, gigantic 1664 = 16 x 104,
-# SigLIP so400m 1152 = 16 x 72); tiny to large have heads of 64.
-_SIXTEEN_HEAD_WIDTHS = (1152, 1280, 1408, 1664)
+# Head counts of the released ViTs by width, which their weights' shapes do not show: tiny to large have heads of 64;
+# the wider ones keep 16 (huge 1280 = 16 x 80, giant 1408 = 16 x 88, gigantic 1664 = 16 x 104, SigLIP so400m 1152).
+RELEASED_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1152: 16, 1280: 16, 1408: 16, 1664: 16}
+# What a file of tensors alone (an original *.pyth, a state dict, an image ViT) does not say about its model.
+NOT_IN_THE_SHAPES = ("num_attention_heads", "hidden_act", "layer_norm_eps")
 
 
-def default_heads(hidden_size: int) -> int:
-    """The head count of the released ViTs of this width (not visible in their weights' shapes)."""
-    return 16 if hidden_size in _SIXTEEN_HEAD_WIDTHS else max(hidden_size // 64, 1)
+def default_heads(hidden_size: int) -> int | None:
+    """The head count of the released ViTs of this width (not visible in their weights' shapes); None for others."""
+    return RELEASED_HEADS.get(hidden_size)
 
 
-def infer_config_from_state(state: dict[str, torch.Tensor], **overrides: Any) -> TimeSformerConfig:
+def infer_config_from_state(state: dict[str, torch.Tensor], source: str | Path = "weights",
+                            **overrides: Any) -> TimeSformerConfig:
     """Read the architecture off an original-layout state dict (the ``.pyth`` files carry no usable config).
 
-    Head count is not visible in the shapes: it defaults to the released ViTs' for the width (`default_heads`)
-    and can be overridden.
+    Head count is not visible in the shapes: it defaults to the released ViTs' for the width (`default_heads`); for
+    another width it must be given (an error naming ``source`` otherwise), and one other than the released ViTs' for
+    a released width is logged as a warning.
     """
     dim = state["cls_token"].shape[-1]
     patch = state["patch_embed.proj.weight"].shape[-1]
@@ -233,21 +237,32 @@ def infer_config_from_state(state: dict[str, torch.Tensor], **overrides: Any) ->
         attention_type = "joint_space_time"
     else:
         attention_type = "space_only"
+    released, heads = default_heads(dim), overrides.get("num_attention_heads")
+    if heads is None and released is None:
+        raise ValueError(
+            f"{source}: the weights are {dim} wide, not a released ViT's width "
+            f"({', '.join(map(str, RELEASED_HEADS))}), and their head count is not stored with them: pass "
+            f"num_attention_heads=... (model.num_attention_heads). TimeSformer.save_pretrained and train.py "
+            f"checkpoints keep it")
+    if heads is None:
+        log.info("%s: num_attention_heads not stored with the weights: assuming %d heads of %d (the released ViTs and "
+                 "TimeSformers of width %d); pass num_attention_heads=... for others", source, released,
+                 dim // released, dim)
+    elif released is not None and heads != released:
+        log.warning("%s: %d heads of %d (num_attention_heads=%d), where the released ViTs of width %d have %d heads "
+                    "of %d; the weights do not store it: check it is the head count they were trained with", source,
+                    heads, dim // heads, heads, dim, released, dim // released)
     values: dict[str, Any] = dict(
         hidden_size=dim,
         patch_size=patch,
         num_channels=state["patch_embed.proj.weight"].shape[1],
         image_size=grid * patch,
         num_hidden_layers=len({k.split(".")[1] for k in state if k.startswith("blocks.")}),
-        num_attention_heads=default_heads(dim),
+        num_attention_heads=heads or released,
         intermediate_size=state["blocks.0.mlp.fc1.weight"].shape[0],
         qkv_bias="blocks.0.attn.qkv.bias" in state,
         attention_type=attention_type,
     )
-    if "num_attention_heads" not in overrides:  # not visible in the shapes
-        heads = values["num_attention_heads"]
-        log.info("num_attention_heads not stored with the weights: assuming %d heads of %d (the released ViTs and "
-                 "TimeSformers of width %d); pass num_attention_heads=... for others", heads, dim // heads, dim)
     if "head.weight" in state:  # an image ViT saved without its classifier has none
         values["num_classes"] = state["head.weight"].shape[0]
     if "time_embed" in state:
@@ -263,6 +278,12 @@ def read_image_vit(path: Path) -> dict[str, torch.Tensor]:
     Loaded with ``weights_only=True``: tensors and plain containers only, no arbitrary pickles.
     """
     path = Path(path)
+    if path.is_dir():  # e.g. a timm model from the Hugging Face hub: config.json + model.safetensors
+        inside = [path / name for name in ("model.safetensors", "pytorch_model.bin") if (path / name).is_file()]
+        if not inside:
+            raise FileNotFoundError(f"image ViT {path} is a folder without model.safetensors or pytorch_model.bin: "
+                                    f"pass its weights file (.safetensors, .bin, .pth)")
+        path = inside[0]
     if not path.is_file():
         raise FileNotFoundError(f"image ViT state dict {path} does not exist")
     state = _read_tensors(path)
@@ -271,7 +292,10 @@ def read_image_vit(path: Path) -> dict[str, torch.Tensor]:
             state = state[wrapper]
             break
     if not isinstance(state, dict) or "cls_token" not in state or "pos_embed" not in state:
-        raise ValueError(f"{path}: not an image ViT state dict in timm's names (no cls_token / pos_embed)")
+        hugging_face = isinstance(state, dict) and any(key.endswith("embeddings.cls_token") for key in state)
+        raise ValueError(f"{path}: not an image ViT state dict in timm's names (no cls_token / pos_embed)" + (
+            "; it is in Hugging Face's ViTModel names: load it with timm (timm.create_model(..., pretrained=True, "
+            "pretrained_cfg_overlay=dict(file=...))) and save its state_dict()" if hugging_face else ""))
     positions = state["pos_embed"].shape[1]
     grid = int(round((positions - 1) ** 0.5))
     if grid * grid + 1 != positions:
@@ -283,13 +307,14 @@ def read_image_vit(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _check_architecture(path: Path, stored: TimeSformerConfig, overrides: dict[str, Any],
-                        unseen: tuple[str, ...] = ()) -> None:
-    """Architecture fields in ``overrides`` must be the checkpoint's (``unseen``: fields it does not store)."""
+                        unseen: tuple[str, ...] = (), kind: str = "") -> None:
+    """Architecture fields in ``overrides`` must be the checkpoint's (``unseen``: fields it does not store; ``kind``:
+    what it is, if not a TimeSformer of its attention type)."""
     differ = [f"{name}={overrides[name]!r} (it has {getattr(stored, name)!r})" for name in ARCHITECTURE_FIELDS
               if name in overrides and name not in unseen and overrides[name] != getattr(stored, name)]
     if differ:
         raise ValueError(
-            f"{path} is a {stored.attention_type} TimeSformer of width {stored.hidden_size} and depth "
+            f"{path} is {kind or f'a {stored.attention_type} TimeSformer'} of width {stored.hidden_size} and depth "
             f"{stored.num_hidden_layers}; its weights cannot be loaded into a model with {', '.join(differ)}. Use the "
             f"checkpoint's values (e.g. the model config it was trained with) or another checkpoint; only the frame "
             f"count and image size may differ (the time and position embeddings are resized)"
@@ -342,9 +367,13 @@ def read_checkpoint(path: Path, **overrides: Any) -> tuple[TimeSformerConfig, di
             state = strip_prefix(state, "model.")
         if "cls_token" in state:
             heads = {k: v for k, v in overrides.items() if k == "num_attention_heads"}  # not in the shapes
-            inferred = infer_config_from_state(state, **heads)
-            _check_architecture(path, inferred, overrides,
-                                unseen=("num_attention_heads", "hidden_act", "layer_norm_eps"))  # not stored
+            inferred = infer_config_from_state(state, path, **heads)
+            _check_architecture(path, inferred, overrides, unseen=NOT_IN_THE_SHAPES)
+            assumed = [f"{name}={getattr(inferred, name)!r}" for name in NOT_IN_THE_SHAPES if name not in overrides]
+            if assumed and not (isinstance(blob, dict) and "model_state" in blob):  # (an original's are known)
+                log.warning("%s holds weights alone: %s assumed (the defaults; pass others if it was trained with "
+                            "them). TimeSformer.save_pretrained and train.py checkpoints keep them", path,
+                            ", ".join(assumed))
             return TimeSformerConfig(**{**inferred.to_dict(), **overrides}), state
     raise ValueError(
         f"{path}: unrecognised checkpoint format (expected a Hugging Face folder, an original TimeSformer "
