@@ -553,9 +553,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
                                                  plugins=plugins or None)
     _apply_global_batch_size(trainer, cfg.get("global_batch_size"), cfg.data.batch_size)
     # The run's config as the loggers and checkpoints record it, with the accumulation derived from global_batch_size
-    # (the config says 1), the processes and the global batch they make
+    # (the config says 1), the precision Lightning runs, the processes and the global batch they make
     run_config = OmegaConf.to_container(cfg, resolve=True)
     run_config["trainer"]["accumulate_grad_batches"] = trainer.accumulate_grad_batches
+    run_config["trainer"]["precision"] = str(trainer.precision)  # what runs: Lightning makes 16-mixed bf16 on a CPU
     run_config["world_size"] = trainer.world_size
     run_config["global_batch_size"] = cfg.data.batch_size * trainer.world_size * trainer.accumulate_grad_batches
     module = VideoClassifier(

@@ -388,10 +388,14 @@ class VideoDataModule(lightning.LightningDataModule):
         return flatten_repeated_clips(batch)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Normalises the batch's uint8 clips where they now are (the model's device): float32 out."""
+        """Normalises the batch's uint8 clips where they now are (the model's device): float32 out, or the dtype of a
+        "true" precision (bf16-true, 16-true, 64-true), whose input conversion Lightning made before the transfer, on
+        the uint8 clips, which it leaves alone."""
         video = batch.get("video") if isinstance(batch, dict) else None
         if isinstance(video, torch.Tensor) and video.dtype == torch.uint8:
             batch["video"] = normalize(video, self.mean, self.std)
+            if self.trainer is not None:
+                batch["video"] = self.trainer.precision_plugin.convert_input(batch["video"])
         return batch
 
     def teardown(self, stage: str | None = None) -> None:
