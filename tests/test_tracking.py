@@ -278,6 +278,13 @@ def test_training_speed_is_logged_at_the_step_of_its_batch(tmp_path):
     loss_steps = {int(row["step"]) for row in rows if row.get("train/loss")}
     perf_steps = {int(row["step"]) for row in rows if row.get("perf/clips_per_s")}
     assert loss_steps == set(range(7)) and perf_steps == set(range(1, 7))  # (the first batch is not timed)
+    # log_every_n_steps=0 turns step logging off: perf/* was then written at every batch, alone
+    logger = CSVLogger(tmp_path, name="off", version="")
+    L.Trainer(accelerator="cpu", max_epochs=1, log_every_n_steps=0, logger=logger, enable_progress_bar=False,
+              enable_checkpointing=False, callbacks=[TrainingSpeed()]).fit(
+        tiny_classifier(), DataLoader(_SlowClips(0.0), batch_size=1))
+    metrics = Path(logger.log_dir) / "metrics.csv"
+    assert not metrics.exists() or "perf/" not in metrics.read_text()
 
 
 def test_training_speed_reports_mfu_against_the_given_peak(tmp_path):

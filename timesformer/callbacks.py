@@ -336,6 +336,8 @@ class TrainingSpeed(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        if not trainer.log_every_n_steps:  # step logging off
+            return
         now = time.perf_counter()
         if self._start is None:  # the first batch after a (re)start is not counted: compilation, warm-up
             self._start = self._last_end = now
