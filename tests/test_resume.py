@@ -151,6 +151,34 @@ def test_resume_auto_continues_from_the_checkpoint_furthest_into_training(tmp_pa
     assert find_resume_checkpoint(tmp_path) == checkpoints / "last.ckpt"  # (the best one: step 6 too, but older)
 
 
+def test_a_restarted_torchrun_attempt_continues_and_a_requeue_that_cannot_says_so(tmp_path, monkeypatch, caplog):
+    """torchrun --max-restarts restarts every process in the same run dir (torchrun-<run id>): the restarted attempt
+    trained from the start over the failed one's checkpoints. A requeued job whose run dir is named by the time
+    started over with no word."""
+    import logging
+
+    from omegaconf import OmegaConf
+
+    from timesformer import pipeline
+
+    monkeypatch.setattr(pipeline, "_check_resumable", lambda *args, **kwargs: None)  # (a stand-in checkpoint)
+    (tmp_path / "checkpoints").mkdir()
+    torch.save({"state_dict": {}, "loops": {}, "global_step": 6}, tmp_path / "checkpoints" / "last.ckpt")
+    cfg = OmegaConf.create({"resume": None, "ckpt_path": None})
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    assert pipeline._resolve_ckpt_path(cfg, tmp_path) is None  # the first attempt: a new run
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert pipeline._resolve_ckpt_path(cfg, tmp_path) == str(tmp_path / "checkpoints" / "last.ckpt")
+
+    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    monkeypatch.setattr(pipeline, "_run_dir_is_found_again", lambda cfg, output_dir: False)  # a timestamped dir
+    with caplog.at_level(logging.WARNING):
+        assert pipeline._resolve_ckpt_path(cfg, tmp_path / "new") is None
+    assert "a requeued SLURM job (SLURM_RESTART_COUNT=2), but its run dir is named by the time" in caplog.text
+    assert "TRAINS FROM THE START" in caplog.text
+
+
 def test_resume_auto_run_dir_depends_only_on_the_command(tmp_path):
     assert run_name("auto", "a=1,b=2", "2026-01-01") == run_name("auto", "a=1,b=2", "2027-05-05")
     assert run_name("auto", "a=1,b=2", "t") != run_name("auto", "a=1,b=3", "t")

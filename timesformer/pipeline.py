@@ -230,14 +230,21 @@ def _resolve_ckpt_path(cfg: DictConfig, output_dir: Path) -> str | None:
     resume, ckpt_path = cfg.get("resume"), cfg.get("ckpt_path")
     if resume not in (None, "auto"):
         raise ValueError(f"resume={resume!r} is not supported; valid values: auto, null (or set ckpt_path=PATH)")
-    restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
-    if restarts.isdigit() and int(restarts) > 0:
-        # A requeued SLURM job (preempted, or requeued at its time limit) runs its command again, in the same run dir
-        # when it can (_run_dir_is_found_again): it continues from its own newest checkpoint (started afresh, or from
-        # ckpt_path again, it overwrote them).
-        found = _continue_from_newest(output_dir, cfg, f"a requeued SLURM job (SLURM_RESTART_COUNT={restarts})")
+    for variable, restarted in (("SLURM_RESTART_COUNT", "a requeued SLURM job"),
+                                ("TORCHELASTIC_RESTART_COUNT", "a restarted torchrun attempt (--max-restarts)")):
+        restarts = os.environ.get(variable, "0")
+        if not (restarts.isdigit() and int(restarts) > 0):
+            continue
+        # A requeued SLURM job (preempted, or requeued at its time limit) runs its command again, and torchrun
+        # restarts its processes after a failure, in the same run dir when they can (_run_dir_is_found_again): they
+        # continue from its newest checkpoint (started afresh, or from ckpt_path again, they overwrote them).
+        found = _continue_from_newest(output_dir, cfg, f"{restarted} ({variable}={restarts})")
         if found:
             return found
+        if not _run_dir_is_found_again(cfg, output_dir):
+            log.warning("This is %s (%s=%s), but its run dir is named by the time it started: it cannot find the "
+                        "checkpoints of the attempt before it and TRAINS FROM THE START. Add resume=auto to the "
+                        "command (or name the run dir: hydra.run.dir=...)", restarted, variable, restarts)
     if ckpt_path:
         if not Path(ckpt_path).is_file():
             raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file" + (
