@@ -321,6 +321,12 @@ def test_checkpoints_of_the_wrong_kind_are_named(synthetic_root, tmp_path):
     # The optimizer's restored state holds the learning rate: a new one was logged and never used.
     with pytest.raises(ValueError, match="ckpt_path: .* other settings: optimizer.lr=0.5 \\(it has 0.001\\)"):
         train(compose_config("train", [*overrides, f"ckpt_path={last}", "optimizer.lr=0.5"], tmp_path / "other"))
+    # Another global batch (here by accumulation; another process count alike): the schedule's restored step counts
+    # optimizer steps of the run's size, and the rest of training ran at the minimum learning rate
+    with pytest.raises(ValueError, match="a global batch of 4 clips per optimizer step; this one's is 8 .* "
+                                         "global_batch_size=4"):
+        train(compose_config("train", [*overrides, f"ckpt_path={last}", "trainer.accumulate_grad_batches=2"],
+                             tmp_path / "other"))
     # resume=auto finds the run dir's checkpoint
     with pytest.raises(ValueError, match="resume=auto: .* other settings: optimizer.lr=0.5"):
         train(compose_config("train", [*overrides, "resume=auto", "optimizer.lr=0.5"], tmp_path / "run"))

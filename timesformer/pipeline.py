@@ -360,6 +360,19 @@ def _check_resumable(path: Path, cfg: DictConfig, option: str = "ckpt_path") -> 
                          f"model.pretrained={path}")
 
 
+def _check_same_global_batch(path: Path, global_batch: int) -> None:
+    """A resumed run's global batch (processes x data.batch_size x accumulation) must be the run's: the schedule's
+    restored step counts optimizer steps of that size, and with another the rest of training ran at the minimum
+    learning rate (or past the schedule's end)."""
+    hyper_parameters = load_checkpoint_file(path, mmap=True).get("hyper_parameters") or {}
+    saved = (hyper_parameters.get("run_config") or {}).get("global_batch_size")
+    if saved is not None and saved != global_batch:
+        raise ValueError(f"{path} continues a run with a global batch of {saved} clips per optimizer step; this one's "
+                         f"is {global_batch} (data.batch_size x processes x accumulate_grad_batches), and the learning-"
+                         f"rate schedule, which counts optimizer steps, would not be the run's. Keep its global batch: "
+                         f"global_batch_size={saved} derives the accumulation for any process count")
+
+
 def _check_sweep_dir_is_fixed() -> None:
     """resume=auto under ``-m``: each job continues from its own dir, ``<sweep dir>/<job number>``, which only a sweep
     dir named on the command line keeps (the default one is named by the time)."""
@@ -566,6 +579,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     run_config["trainer"]["precision"] = str(trainer.precision)  # what runs: Lightning makes 16-mixed bf16 on a CPU
     run_config["world_size"] = trainer.world_size
     run_config["global_batch_size"] = cfg.data.batch_size * trainer.world_size * trainer.accumulate_grad_batches
+    if ckpt_path is not None:
+        _check_same_global_batch(Path(ckpt_path), run_config["global_batch_size"])
     module = VideoClassifier(
         model,
         optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
