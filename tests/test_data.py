@@ -1047,3 +1047,25 @@ def test_evaluation_decodes_each_clip_once_for_all_its_crops_over_processes_and_
     for batch in batches:  # a batch holds all 3 crops of each of its clips (views 0-2: clip 0, 3-5: clip 1)
         clips = {(video, view // 3) for video, view in batch}
         assert len(batch) == 3 * len(clips) <= 8
+
+
+@pytest.mark.parametrize("name", ["avi_inside.mp4", "avi_inside"])
+def test_an_avi_under_another_name_is_read_with_pyav(tmp_path, name):
+    """decord seeks wrongly in AVI files (see DECORD_UNRELIABLE_SUFFIXES): one named .mp4, or with no extension, was
+    read by decord, which returned frames 10 and 20 for 40 and 50, silently."""
+    import av
+
+    path = tmp_path / name
+    with av.open(str(path), mode="w", format="avi") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.options = {"x264-params": "keyint=30:min-keyint=30:scenecut=0"}
+        for t in range(60):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(_pattern(t), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    encoded = np.stack([_pattern(t) for t in range(60)]).astype(np.float32)
+    frames = decode_frames(path, [40, 50, 59, 13])
+    assert [int(np.abs(encoded - frame.numpy()).mean(axis=(1, 2, 3)).argmin()) for frame in frames] == [40, 50, 59, 13]
+    assert decord_misreads(path)

@@ -179,7 +179,8 @@ def _decode_clip_decord(
 
 # decord seeks wrongly in AVI files that hold h264 (with or without B-frames: after a seek to the keyframe before
 # frame 20 it returned frame 8, counted from the start of the file) or MPEG-4 part 2 with B-frames, and returns no
-# frame timestamps for them; the decord path reads AVI files with PyAV, which numbers their frames right.
+# frame timestamps for them; the decord path reads AVI files with PyAV, which numbers their frames right. The suffix
+# only saves reading the packets: an AVI under another name (.mp4, none) is known by its container format.
 DECORD_UNRELIABLE_SUFFIXES = (".avi",)
 
 
@@ -187,7 +188,7 @@ DECORD_UNRELIABLE_SUFFIXES = (".avi",)
 def decord_misreads(path: str | os.PathLike) -> bool:
     """Whether decord (0.6, decord2 3.4) would return wrong frames for some indices of this video.
 
-    - AVI files (see DECORD_UNRELIABLE_SUFFIXES) and MPEG-4 part 2 with B-frames (frame 13 asked, 15 returned).
+    - AVI files, whatever their name (see DECORD_UNRELIABLE_SUFFIXES), and MPEG-4 part 2 with B-frames (frame 13 asked, 15 returned).
     - Edit lists hiding frames (an mp4 cut with ``ffmpeg -ss ... -c copy``): decord numbers the hidden pre-roll
       as frames, and inconsistently (index 0 is the first frame shown, index 20 the 30th).
     - Keyframes that are not shown at their decode position: open GOPs (x265's default, x264 --open-gop), whose
@@ -203,7 +204,7 @@ def decord_misreads(path: str | os.PathLike) -> bool:
         return True
     try:
         with open_video(path) as container:
-            if container.format.name in ("mpeg", "mpegts"):
+            if container.format.name in ("mpeg", "mpegts", "avi"):
                 return True
             stream = container.streams.video[0]
             codec = stream.codec_context
