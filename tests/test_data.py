@@ -1069,3 +1069,39 @@ def test_an_avi_under_another_name_is_read_with_pyav(tmp_path, name):
     frames = decode_frames(path, [40, 50, 59, 13])
     assert [int(np.abs(encoded - frame.numpy()).mean(axis=(1, 2, 3)).argmin()) for frame in frames] == [40, 50, 59, 13]
     assert decord_misreads(path)
+
+
+@pytest.mark.parametrize("suffix", ["mkv", "mp4"])
+def test_a_file_starting_between_keyframes_is_read_from_its_first_keyframe(tmp_path, suffix):
+    """A stream copy that starts 14 frames before a keyframe: FFmpeg gives no picture for those 14 and players start
+    at the keyframe. decord counted them (54 frames) and returned every frame 14 late in the mkv, silently (check
+    passed it); PyAV's path numbered them too, and gave no picture for frames 0-13 (in the mp4 decord's did too)."""
+    import av
+
+    from timesformer.data.check import VideoCheck, check_video
+
+    source, path = tmp_path / "source.mp4", tmp_path / f"capture.{suffix}"
+    with av.open(str(source), mode="w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.options = {"x264-params": "keyint=20:min-keyint=20:scenecut=0", "bf": "0"}
+        for t in range(60):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(_pattern(t), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    with av.open(str(source)) as original, av.open(str(path), mode="w") as copy:
+        stream = original.streams.video[0]
+        out = copy.add_stream_from_template(stream)
+        shift = 6 * int(1 / (stream.time_base * 25))
+        for packet in list(original.demux(stream))[6:]:  # from source frame 6; the next keyframe is frame 20
+            if packet.size:
+                packet.pts, packet.dts, packet.stream = packet.pts - shift, packet.dts - shift, out
+                copy.mux(packet)
+    encoded = np.stack([_pattern(t) for t in range(60)]).astype(np.float32)
+    for decoder in DECODERS:
+        frames, info = decode_clip(path, lambda num_frames, fps: [0, 10, 39], decoder=decoder)
+        shown = [int(np.abs(encoded - frame.numpy()).mean(axis=(1, 2, 3)).argmin()) for frame in frames]
+        assert (info.num_frames, shown) == (40, [20, 30, 59]), decoder
+        assert check_video(str(path), 0, decoder) == VideoCheck(str(path), 0, num_frames=40, fps=25.0)
+    assert decord_misreads(path)

@@ -197,6 +197,9 @@ def decord_misreads(path: str | os.PathLike) -> bool:
       open-GOP h264 in mkv: 29 asked, 1 returned).
     - MPEG program and transport streams (.mpg, .ts: MPEG-2 13 asked, 1 returned; h264 in TS 13 -> 33), and any
       file whose packets lack timestamps.
+    - Files that start between keyframes (a stream capture, a cut made without re-encoding): decord counts the
+      frames before the first keyframe, which give no picture, and returns each frame that many frames late (an mkv
+      starting 14 frames before its first keyframe: 14 asked, 28 returned).
     Read from the packets (no decoding): ~1.3 ms for a 10 s 340x256 clip, once per file and process.
     """
     path = os.fspath(path)
@@ -222,6 +225,8 @@ def decord_misreads(path: str | os.PathLike) -> bool:
         return False  # unreadable: decord will say so
     if None in timestamps:
         return True  # no presentation order: decord cannot number the frames after a seek; PyAV counts them
+    if keyframes and keyframes[0] != 0:
+        return True  # it starts between keyframes
     shown_at = {pts: at for at, pts in enumerate(sorted(timestamps))}
     return any(shown_at[timestamps[at]] != at for at in keyframes)
 
@@ -260,6 +265,10 @@ def _decode_clip_pyav(
             packets = [packet for packet in container.demux(stream) if packet.size]  # decode order
         except av.FFmpegError as error:
             raise VideoDecodeError(f"Could not read video {path}: {error}") from error
+        # A file that starts between keyframes (a stream capture, a cut made without re-encoding) holds frames that
+        # reference frames it lacks: FFmpeg gives no picture for them and players start at the first keyframe, so
+        # frame 0 is the first frame shown from there (a file whose packets flag no keyframe is read whole).
+        packets = packets[next((at for at, packet in enumerate(packets) if packet.is_keyframe), 0):]
         # The frames shown: an edit list (an mp4 cut with `ffmpeg -ss ... -c copy`) hides the pre-roll from the
         # keyframe before the cut; those packets are decoded (later frames reference them), their pictures dropped.
         num_frames = sum(not packet.is_discard for packet in packets)
