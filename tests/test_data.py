@@ -1105,3 +1105,25 @@ def test_a_file_starting_between_keyframes_is_read_from_its_first_keyframe(tmp_p
         assert (info.num_frames, shown) == (40, [20, 30, 59]), decoder
         assert check_video(str(path), 0, decoder) == VideoCheck(str(path), 0, num_frames=40, fps=25.0)
     assert decord_misreads(path)
+
+
+def test_pyav_decoder_reads_av1(tmp_path):
+    """libdav1d reads skip_frame once, when it opens: opened while told to skip non-reference frames (frame 0 not
+    wanted), it gave no picture for wanted ones either ("the decoder gave no picture" for frame 13)."""
+    import av
+
+    if not {"libsvtav1", "libdav1d"} <= av.codecs_available:
+        pytest.skip("this PyAV build has no AV1 encoder (libsvtav1) or decoder (libdav1d)")
+    path = tmp_path / "av1.mp4"
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libsvtav1", rate=25)
+        stream.width, stream.height, stream.pix_fmt, stream.options = 64, 48, "yuv420p", {"g": "60"}
+        for t in range(40):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(_pattern(t), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    with open_video(path) as container:
+        assert container.streams.video[0].codec_context.name == "libdav1d"
+    for indices in ([13], [1, 9, 17, 25], [0, 13, 39]):
+        assert torch.equal(decode_frames(path, indices, decoder="pyav"), decode_frames(path, indices)), indices

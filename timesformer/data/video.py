@@ -6,9 +6,9 @@ same RGB conversion; tests/test_data.py checks it pixel for pixel). They differ 
 - "decord": seeks to the keyframe before a wanted frame when that skips frames, then decodes every frame up to
   it. Frame-threading is off (num_threads=1), as DataLoader workers are one per core.
 - "pyav": the same keyframe seeking, and it also tells FFmpeg to skip decoding the frames that are neither
-  wanted nor referenced by other frames (h264/HEVC "non-reference" frames: most B-frames). For the 8 x 32
-  recipe on x264-encoded 10 s clips that is ~1.4-1.5x less decode time than decord (benchmarks/RESULTS.md,
-  part 3).
+  wanted nor referenced by other frames (h264/HEVC/MPEG-4 part 2 "non-reference" frames: most B-frames; see
+  SKIP_NONREF_DECODERS). For the 8 x 32 recipe on x264-encoded 10 s clips that is ~1.4-1.5x less decode time than
+  decord (benchmarks/RESULTS.md, part 3).
   decord has no way to skip a frame's decoding.
 
 decord returns wrong frames after a seek in some kinds of file (listed at `decord_misreads`): the "decord" path
@@ -344,6 +344,12 @@ def timestamps_order_the_frames(container: av.container.InputContainer) -> bool:
     return timestamps_give_the_order(timestamps, stream.codec_context.has_b_frames, container.format.name)
 
 
+# FFmpeg's decoders that read skip_frame for each packet (measured: h264, HEVC and MPEG-4 part 2 skip their
+# unreferenced B-frames). Others ignore it (vp9) or read it once, when they open: libdav1d (AV1), opened while told
+# to skip non-reference frames, skipped them for good, wanted ones included ("the decoder gave no picture").
+SKIP_NONREF_DECODERS = ("h264", "hevc", "mpeg4")
+
+
 class _DecodeOrderTimestamps(Exception):
     """The packets' timestamps follow the decode order, not the presentation order (h264 with B-frames in AVI)."""
 
@@ -376,6 +382,7 @@ def _decode_wanted(codec: av.CodecContext, packets: list[av.Packet], wanted: Seq
 
     targets, out = set(wanted), {}
     last_out = -1  # pictures come out in presentation order: their frame numbers must grow
+    skip_unwanted = "NONREF" if codec.name in SKIP_NONREF_DECODERS else "DEFAULT"
 
     def keep(decoded: list[av.VideoFrame]) -> None:
         nonlocal last_out
@@ -398,7 +405,7 @@ def _decode_wanted(codec: av.CodecContext, packets: list[av.Packet], wanted: Seq
             last_out = -1
         previous = at
         # Unwanted frames that no other frame references need not be decoded at all (FFmpeg skips them).
-        codec.skip_frame = "DEFAULT" if number[at] in targets else "NONREF"
+        codec.skip_frame = "DEFAULT" if number[at] in targets else skip_unwanted
         keep(codec.decode(packet))
         if len(out) == len(targets):
             return out
