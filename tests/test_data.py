@@ -1127,3 +1127,45 @@ def test_pyav_decoder_reads_av1(tmp_path):
         assert container.streams.video[0].codec_context.name == "libdav1d"
     for indices in ([13], [1, 9, 17, 25], [0, 13, 39]):
         assert torch.equal(decode_frames(path, indices, decoder="pyav"), decode_frames(path, indices)), indices
+
+
+def test_a_matroska_video_without_a_frame_rate_gets_the_rate_its_timestamps_measure(tmp_path):
+    """A Matroska track need not state its frame rate (DefaultDuration; a remux does not write one): both decoders
+    reported 1000 fps, the 1 ms tick of its timestamps, and a dense 8 x 4 clip of this 90-frame video became frame 0
+    and then the last frame 7 times."""
+    from fractions import Fraction
+
+    import av
+
+    source, path = tmp_path / "phone.mp4", tmp_path / "remux.mkv"
+    rng = random.Random(0)
+    times = np.cumsum([0] + [rng.choice([25, 33, 34, 45]) for _ in range(89)])  # ms: ~30 fps, jittery
+    with av.open(str(source), mode="w") as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt, stream.options = 64, 48, "yuv420p", {"bf": "0"}
+        stream.time_base = stream.codec_context.time_base = Fraction(1, 1000)
+        for t, time in enumerate(times):
+            frame = av.VideoFrame.from_ndarray(_pattern(t), format="rgb24")
+            frame.pts, frame.time_base = int(time), Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    with av.open(str(source)) as original, av.open(str(path), mode="w") as copy:
+        out = copy.add_stream_from_template(original.streams.video[0])
+        for packet in original.demux(original.streams.video[0]):
+            if packet.size:
+                packet.stream = out
+                copy.mux(packet)
+    with av.open(str(path)) as container:
+        assert container.streams.video[0].average_rate == 1000  # what FFmpeg (and decord) report
+    measured = round(89 / (times[-1] / 1000), 3)
+
+    def eval_clip(num_frames: int, fps: float) -> list[int]:
+        return dense_clip_indices(num_frames, 8, 4, fps, clip_index=0)
+
+    for decoder in DECODERS:
+        frames, info = decode_clip(path, eval_clip, decoder=decoder)
+        assert info.fps == measured, decoder
+        assert len({frame.numpy().tobytes() for frame in frames}) == 8, decoder  # 8 different frames
+    assert read_video_info(path).fps == measured

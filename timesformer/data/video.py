@@ -58,6 +58,26 @@ def _open(path: str | os.PathLike, num_threads: int = 1) -> decord.VideoReader:
         raise VideoDecodeError(f"Could not open video {path}: {error}") from error
 
 
+def plausible_fps(reported: float, num_frames: int, span: float) -> float:
+    """The container's average frame rate (``reported``), or the one the frames' timestamps measure where the reported
+    one is well above it: a Matroska/WebM track need not state its frame rate (DefaultDuration), and without it both
+    decoders report 1000 fps, its timestamps' 1 ms tick, so that a dense clip became frame 0 and then the video's
+    last frame 7 times. ``span``: seconds from the first frame's timestamp to the last's (0 where unknown)."""
+    # (to 3 decimals: decord's timestamps are float32 seconds, and both decoders should give the same rate)
+    measured = round((num_frames - 1) / span, 3) if num_frames > 1 and span > 0 else 0.0
+    return measured if measured and reported > 1.5 * measured else reported
+
+
+def decord_fps(reader: decord.VideoReader) -> float:
+    """`plausible_fps` for a decord reader (its frame timestamps are read from the index: no decoding)."""
+    num_frames = len(reader)
+    span = 0.0
+    if num_frames > 1:
+        starts = reader.get_frame_timestamp([0, num_frames - 1])[:, 0]
+        span = float(starts[1] - starts[0])
+    return plausible_fps(float(reader.get_avg_fps()), num_frames, span)
+
+
 def read_video_info(path: str | os.PathLike) -> VideoInfo:
     """Frame count and average fps (container metadata) and frame size of a video.
 
@@ -67,7 +87,7 @@ def read_video_info(path: str | os.PathLike) -> VideoInfo:
     reader = _open(path)
     try:
         height, width = reader[0].shape[:2]
-        return VideoInfo(num_frames=len(reader), fps=float(reader.get_avg_fps()), height=height, width=width)
+        return VideoInfo(num_frames=len(reader), fps=decord_fps(reader), height=height, width=width)
     except Exception as error:
         raise VideoDecodeError(f"Could not read video {os.fspath(path)}: {error}") from error
 
@@ -165,7 +185,7 @@ def _decode_clip_decord(
     path: str | os.PathLike, choose_indices: Callable[[int, float], Sequence[int]], num_threads: int
 ) -> tuple[torch.Tensor, VideoInfo]:
     reader = _open(path, num_threads)
-    num_frames, fps = len(reader), float(reader.get_avg_fps())
+    num_frames, fps = len(reader), decord_fps(reader)
     indices = list(choose_indices(num_frames, fps))  # errors here are the caller's, not the file's
     try:
         frames = _get_batch(reader, indices)  # (T, H, W, C) uint8
@@ -272,8 +292,11 @@ def _decode_clip_pyav(
         # The frames shown: an edit list (an mp4 cut with `ffmpeg -ss ... -c copy`) hides the pre-roll from the
         # keyframe before the cut; those packets are decoded (later frames reference them), their pictures dropped.
         num_frames = sum(not packet.is_discard for packet in packets)
-        # The average frame rate, as decord's get_avg_fps; 0 when the container does not say (the caller copes).
-        fps = float(stream.average_rate or stream.guessed_rate or 0.0)
+        # The average frame rate, as decord's (`decord_fps`); 0 when neither the container nor the timestamps say
+        # (the caller copes).
+        shown = [packet.pts for packet in packets if not packet.is_discard and packet.pts is not None]
+        span = float((max(shown) - min(shown)) * stream.time_base) if shown else 0.0
+        fps = plausible_fps(float(stream.average_rate or stream.guessed_rate or 0.0), num_frames, span)
         indices = list(choose_indices(num_frames, fps))  # errors here are the caller's, not the file's
         for index in indices:
             if not 0 <= index < num_frames:
