@@ -1169,3 +1169,32 @@ def test_a_matroska_video_without_a_frame_rate_gets_the_rate_its_timestamps_meas
         assert info.fps == measured, decoder
         assert len({frame.numpy().tobytes() for frame in frames}) == 8, decoder  # 8 different frames
     assert read_video_info(path).fps == measured
+
+
+@pytest.mark.parametrize("name, codec, message", [
+    ("cut.avi", "mpeg4", "cut short: it holds 25 of the 60 frames its header lists"),
+    ("cut.mkv", "libx264", "cut short: its frames span 1.0 s of the 2.4 s its header declares"),
+    ("cut.webm", "libvpx-vp9", "cut short: its frames span 1.0 s of the 2.4 s its header declares"),
+])
+def test_check_reports_an_avi_or_matroska_file_cut_short(tmp_path, name, codec, message):
+    """A download that stopped: the AVI's header counts 60 frames, the Matroska file's declares 2.4 s; the file holds
+    25 frames (cut where a packet ends) and reads as a shorter, whole video: check passed it (only an MP4's index was
+    compared with what the file holds)."""
+    import av
+
+    from timesformer.data.check import check_video
+
+    whole, cut = tmp_path / f"whole{os.path.splitext(name)[1]}", tmp_path / name
+    with av.open(str(whole), mode="w") as container:
+        stream = container.add_stream(codec, rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for t in range(60):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(_pattern(t), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    with av.open(str(whole)) as container:
+        ends = [packet.pos + packet.size for packet in container.demux(container.streams.video[0]) if packet.size]
+    cut.write_bytes(whole.read_bytes()[: ends[24]])
+    assert check_video(str(cut), 0).error == message
+    assert check_video(str(whole), 0).error is None

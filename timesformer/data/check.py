@@ -11,8 +11,9 @@ Arguments other than the options below are Hydra overrides of configs/train.yaml
 video is missing or unreadable (the lists are still written), else 0.
 
 Each video is read as training reads it (`decode_clip` with `data.decoder`): its first, middle and last frames
-are decoded (a truncated file usually fails on the last), and an MP4/MOV holding fewer frames than its index lists
-(cut short: it would read as a shorter video) is reported too. Videos decoded from their first frame for every
+are decoded (a truncated file usually fails on the last), and an MP4/MOV holding fewer frames than its index lists,
+an AVI fewer than its header counts or a Matroska/WebM file whose frames span well under the duration its header
+declares (cut short: it would read as a shorter video) is reported too. Videos decoded from their first frame for every
 clip (AVI with h264 B-frames, MPEG-PS files whose packets lack timestamps) are listed: they work, slowly; their
 `timesformer.data.resize` copies seek. "Too short" videos have fewer frames than one clip
 needs; they still work (frames are repeated) but are listed. `--write-clean DIR` writes DIR/train.csv, DIR/val.csv (and DIR/test.csv for a
@@ -70,7 +71,7 @@ def check_video(path: str, label: int, decoder: str = "decord") -> VideoCheck:
             result.error = "empty file (0 bytes)"
             return result
         decode_clip(path, first_middle_last, decoder=decoder)
-        result.error = check_whole(path)  # an MP4 cut short reads as a shorter video
+        result.error = check_whole(path)  # a file cut short reads as a shorter video
         result.read_from_start = result.error is None and read_from_start(path, decoder)
     except FileNotFoundError:
         result.error = "missing"

@@ -95,14 +95,43 @@ def read_video_info(path: str | os.PathLike) -> VideoInfo:
 def missing_from_index(container: av.container.InputContainer, frames_held: int) -> str | None:
     """Why a video is cut short, or None: an MP4/MOV lists every frame in its index (its samples), and a file that
     holds fewer video packets (``frames_held``: a download that stopped, a copy cut off) reads as a shorter video
-    that nothing tells from a whole one; both decoders count the packets it holds. Other containers keep no count
-    (or, AVI, one that counts packed B-frames' placeholders)."""
+    that nothing tells from a whole one; both decoders count the packets it holds. AVI and Matroska declare a length
+    instead (`shorter_than_declared`)."""
     if "mp4" not in container.format.name.split(",") or not container.streams.video:
         return None
     listed = container.streams.video[0].frames
     if frames_held >= listed - 1:  # (slack for one zero-size sample)
         return None
     return f"cut short: it holds {frames_held} of the {listed} frames its index lists"
+
+
+def shorter_than_declared(container: av.container.InputContainer, timestamps: Sequence[int | None]) -> str | None:
+    """`missing_from_index` for AVI and Matroska/WebM, which declare a length in their header (written first, so a
+    download that stopped keeps it) but list no frames: an AVI its frame count, which counts packed B-frames'
+    placeholders (packets of their own, maybe empty), so every packet is counted; a Matroska file its duration (its
+    video track's own where the muxer wrote one, else the segment's), against the span of the frames it holds.
+    ``timestamps``: the presentation timestamps of every video packet, empty ones included (the demuxer's final
+    flush packet carries none). Only a gap that neither rounding nor an audio track running a little longer than the
+    video explains is reported: over a tenth of the declared length and over 1 s (AVI: 10% of its frames)."""
+    stream = container.streams.video[0]
+    held = [pts for pts in timestamps if pts is not None]
+    if container.format.name == "avi":
+        declared = stream.frames
+        if declared and len(held) < 0.9 * declared - 1:
+            return f"cut short: it holds {len(held)} of the {declared} frames its header lists"
+        return None
+    if container.format.name != "matroska,webm" or len(held) < 2:
+        return None
+    try:  # the video track's own length, as FFmpeg and mkvmerge write it: "00:00:10.000000000"
+        hours, minutes, seconds = stream.metadata["DURATION"].split(":")
+        declared = int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+    except (KeyError, ValueError):
+        declared = (container.duration or 0) / av.time_base
+    span = float((max(held) - min(held)) * stream.time_base)
+    holds = span * len(held) / (len(held) - 1)  # (up to the end of the last frame)
+    if declared - holds > max(1.0, 0.1 * declared):
+        return f"cut short: its frames span {holds:.1f} s of the {declared:.1f} s its header declares"
+    return None
 
 
 def open_video(path: str | os.PathLike) -> av.container.InputContainer:
@@ -114,14 +143,15 @@ def open_video(path: str | os.PathLike) -> av.container.InputContainer:
 
 
 def check_whole(path: str | os.PathLike) -> str | None:
-    """`missing_from_index` for a file that decodes (its video packets counted, none decoded); None where PyAV cannot
-    read it (the decoders' own errors say what is wrong with such a file)."""
+    """`missing_from_index` and `shorter_than_declared` for a file that decodes (its video packets read, none
+    decoded); None where PyAV cannot read it (the decoders' own errors say what is wrong with such a file)."""
     try:
         with open_video(path) as container:
             if not container.streams.video:
                 return None
-            held = sum(packet.size > 0 for packet in container.demux(container.streams.video[0]))
-            return missing_from_index(container, held)
+            packets = [(packet.size, packet.pts) for packet in container.demux(container.streams.video[0])]
+            held = sum(size > 0 for size, _ in packets)
+            return missing_from_index(container, held) or shorter_than_declared(container, [pts for _, pts in packets])
     except av.FFmpegError:
         return None
 
