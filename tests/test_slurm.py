@@ -3,10 +3,12 @@ requeued job continues; signals during the test after training."""
 
 import json
 import signal
+from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L
 import pytest
+import torch
 
 from tests.conftest import CONFIG_DIR, TINY_DATA, base_args, compose_config, run_script, slurm_job
 from timesformer.pipeline import train
@@ -130,18 +132,19 @@ def test_lightnings_requeue_stays_off_whatever_the_plugins_and_torchrun_keeps_it
     from lightning.fabric.plugins.environments import LightningEnvironment, SLURMEnvironment
 
     import timesformer.pipeline
-    from timesformer.pipeline import _plugins_without_lightning_requeue
+    from timesformer.callbacks import AtomicCheckpointIO
+    from timesformer.pipeline import _trainer_plugins
 
     environments, kept = [], []
-    build = timesformer.pipeline._plugins_without_lightning_requeue
+    build = timesformer.pipeline._trainer_plugins
 
     def recording(plugins):  # the trainer's plugins, as train() builds it
         built = build(plugins)
         environments.extend(plugin for plugin in built if isinstance(plugin, SLURMEnvironment))
-        kept.append(sum(isinstance(plugin, TorchCheckpointIO) for plugin in built))
+        kept.append([type(plugin) for plugin in built if isinstance(plugin, TorchCheckpointIO)])
         return built
 
-    monkeypatch.setattr(timesformer.pipeline, "_plugins_without_lightning_requeue", recording)
+    monkeypatch.setattr(timesformer.pipeline, "_trainer_plugins", recording)
     for name, value in {"SLURM_NTASKS": "1", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "train"}.items():
         monkeypatch.setenv(name, value)
     checkpoint_io = "{_target_: lightning.fabric.plugins.TorchCheckpointIO}"
@@ -150,15 +153,17 @@ def test_lightnings_requeue_stays_off_whatever_the_plugins_and_torchrun_keeps_it
                      f"+trainer.plugins={plugins}"]
         trainer_fits = train(compose_config("train", overrides, tmp_path / str(len(environments))))
         assert trainer_fits and len(environments) == 1 and not environments.pop().auto_requeue, plugins
-        assert kept.pop() == (plugins != "null"), plugins  # the user's own plugin too
+        # the user's own checkpoint writer too, else ours (written beside its place, renamed over it)
+        assert kept.pop() == [AtomicCheckpointIO if plugins == "null" else TorchCheckpointIO], plugins
     own = {"_target_": "lightning.fabric.plugins.environments.LightningEnvironment"}
-    [environment] = _plugins_without_lightning_requeue(own)
+    environment, _ = _trainer_plugins(own)
     assert isinstance(environment, LightningEnvironment)  # the user's own cluster environment is kept
     for name, value in {"RANK": "1", "GROUP_RANK": "0", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
                         "WORLD_SIZE": "2", "MASTER_ADDR": "localhost", "MASTER_PORT": "29500",
                         "TORCHELASTIC_RUN_ID": "x"}.items():
         monkeypatch.setenv(name, value)
-    assert _plugins_without_lightning_requeue(None) == []  # Lightning's choice: TorchElasticEnvironment
+    assert [type(plugin) for plugin in _trainer_plugins(None)] == [AtomicCheckpointIO]  # (torchrun's environment:
+    # Lightning's choice, TorchElasticEnvironment)
 
 
 DDP_TEST = ["trainer=ddp_cpu", "data.batch_size=1", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
@@ -253,3 +258,33 @@ def test_a_failed_fits_sigusr1_handler_is_replaced_by_the_next_runs(tmp_path):
     finally:
         signal.signal(signal.SIGUSR1, previous)
 
+
+
+def test_a_checkpoint_is_written_beside_its_place_and_renamed_over_the_old_one(tmp_path, monkeypatch):
+    """Lightning wrote to $TMPDIR and moved the file into place: across filesystems (node-local /tmp, the run dir on
+    NFS) the move copies over the old checkpoint, and a kill during the copy left last.ckpt empty. A write that stops
+    midway must leave the old checkpoint whole, and nothing behind."""
+    import os
+
+    from timesformer.callbacks import AtomicCheckpointIO
+
+    writer, path = AtomicCheckpointIO(), tmp_path / "checkpoints" / "last.ckpt"
+    writer.save_checkpoint({"global_step": 1, "w": torch.ones(1000)}, path)
+    renames = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: renames.append((src, dst)) or real_replace(src, dst))
+
+    class KilledMidWrite:
+        def __reduce__(self):
+            raise KeyboardInterrupt  # (as a signal would, after the first bytes went out)
+
+    with pytest.raises(KeyboardInterrupt):
+        writer.save_checkpoint({"global_step": 2, "w": torch.zeros(1000), "x": KilledMidWrite()}, path)
+    assert torch.load(path, weights_only=False)["global_step"] == 1  # the old one, whole
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"] and not renames
+    (path.parent / ".last.ckpt.999999.tmp").write_bytes(b"left by a process killed mid-write")
+    writer.save_checkpoint({"global_step": 3}, path)
+    assert torch.load(path, weights_only=False)["global_step"] == 3
+    [(source, target)] = renames
+    assert Path(source).parent == Path(target).parent == path.parent  # a rename within one folder: atomic
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]

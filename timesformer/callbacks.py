@@ -16,6 +16,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -28,6 +29,34 @@ log = logging.getLogger(__name__)
 def preempted_message(checkpoint: Path, signal_name: str) -> str:
     return (f"{signal_name} received: checkpoint written to {checkpoint}; continue with the same command: as it is if "
             f"it has resume=auto, else with ckpt_path={checkpoint}")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, with each local checkpoint written next to its place and renamed over it.
+
+    Lightning writes a checkpoint to a temporary file in ``$TMPDIR`` and moves it into place: where the run dir is on
+    another filesystem (node-local /tmp, the run on NFS or Lustre: a cluster's usual layout) the move copies the bytes
+    over the old file, so a kill during the copy (SLURM's SIGKILL after a slow preemption save) left ``last.ckpt``
+    empty and the epochs since the best checkpoint lost. Here the file is written in the checkpoint's own folder,
+    flushed to disk, and renamed over the old one: at every moment there is a whole checkpoint at its path. Remote
+    paths (``s3://``, ...) keep Lightning's way."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a process killed mid-write
+            stale.unlink(missing_ok=True)
+        partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(partial, "wb") as file:
+                torch.save(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
 
 
 class PreemptionCheckpoint(L.Callback):

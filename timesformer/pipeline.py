@@ -17,12 +17,13 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
+from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment, TorchElasticEnvironment
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from timesformer.callbacks import PreemptionCheckpoint
+from timesformer.callbacks import AtomicCheckpointIO, PreemptionCheckpoint
 from timesformer.evaluation import write_report_files
 from timesformer.loggers import CSVLogger
 from timesformer.model import TimeSformer, TimeSformerConfig
@@ -270,14 +271,17 @@ def _continue_from_newest(output_dir: Path, cfg: DictConfig, option: str) -> str
     return str(found) if found else None
 
 
-def _plugins_without_lightning_requeue(plugins: Any) -> list[Any]:
-    """``trainer.plugins`` (a config: one, a list or none), built, with Lightning's SLURM environment with its
-    auto-requeue off under SLURM: on SIGUSR1 it checkpointed from inside its signal handler, mid-batch or
-    mid-validation (the interrupted batch was then never trained on), and trained on until SLURM killed the job.
-    ``PreemptionCheckpoint`` stops at a point that resumes exactly and requeues the job instead
-    (``_requeue_only_where_the_run_continues``). A cluster environment in ``trainer.plugins`` is kept as it is."""
+def _trainer_plugins(plugins: Any) -> list[Any]:
+    """``trainer.plugins`` (a config: one, a list or none), built, with `AtomicCheckpointIO` unless it holds a
+    checkpoint writer, and Lightning's SLURM environment with its auto-requeue off under SLURM: on SIGUSR1 it
+    checkpointed from inside its signal handler, mid-batch or mid-validation (the interrupted batch was then never
+    trained on), and trained on until SLURM killed the job. ``PreemptionCheckpoint`` stops at a point that resumes
+    exactly and requeues the job instead (``_requeue_only_where_the_run_continues``). A cluster environment in
+    ``trainer.plugins`` is kept as it is."""
     plugins = hydra.utils.instantiate(plugins, _convert_="all")
     plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+    if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):  # (one the user chose is kept)
+        plugins.append(AtomicCheckpointIO())
     if (any(isinstance(plugin, ClusterEnvironment) for plugin in plugins) or TorchElasticEnvironment.detect()
             or not SLURMEnvironment.detect()):
         return plugins  # (torchrun inside a SLURM job: Lightning takes torchrun's ranks, as it should)
@@ -568,7 +572,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         callbacks = [callback for callback in callbacks if not isinstance(callback, ModelCheckpoint)]
     _requeue_only_where_the_run_continues(callbacks, cfg, output_dir)
     trainer_options = OmegaConf.to_container(cfg.trainer, resolve=True)
-    plugins = _plugins_without_lightning_requeue(trainer_options.pop("plugins", None))
+    plugins = _trainer_plugins(trainer_options.pop("plugins", None))
     trainer: L.Trainer = hydra.utils.instantiate(trainer_options, callbacks=callbacks, logger=loggers or False,
                                                  plugins=plugins or None)
     _apply_global_batch_size(trainer, cfg.get("global_batch_size"), cfg.data.batch_size)
