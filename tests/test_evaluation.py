@@ -56,3 +56,21 @@ def test_no_decoded_video_gives_empty_results_not_a_crash():
     results = aggregator.compute()
     assert results.failed == [0, 1]
     assert torch.equal(results.confusion_matrix(3), torch.zeros(3, 3, dtype=torch.int64))
+
+
+def test_tied_scores_rank_as_argmax_everywhere(tmp_path):
+    """bf16 logits often tie for first place: eval.json's top-1, predictions.csv, per_class.csv and the confusion
+    matrix must all pick the first tied class, as argmax() and torchmetrics' clip-level accuracy do (topk() put
+    another tied class first here, so eval.json's top-1 disagreed with the confusion matrix of the same run)."""
+    import csv
+
+    from timesformer.evaluation import write_report_files
+
+    aggregator = ViewAggregator()
+    aggregator.update(torch.zeros(1, 5), labels=torch.tensor([0]), indices=torch.tensor([0]))  # a five-way tie
+    results = aggregator.compute()
+    assert results.metrics(5)["top1"] == 1.0 and results.confusion_matrix(5)[0, 0] == 1
+    names = [f"c{c}" for c in range(5)]
+    paths = write_report_files(tmp_path, results, [("v.mp4", 0)], names)
+    row = next(csv.DictReader(paths["predictions"].open()))
+    assert [row[f"pred_{k}"] for k in range(1, 6)] == names

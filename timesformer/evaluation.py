@@ -20,6 +20,14 @@ import torch.distributed as dist
 AGGREGATIONS = ("softmax", "logits")
 
 
+def top_classes(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) of each row's k best classes. Tied scores (common with bf16 logits) rank by class index,
+    as argmax() and torchmetrics' top-1 accuracy pick them: topk() orders ties arbitrarily, and its first column
+    then disagreed with the confusion matrix of the same evaluation."""
+    values, indices = scores.sort(dim=-1, descending=True, stable=True)
+    return values[..., :k], indices[..., :k]
+
+
 @dataclass
 class VideoResults:
     """One row per evaluated video: its index in the split, label, aggregated scores (V, C) and view count."""
@@ -37,7 +45,7 @@ class VideoResults:
         if len(self.indices) == 0:
             return {"top1": float("nan"), "top5": float("nan"), "mean_class_accuracy": float("nan")}
         top_k = min(5, num_classes)
-        ranked = self.scores.topk(top_k, dim=1).indices  # (V, k)
+        ranked = top_classes(self.scores, top_k)[1]  # (V, k)
         top1 = (ranked[:, 0] == self.labels).float()
         top5 = (ranked == self.labels[:, None]).any(dim=1).float()
         per_class = [top1[self.labels == c].mean() for c in range(num_classes) if (self.labels == c).any()]
@@ -49,7 +57,8 @@ class VideoResults:
         matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64)
         if len(self.labels) == 0:  # no video could be decoded: an empty matrix, not an argmax over nothing
             return matrix
-        matrix.index_put_((self.labels, self.scores.argmax(dim=1)), torch.ones_like(self.labels), accumulate=True)
+        predicted = top_classes(self.scores, 1)[1][:, 0]
+        matrix.index_put_((self.labels, predicted), torch.ones_like(self.labels), accumulate=True)
         return matrix
 
 
@@ -133,11 +142,11 @@ def write_report_files(output_dir: Path, results: VideoResults, entries: list[tu
         writer = csv.writer(file)
         writer.writerow(["video", "true_label", "num_views",
                          *[f"{kind}_{k}" for k in range(1, top_k + 1) for kind in ("pred", "score")]])
-        top_scores, top_classes = results.scores.topk(top_k, dim=1) if len(results.indices) else (None, None)
+        top_scores, top_indices = top_classes(results.scores, top_k) if len(results.indices) else (None, None)
         for row, video in enumerate(results.indices.tolist()):
             ranked = []
             for k in range(top_k):
-                ranked += [class_names[int(top_classes[row, k])], f"{float(top_scores[row, k]):.6f}"]
+                ranked += [class_names[int(top_indices[row, k])], f"{float(top_scores[row, k]):.6f}"]
             writer.writerow([entries[video][0], class_names[int(results.labels[row])],
                              int(results.num_views[row]), *ranked])
 

@@ -30,7 +30,7 @@ from timesformer.data import (
 from timesformer.data.dataset import SPLITS
 from timesformer.data.sources import VIDEO_EXTENSIONS
 from timesformer.data.video import VideoDecodeError, decode_clip
-from timesformer.evaluation import ViewAggregator
+from timesformer.evaluation import ViewAggregator, top_classes
 from timesformer.model import TimeSformer
 from timesformer.model.weights import load_checkpoint_file
 
@@ -408,10 +408,10 @@ def predict(cfg: DictConfig) -> list[dict[str, Any]]:
             logits = model.head(embedding).float()  # (V, classes)
             probabilities = (logits.softmax(-1).mean(0) if settings.view_aggregation == "softmax"
                              else logits.mean(0).softmax(-1)).cpu()
-        top = probabilities.topk(min(cfg.top_k, len(names)))
+        top = top_classes(probabilities, min(cfg.top_k, len(names)))  # ties ranked as evaluate.py ranks them
         results.append({"video": str(path), "views": len(views),
                         "top_k": [{"label": names[int(c)], "probability": float(p)}
-                                  for p, c in zip(top.values, top.indices, strict=True)]})
+                                  for p, c in zip(*top, strict=True)]})
         if cfg.get("features"):
             features[str(path)] = embedding.mean(0).cpu()
         if cfg.get("attention_maps"):
