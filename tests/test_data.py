@@ -1020,6 +1020,27 @@ def test_each_ddp_process_trains_on_its_own_share(tiny_source):
     assert sorted(shares[0] + shares[1]) == list(range(8))
 
 
+def test_with_fewer_views_than_processes_each_view_counts_once_and_every_process_has_a_batch(tiny_source):
+    """4 single-view test videos on 6 processes: every process needs a batch (Lightning skips the evaluation,
+    epoch-end hooks and their metric gathering included, of a process without one, and the others hang), but
+    Lightning's sampler filled it with a repeated view that the clip-level test/acc and test/loss counted twice. The
+    views a process runs again are marked "repeated" (the evaluation steps skip them)."""
+    from types import SimpleNamespace
+
+    counted, repeated = [], []
+    for rank in range(6):
+        datamodule = _datamodule(tiny_source, batch_size=2)
+        datamodule.trainer = SimpleNamespace(distributed_sampler_kwargs={"num_replicas": 6, "rank": rank},
+                                             global_rank=rank, world_size=6, current_epoch=0, training=False,
+                                             sanity_checking=False, validating=False, testing=True)
+        datamodule.setup("test")
+        batches = [datamodule.on_before_batch_transfer(batch, 0) for batch in datamodule.test_dataloader()]
+        assert batches, f"rank {rank} has no batch"
+        for batch in batches:
+            (repeated if batch.get("repeated") else counted).extend(batch["index"].tolist())
+    assert sorted(counted) == [0, 1, 2, 3] and len(repeated) == 2
+
+
 @pytest.mark.parametrize("num_replicas", [1, 2, 3])
 def test_evaluation_decodes_each_clip_once_for_all_its_crops_over_processes_and_batches(tiny_source, monkeypatch,
                                                                                          num_replicas):

@@ -51,6 +51,29 @@ def test_ddp_cpu_two_processes_agree_and_validate_on_every_video(synthetic_root,
     assert reports["ddp_cpu"]["video"] == pytest.approx(reports["cpu"]["video"], rel=1e-5)
 
 
+@pytest.mark.slow
+def test_ddp_with_fewer_views_than_processes_counts_each_view_once(synthetic_root, tmp_path, uninterrupted_ddp_run):
+    # 2 single-view videos on 3 processes: the third process has no view of its own. Lightning's sampler gave it a
+    # repeat, which the clip-level accuracy counted; the repeat is run (every process must reach the epoch's end,
+    # where the metrics are gathered) but counted nowhere, so the clip and video numbers are those of one process.
+    videos = sorted((synthetic_root / "val").glob("*/*.mp4"))[:2]
+    (tmp_path / "lists").mkdir()
+    for name in ("train.csv", "val.csv", "test.csv"):
+        (tmp_path / "lists" / name).write_text("".join(f"{v},{v.parent.name}\n" for v in videos))
+    reports = {}
+    for trainer in ("cpu", "ddp_cpu"):
+        evaluation = run_script(
+            "evaluate.py", f"ckpt={uninterrupted_ddp_run / 'checkpoints' / 'last.ckpt'}", f"trainer={trainer}",
+            "trainer.devices=3" if trainer == "ddp_cpu" else "trainer.devices=1", "data=csv",
+            f"data.root={tmp_path / 'lists'}", "data.test_temporal_clips=1", "data.test_spatial_crops=1",
+            "data.num_workers=0", "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path / trainer}",
+            timeout=300)
+        assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+        reports[trainer] = json.loads((tmp_path / trainer / "eval.json").read_text())
+    assert reports["ddp_cpu"]["clip"] == pytest.approx(reports["cpu"]["clip"], rel=1e-5)
+    assert reports["ddp_cpu"]["video"] == pytest.approx(reports["cpu"]["video"], rel=1e-5)
+
+
 def test_global_batch_size_sets_gradient_accumulation():
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
     _apply_global_batch_size(trainer, 64, batch_size=8)

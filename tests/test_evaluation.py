@@ -74,3 +74,17 @@ def test_tied_scores_rank_as_argmax_everywhere(tmp_path):
     paths = write_report_files(tmp_path, results, [("v.mp4", 0)], names)
     row = next(csv.DictReader(paths["predictions"].open()))
     assert [row[f"pred_{k}"] for k in range(1, 6)] == names
+
+
+def test_a_repeated_view_counts_in_no_metric():
+    """A process with no view of its own runs one again (WholeVideoSampler) to reach the epoch's end with the others;
+    its clip-level loss and accuracy and its video-level results must leave it out."""
+    from tests.conftest import tiny_classifier
+
+    module = tiny_classifier()
+    batch = {"video": torch.zeros(1, 4, 3, 32, 32), "label": torch.tensor([1]), "index": torch.tensor([0]),
+             "view": torch.tensor([0]), "valid": torch.tensor([True]), "repeated": True}
+    module.test_step(batch, 0)
+    accuracy = module.test_metrics["acc"]
+    assert module.test_loss.weight == 0 and accuracy.tp.sum() == accuracy.fn.sum() == 0
+    assert len(module.test_videos.compute().indices) == 0

@@ -304,6 +304,10 @@ class VideoClassifier(L.LightningModule):
                    videos: ViewAggregator, prefix: str) -> None:
         """Clip-level loss/accuracy (each view on its own) and the views kept for video-level accuracy."""
         logits = self(batch["video"])
+        if batch.get("repeated"):  # a view another process evaluates (WholeVideoSampler): this one runs it to take
+            # part in the epoch's end, where the metrics are gathered, and counts it nowhere
+            logits = logits[:0]
+            batch = {key: value[:0] if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
         videos.update(logits, batch["label"], batch["index"], batch.get("view"), batch.get("valid"))
         valid = batch.get("valid")
         if valid is not None:

@@ -15,7 +15,6 @@ from typing import Any
 import lightning
 import torch
 from lightning.fabric.utilities.seed import pl_worker_init_function
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, DistributedSampler
 
 from timesformer.data.dataset import SAMPLINGS, SPLITS, VideoClipDataset, VideoIndex, VideoSource
@@ -107,9 +106,11 @@ class VideoDataModule(lightning.LightningDataModule):
     Batches are dicts: "video" (B, T, C, H, W), "label" int64 (B,), "index" int64 (B,) (the video's
     position in its split), "view" int64 (B,) (the view of that video), "valid" bool (B,) (False: the video
     could not be decoded, "video" is zeros), "replaced" bool (B,) (training: a broken video was replaced by
-    another one). `on_before_batch_transfer` takes the names of the failed files out of the batch (see
-    `DecodeFailureMonitor`). "video" leaves the loaders as uint8 and `on_after_batch_transfer` normalises it
-    with `mean` and `std` on the device (float32): a quarter of the bytes to move, and no work in the workers.
+    another one), "repeated" True (only in the evaluation batches of a process that runs a view again so as to
+    have a batch, see `WholeVideoSampler`: they count nowhere). `on_before_batch_transfer` takes the names of the
+    failed files out of the batch (see `DecodeFailureMonitor`). "video" leaves the loaders as uint8 and
+    `on_after_batch_transfer` normalises it with `mean` and `std` on the device (float32): a quarter of the bytes
+    to move, and no work in the workers.
     Outside a Trainer, call `timesformer.data.normalize(video, datamodule.mean, datamodule.std)`.
 
     Clips: `sampling="dense"`: `num_frames` frames `sampling_rate` apart at `target_fps` (scaled by the video's
@@ -252,6 +253,7 @@ class VideoDataModule(lightning.LightningDataModule):
         self.datasets: dict[str, VideoClipDataset] = {}
         self._train_loader: ResumableDataLoader | None = None
         self._train_loader_state: dict | None = None  # from a checkpoint, for the next training loader
+        self._repeating_splits: set[str] = set()  # whose loader, in this process, only repeats a view
 
     @staticmethod
     def _build_source(source: Any, root: str | os.PathLike | None, split: int | None) -> VideoSource:
@@ -385,6 +387,8 @@ class VideoDataModule(lightning.LightningDataModule):
         split_size = len(dataset.entries) // max(world_size, 1) if dataset is not None else 0
         self.failures.update(stage, epoch, error_lines, len(batch["video"]), split_size,
                              int(padded.sum()) if isinstance(padded, torch.Tensor) else 0)
+        if split in self._repeating_splits:
+            batch["repeated"] = True
         return flatten_repeated_clips(batch)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -445,16 +449,17 @@ class VideoDataModule(lightning.LightningDataModule):
         """The split in order; under DDP each process gets every ``num_replicas``-th video with all its views
         (`WholeVideoSampler`), without the repeats Lightning's own sampler pads the last batches with (they were
         counted again in the clip-level loss and accuracy; the video-level results drop them anyway). Processes may
-        then run a batch more than others: nothing in an evaluation step waits for the other processes."""
+        then run a batch more than others: nothing in an evaluation step waits for the other processes. A process
+        left without a view (fewer views than processes) evaluates one again, which its batches mark "repeated"."""
         dataset = self._dataset(split)
         replicas = (self.trainer.distributed_sampler_kwargs if self.trainer is not None else None) or {}
         num_replicas, rank = replicas.get("num_replicas", 1), replicas.get("rank", 0)
         sampler = None
-        if num_replicas > 1 and len(dataset.entries) >= num_replicas:
+        if num_replicas > 1 and len(dataset):
             sampler = WholeVideoSampler(dataset, num_replicas, rank)
-        elif num_replicas > 1 and len(dataset) >= num_replicas:  # fewer videos than processes: share the views
-            sampler = UnrepeatedDistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
-        # (fewer views than processes: Lightning's sampler pads, so that every process has a batch)
+        self._repeating_splits.discard(split)
+        if sampler is not None and sampler.repeats:
+            self._repeating_splits.add(split)
         return DataLoader(dataset, sampler=sampler, shuffle=False, **self._loader_settings(dataset))
 
     def val_dataloader(self) -> DataLoader:
@@ -472,13 +477,25 @@ class WholeVideoSampler(DistributedSampler):
     a row, each view once. A clip's spatial crops stay in one process (and, batches being whole clips, one batch
     and one DataLoader worker), which decodes the clip once for all of them; dealt view by view, as Lightning's
     samplers do, the 3 crops of a clip went to 3 processes and each decoded it. Being a DistributedSampler,
-    Lightning leaves it in place."""
+    Lightning leaves it in place.
+
+    Fewer videos than processes: views ``rank``, ``rank + num_replicas``, ... A process left without any (fewer
+    views than processes) gets the first view again and ``repeats`` is True: Lightning skips the evaluation,
+    epoch-end hooks included, of a process without a batch, and the others would wait for it forever where the
+    metrics are gathered (Lightning's own sampler repeats views instead, which the clip-level metrics counted).
+    The DataModule marks such batches "repeated", and the evaluation steps count them nowhere."""
 
     def __init__(self, dataset: VideoClipDataset, num_replicas: int, rank: int) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
         views = dataset.views_per_video
-        self.items = [video * views + view for video in range(rank, len(dataset.entries), num_replicas)
-                      for view in range(views)]
+        if len(dataset.entries) >= num_replicas:
+            self.items = [video * views + view for video in range(rank, len(dataset.entries), num_replicas)
+                          for view in range(views)]
+        else:
+            self.items = list(range(rank, len(dataset), num_replicas))
+        self.repeats = not self.items
+        if self.repeats:
+            self.items = [0]
         self.num_samples, self.total_size = len(self.items), len(dataset)
 
     def __iter__(self) -> Iterator[int]:
