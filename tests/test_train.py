@@ -434,3 +434,32 @@ def test_gradient_clipping_with_a_fused_optimizer_under_mixed_precision(precisio
     assert len(norms) == 2 and all(norm <= 1e-3 * 1.001 for norm in norms)  # clipped, by the step's time
     # fp16 scales the loss: its gradients are unscaled before clipping, which a fused step would do after.
     assert built == [False if precision == "16-mixed" else None]
+
+
+def test_metrics_json_is_strict_json_with_null_test_results_when_no_test_video_decodes(tmp_path, caplog):
+    """No test video decodes: torchmetrics' 0.0 accuracy (no sample seen) and NaN loss were written as results, the
+    NaN as a bare token that strict JSON parsers refuse. They are null, as in evaluate.py's eval.json, with a
+    warning; any other non-finite value is null too."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from timesformer.evaluation import VideoResults
+    from timesformer.pipeline import _fit_and_test
+
+    none = torch.zeros(0, dtype=torch.int64)
+    module = SimpleNamespace(test_results=VideoResults(none, none, torch.zeros(0, 0), none, failed=[0, 1]))
+    test_metrics = {"test/acc": 0.0, "test/loss": float("nan"), "test/video_acc": float("nan"),
+                    "test/failed_views": 6.0}
+    trainer = SimpleNamespace(fit=lambda *args, **kwargs: None, global_step=2, fast_dev_run=False,
+                              callback_metrics={"val/acc": torch.tensor(0.5), "val/loss": torch.tensor(float("inf"))},
+                              checkpoint_callback=None, is_global_zero=True, test=lambda *a, **k: [test_metrics])
+    _fit_and_test(OmegaConf.create({"test": True}), trainer, module, None, None, None, tmp_path)
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    saved = json.loads((tmp_path / "metrics.json").read_text(), parse_constant=refuse)
+    assert saved["test/acc"] is saved["test/loss"] is saved["test/video_acc"] is saved["val/loss"] is None
+    assert saved["test/failed_views"] == 6.0 and saved["val/acc"] == 0.5
+    assert "None of the 2 test videos could be decoded" in caplog.text

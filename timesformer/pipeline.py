@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import netrc
 import os
 import urllib.parse
@@ -646,10 +647,19 @@ def _fit_and_test(cfg: DictConfig, trainer: L.Trainer, module: VideoClassifier, 
                         best or output_dir / "checkpoints" / "last.ckpt")
             test_metrics = {}
         metrics.update(_scalars(test_metrics))
+        if test_metrics and module.test_results is not None and not len(module.test_results.indices):
+            # torchmetrics gives 0.0 for accuracies that saw no sample, and the loss is NaN: null, as in eval.json
+            metrics.update({key: None for key in test_metrics if key != "test/failed_views"})
+            log.warning("None of the %d test videos could be decoded: the test results are null. `python -m "
+                        "timesformer.data.check` scans a dataset for videos that do not decode",
+                        len(module.test_results.failed))
         metrics["best_checkpoint"] = best  # type: ignore[assignment]
 
     if trainer.is_global_zero:
-        results_file.write_text(json.dumps(metrics, indent=2) + "\n")
+        # NaN and inf are not JSON (json.dumps wrote them as bare tokens that strict parsers refuse): null
+        finite = {key: None if isinstance(value, float) and not math.isfinite(value) else value
+                  for key, value in metrics.items()}
+        results_file.write_text(json.dumps(finite, indent=2, allow_nan=False) + "\n")
         _print_summary(f"Run summary ({output_dir})", metrics)
     return metrics
 
