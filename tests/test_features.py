@@ -74,6 +74,19 @@ def test_split_features_equal_predict_on_the_same_files(val_features, dataset, c
     assert [f["video"] for f in files["failed"]] == [f["video"] for f in val_features["failed"]]
 
 
+def test_batches_hold_whole_clips(dataset, checkpoint, tmp_path, monkeypatch):
+    """data.batch_size=4 with 3 crops a clip: batches of 3 views, as evaluate.py's, so that a clip's crops go to one
+    DataLoader worker, which decodes the clip once (batches of 4 split every other clip over two workers)."""
+    import timesformer.inference as inference
+
+    sizes = []
+    monkeypatch.setattr(inference, "embed", lambda model, video, precision: sizes.append(len(video)) or
+                        embed(model, video, precision))
+    run(split_cfg(checkpoint, tmp_path / "val.pt", ["data=folder", f"data.root={dataset}", "split=val",
+                                                      "data.num_workers=0", "data.batch_size=4", *VIEWS]))
+    assert sum(sizes) == 9 * 6 and set(sizes) == {3}
+
+
 def test_rows_follow_the_split_with_its_labels_and_the_corrupt_video_listed(val_features, dataset, checkpoint):
     entries = FolderSource(dataset).load().split("val")
     decoded = [(path, label) for path, label in entries if not path.endswith("broken.mp4")]

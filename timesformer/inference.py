@@ -283,10 +283,11 @@ def extract_features(cfg: DictConfig) -> dict[str, Any]:
     """The pooled ``forward_features`` embedding of every video of a dataset split, written to ``cfg.features``.
 
     Each video's views are its evaluation views (``data.test_temporal_clips`` x ``data.test_spatial_crops``, as in
-    evaluate.py, for the train split too), read by a DataLoader (``data.batch_size`` views a batch,
-    ``data.num_workers`` workers) and averaged per video. Rows follow the split's order. A video none of whose views
-    decodes is logged with its path, left out, and listed under "failed"; one that decodes in part averages the views
-    that do (its "num_views" says how many). Returns what was written (see ``save_features``).
+    evaluate.py, for the train split too), read by a DataLoader (``data.batch_size`` views a batch, rounded down to
+    whole clips as evaluate.py's are, ``data.num_workers`` workers) and averaged per video. Rows follow the split's
+    order. A video none of whose views decodes is logged with its path, left out, and listed under "failed"; one
+    that decodes in part averages the views that do (its "num_views" says how many). Returns what was written (see
+    ``save_features``).
     """
     device = resolve_device(cfg.device)
     model = TimeSformer.from_pretrained(cfg.ckpt).to(device).eval()
@@ -295,8 +296,11 @@ def extract_features(cfg: DictConfig) -> dict[str, Any]:
     class_names = datamodule.class_names  # reads the index
     dataset = datamodule.evaluation_dataset(str(cfg.split))  # an error naming the splits the dataset has
     entries = dataset.entries
-    loader = DataLoader(dataset, batch_size=datamodule.batch_size, num_workers=datamodule.num_workers,
-                        pin_memory=datamodule.pin_memory and device.type == "cuda")
+    # The DataModule's evaluation loader settings: batches of whole clips (a clip's crops split over two batches
+    # went to two workers, which decoded it twice) and workers that keep serving through a SIGTERM to the group
+    settings = datamodule._loader_settings(dataset)
+    settings["pin_memory"] = settings["pin_memory"] and device.type == "cuda"
+    loader = DataLoader(dataset, shuffle=False, **settings)
     log.info("Features of %d %s videos, %d views each, on %s (%s)", len(entries), cfg.split, dataset.views_per_video,
              device, cfg.precision)
 
