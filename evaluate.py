@@ -1,8 +1,9 @@
 """Evaluate a checkpoint written by train.py: `python evaluate.py ckpt=PATH [overrides]`.
 
 Model and data are rebuilt from the checkpoint's saved config. `data=<name>` swaps the dataset (clips still cut as
-the checkpoint's); `data.<key>=<value>` changes one value of the saved data config. Results go to eval.json in the
-run dir.
+the checkpoint's); `data.<key>=<value>` changes one value of the saved data config. Results (eval.json,
+predictions.csv, per_class.csv, confusion_matrix.png) go to this evaluation's own run dir, logs/eval/runs/<date>/
+(hydra.run.dir=... chooses another), which the summary names; not to the checkpoint's run dir.
 """
 
 import os

@@ -84,6 +84,9 @@ def test_train_then_evaluate_the_checkpoint(synthetic_root, tmp_path):
     result = run_script("evaluate.py", f"ckpt={metrics['best_checkpoint']}", "data.batch_size=2",
                         "trainer.enable_progress_bar=false", f"hydra.run.dir={eval_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
+    # It says where its results are (a new dir under logs/eval/runs/ by default, not the checkpoint's run dir)
+    assert f"written to {eval_dir}" in result.stdout + result.stderr
+    assert f"written to {eval_dir}" in (eval_dir / "evaluate.log").read_text()
     report = json.loads((eval_dir / "eval.json").read_text())
     # The same weights on the same (deterministic) test clips give the same accuracy as train.py's test.
     assert report["clip"]["top1"] == pytest.approx(metrics["test/acc"])

@@ -815,6 +815,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     }
     (output_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
     write_report_files(output_dir, results, entries, class_names)
+    # (a new dir under logs/eval/runs/ unless hydra.run.dir chose one: not the checkpoint's run dir)
+    log.info("eval.json, predictions.csv, per_class.csv and confusion_matrix.png written to %s", output_dir)
     if not evaluated:
         raise RuntimeError(f"None of the {len(entries)} test videos could be decoded: nothing was evaluated. They "
                            f"are listed in {output_dir / 'eval.json'} (failed_videos); `python -m "
@@ -822,7 +824,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if results.failed:
         log.warning("%d of %d videos could not be decoded and were not evaluated; see eval.json",
                     len(results.failed), len(entries))
-    _print_summary(f"Evaluation of {cfg.ckpt}: {len(results.indices)}/{len(entries)} videos", {
+    _print_summary(f"Evaluation of {cfg.ckpt}: {len(results.indices)}/{len(entries)} videos ({output_dir})", {
         "clip top-1": report["clip"]["top1"], "clip top-5": report["clip"]["top5"],
         "video top-1": video_metrics["top1"], "video top-5": video_metrics["top5"],
         "video mean class accuracy": video_metrics["mean_class_accuracy"]})
