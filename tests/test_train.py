@@ -193,6 +193,18 @@ def test_evaluate_refuses_keys_it_does_not_read(tmp_path):
         evaluate(compose_config("eval", ["ckpt=any.ckpt", "+model.num_frames=16"], tmp_path))
 
 
+def test_evaluate_does_not_overwrite_another_evaluations_results(tmp_path):
+    """Two torchrun launches with one --rdzv-id share the run dir torchrun-<id>: the second evaluation overwrote the
+    first's eval.json and predictions.csv. It stops before reading anything."""
+    from timesformer.pipeline import evaluate
+
+    (tmp_path / "eval.json").write_text("{}")
+    (tmp_path / "model.ckpt").write_text("not read")
+    with pytest.raises(FileExistsError, match="already holds the results of an evaluation"):
+        evaluate(compose_config("eval", [f"ckpt={tmp_path / 'model.ckpt'}"], tmp_path))
+    assert (tmp_path / "eval.json").read_text() == "{}"
+
+
 @pytest.mark.parametrize(("override", "message"), [
     ("model.attention_type=divided", "model: attention_type='divided' is not supported; valid values: divided_space_t"),
     ("+model.num_frame=16", r"model: unknown TimeSformerConfig field\(s\) \['num_frame'\]; known fields: .*'num_fr"),

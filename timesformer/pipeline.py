@@ -763,6 +763,12 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                                 "model.pretrained=FOLDER data=... trainer.max_epochs=0`")
     if not Path(cfg.ckpt).is_file():
         raise FileNotFoundError(f"ckpt={cfg.ckpt}: no such checkpoint file")
+    if (Path(cfg.paths.output_dir) / "eval.json").exists():
+        # The processes of a torchrun launch name their dir for its --rdzv-id (run_name), which a job's launches
+        # may share: a second evaluation there overwrote the first's results. (Checked by every process before any
+        # writes: eval.json comes last.)
+        raise FileExistsError(f"{cfg.paths.output_dir} already holds the results of an evaluation (eval.json): "
+                              "choose another dir with hydra.run.dir=..., or remove that one")
     saved = _saved_run_config(cfg.ckpt)
     data_cfg = cfg.get("data")
     if data_cfg and "_target_" in data_cfg:  # a data=<name> group choice replaces the saved dataset
