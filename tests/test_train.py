@@ -478,3 +478,19 @@ def test_metrics_json_is_strict_json_with_null_test_results_when_no_test_video_d
     assert saved["test/acc"] is saved["test/loss"] is saved["test/video_acc"] is saved["val/loss"] is None
     assert saved["test/failed_views"] == 6.0 and saved["val/acc"] == 0.5
     assert "None of the 2 test videos could be decoded" in caplog.text
+
+
+@pytest.mark.parametrize("bound", ["max_epochs", "max_steps"])
+def test_the_final_train_loss_is_the_mean_over_the_processes(monkeypatch, bound, tmp_path):
+    """train/loss was reduced over the processes at logging steps only: metrics.json (and a sweep optimising
+    train/loss) got rank 0's own last batch whenever the run's last step was not a logging step. A stand-in reduce
+    marks the reduced values."""
+    from tests.test_tracking import _SlowClips
+
+    bounds = {"max_epochs": 1} if bound == "max_epochs" else {"max_epochs": -1, "max_steps": 5}
+    trainer = L.Trainer(accelerator="cpu", log_every_n_steps=50, logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, default_root_dir=tmp_path, **bounds)
+    monkeypatch.setattr(type(trainer.strategy), "reduce",  # (the non-finite check's sum left as it is)
+                        lambda self, tensor, reduce_op="mean": tensor + 1000 if reduce_op == "mean" else tensor)
+    trainer.fit(tiny_classifier(), DataLoader(_SlowClips(0.0), batch_size=1))  # 7 steps an epoch
+    assert trainer.callback_metrics["train/loss"] > 1000

@@ -357,8 +357,12 @@ class VideoClassifier(L.LightningModule):
         logging_step = self.trainer._logger_connector.should_update_logs
         if self._step_loss is not None:
             loss = self._step_loss / self._step_losses
-            if logging_step:  # the mean over the processes (rank 0's alone stood for the global batch) where the
-                loss = self.trainer.strategy.reduce(loss, reduce_op="mean")  # loggers write it: one all-reduce
+            # The mean over the processes (rank 0's alone stood for the global batch) where the loggers write it, and
+            # at an epoch's last step and the run's, whose value metrics.json and sweeps read: one all-reduce. (Every
+            # process takes the same branch: they step alike.)
+            last_step = self.trainer.is_last_batch or 0 < self.trainer.max_steps <= self.trainer.global_step + 1
+            if logging_step or last_step:
+                loss = self.trainer.strategy.reduce(loss, reduce_op="mean")
             # Not prog_bar: Lightning would read it back to the host after every step. TrainingProgressBar shows it.
             self.log("train/loss", loss)
         self._step_loss, self._step_losses = None, 0
