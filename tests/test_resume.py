@@ -179,6 +179,33 @@ def test_a_restarted_torchrun_attempt_continues_and_a_requeue_that_cannot_says_s
     assert "TRAINS FROM THE START" in caplog.text
 
 
+def test_ckpt_path_into_another_run_dir_says_how_to_continue_in_its_own(tmp_path, monkeypatch, caplog):
+    """The preemption message said to continue with ckpt_path=...: without hydra.run.dir the run went on in a new
+    dir, where Lightning forgot its best checkpoint, and the test after training took a worse one."""
+    import logging
+
+    from omegaconf import OmegaConf
+
+    from timesformer import pipeline
+    from timesformer.callbacks import preempted_message
+
+    monkeypatch.setattr(pipeline, "_check_resumable", lambda *args, **kwargs: None)  # (a stand-in checkpoint)
+    run_dir = tmp_path / "runs" / "first"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / "checkpoints").mkdir()
+    last = run_dir / "checkpoints" / "last.ckpt"
+    torch.save({"state_dict": {}, "loops": {}, "global_step": 6}, last)
+    assert f"ckpt_path={last} hydra.run.dir={run_dir}" in preempted_message(last, "SIGTERM")
+    cfg = OmegaConf.create({"resume": None, "ckpt_path": str(last)})
+    with caplog.at_level(logging.WARNING):
+        assert pipeline._resolve_ckpt_path(cfg, run_dir) == str(last)
+    assert not caplog.records  # its own dir
+    with caplog.at_level(logging.WARNING):
+        pipeline._resolve_ckpt_path(cfg, tmp_path / "runs" / "second")
+    assert "Lightning forgets which checkpoint was its best" in caplog.text
+    assert f"hydra.run.dir={run_dir}" in caplog.text
+
+
 def test_resume_auto_run_dir_depends_only_on_the_command(tmp_path):
     assert run_name("auto", "a=1,b=2", "2026-01-01") == run_name("auto", "a=1,b=2", "2027-05-05")
     assert run_name("auto", "a=1,b=2", "t") != run_name("auto", "a=1,b=3", "t")

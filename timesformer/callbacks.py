@@ -27,8 +27,9 @@ log = logging.getLogger(__name__)
 
 
 def preempted_message(checkpoint: Path, signal_name: str) -> str:
+    # (in the same run dir: Lightning forgets the best checkpoint of a run continued in another)
     return (f"{signal_name} received: checkpoint written to {checkpoint}; continue with the same command: as it is if "
-            f"it has resume=auto, else with ckpt_path={checkpoint}")
+            f"it has resume=auto, else with ckpt_path={checkpoint} hydra.run.dir={checkpoint.parent.parent}")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -252,6 +252,12 @@ def _resolve_ckpt_path(cfg: DictConfig, output_dir: Path) -> str | None:
             raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file" + (
                 " (a folder: pass one of its .ckpt files)" if Path(ckpt_path).is_dir() else ""))
         _check_resumable(Path(ckpt_path), cfg)
+        run_dir = Path(ckpt_path).resolve().parent.parent
+        if (run_dir / ".hydra").is_dir() and run_dir != output_dir.resolve():
+            log.warning("ckpt_path=%s continues the run in %s in another run dir, %s: Lightning forgets which "
+                        "checkpoint was its best (the test after training takes this run's best), and its logs and "
+                        "metrics.csv are split. Continue it in its own dir: hydra.run.dir=%s", ckpt_path, run_dir,
+                        output_dir, run_dir)
         return str(ckpt_path)
     if resume == "auto":
         _check_sweep_dir_is_fixed()
