@@ -1,7 +1,8 @@
 """Decoding video files, reading only the frames a clip needs: decord (the default) or PyAV.
 
 Both decoders give the same frames for the same indices (frame i = the i-th frame in presentation order, the
-same RGB conversion; tests/test_data.py checks it pixel for pixel). They differ in the work they skip:
+same RGB conversion; tests/test_data.py checks it pixel for pixel, for 8-bit video: 10-bit 4:2:0 differs by up to 7
+levels, their chroma upsampling differing). They differ in the work they skip:
 
 - "decord": seeks to the keyframe before a wanted frame when that skips frames, then decodes every frame up to
   it. Frame-threading is off (num_threads=1), as DataLoader workers are one per core.
