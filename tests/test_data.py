@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fractions
 import json
 import os
 import random
@@ -1194,8 +1195,8 @@ def test_a_matroska_video_without_a_frame_rate_gets_the_rate_its_timestamps_meas
 
 @pytest.mark.parametrize("name, codec, message", [
     ("cut.avi", "mpeg4", "cut short: it holds 25 of the 60 frames its header lists"),
-    ("cut.mkv", "libx264", "cut short: its frames span 1.0 s of the 2.4 s its header declares"),
-    ("cut.webm", "libvpx-vp9", "cut short: its frames span 1.0 s of the 2.4 s its header declares"),
+    ("cut.mkv", "libx264", "cut short: its frames end at 1.0 s of the 2.4 s its header declares"),
+    ("cut.webm", "libvpx-vp9", "cut short: its frames end at 1.0 s of the 2.4 s its header declares"),
 ])
 def test_check_reports_an_avi_or_matroska_file_cut_short(tmp_path, name, codec, message):
     """A download that stopped: the AVI's header counts 60 frames, the Matroska file's declares 2.4 s; the file holds
@@ -1219,3 +1220,19 @@ def test_check_reports_an_avi_or_matroska_file_cut_short(tmp_path, name, codec, 
     cut.write_bytes(whole.read_bytes()[: ends[24]])
     assert check_video(str(cut), 0).error == message
     assert check_video(str(whole), 0).error is None
+    if name.endswith(".avi"):  # (AVI has no start time)
+        return
+    # A whole file whose video starts at 2 s (a capture): FFmpeg's DURATION tag is its end time, 4.4 s; compared with
+    # the span of its frames (2.4 s), it was reported cut short
+    later = tmp_path / f"later{os.path.splitext(name)[1]}"
+    with av.open(str(later), mode="w") as container:
+        stream = container.add_stream(codec, rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for t in range(60):
+            frame = av.VideoFrame.from_ndarray(_pattern(t), format="rgb24")
+            frame.pts, frame.time_base = 50 + t, fractions.Fraction(1, 25)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    assert check_video(str(later), 0).error is None

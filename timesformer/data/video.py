@@ -109,11 +109,12 @@ def missing_from_index(container: av.container.InputContainer, frames_held: int)
 def shorter_than_declared(container: av.container.InputContainer, timestamps: Sequence[int | None]) -> str | None:
     """`missing_from_index` for AVI and Matroska/WebM, which declare a length in their header (written first, so a
     download that stopped keeps it) but list no frames: an AVI its frame count, which counts packed B-frames'
-    placeholders (packets of their own, maybe empty), so every packet is counted; a Matroska file its duration (its
-    video track's own where the muxer wrote one, else the segment's), against the span of the frames it holds.
+    placeholders (packets of their own, maybe empty), so every packet is counted; a Matroska file its video track's
+    end time from 0 (FFmpeg's DURATION tag: a video that starts at 2 s and lasts 3 has 5), else, with no other track
+    to run longer, the segment's duration, against the end of the last frame it holds.
     ``timestamps``: the presentation timestamps of every video packet, empty ones included (the demuxer's final
-    flush packet carries none). Only a gap that neither rounding nor an audio track running a little longer than the
-    video explains is reported: over a tenth of the declared length and over 1 s (AVI: 10% of its frames)."""
+    flush packet carries none). Only a gap that rounding does not explain is reported: over a tenth of the declared
+    length and over 1 s (AVI: 10% of its frames)."""
     stream = container.streams.video[0]
     held = [pts for pts in timestamps if pts is not None]
     if container.format.name == "avi":
@@ -123,15 +124,17 @@ def shorter_than_declared(container: av.container.InputContainer, timestamps: Se
         return None
     if container.format.name != "matroska,webm" or len(held) < 2:
         return None
-    try:  # the video track's own length, as FFmpeg and mkvmerge write it: "00:00:10.000000000"
+    try:  # as FFmpeg and mkvmerge write it: "00:00:10.000000000"
         hours, minutes, seconds = stream.metadata["DURATION"].split(":")
         declared = int(hours) * 3600 + int(minutes) * 60 + float(seconds)
     except (KeyError, ValueError):
+        if len(container.streams) > 1:  # the segment lasts as long as its longest track (an audio track, say)
+            return None
         declared = (container.duration or 0) / av.time_base
-    span = float((max(held) - min(held)) * stream.time_base)
-    holds = span * len(held) / (len(held) - 1)  # (up to the end of the last frame)
-    if declared - holds > max(1.0, 0.1 * declared):
-        return f"cut short: its frames span {holds:.1f} s of the {declared:.1f} s its header declares"
+    frame = float((max(held) - min(held)) * stream.time_base) / (len(held) - 1)
+    ends = float(max(held) * stream.time_base) + frame  # (the end of the last frame)
+    if declared - ends > max(1.0, 0.1 * declared):
+        return f"cut short: its frames end at {ends:.1f} s of the {declared:.1f} s its header declares"
     return None
 
 
@@ -398,10 +401,10 @@ def timestamps_order_the_frames(container: av.container.InputContainer) -> bool:
     return timestamps_give_the_order(timestamps, stream.codec_context.has_b_frames, container.format.name)
 
 
-# FFmpeg's decoders that read skip_frame for each packet (measured: h264, HEVC and MPEG-4 part 2 skip their
+# FFmpeg's decoders that read skip_frame for each packet (measured: h264, HEVC, MPEG-4 part 2 and MPEG-1/2 skip their
 # unreferenced B-frames). Others ignore it (vp9) or read it once, when they open: libdav1d (AV1), opened while told
 # to skip non-reference frames, skipped them for good, wanted ones included ("the decoder gave no picture").
-SKIP_NONREF_DECODERS = ("h264", "hevc", "mpeg4")
+SKIP_NONREF_DECODERS = ("h264", "hevc", "mpeg4", "mpeg1video", "mpeg2video")
 
 
 class _DecodeOrderTimestamps(Exception):
