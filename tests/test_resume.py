@@ -170,6 +170,20 @@ def test_a_restarted_torchrun_attempt_continues_and_a_requeue_that_cannot_says_s
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
     assert pipeline._resolve_ckpt_path(cfg, tmp_path) == str(tmp_path / "checkpoints" / "last.ckpt")
 
+    # The first attempt failed before its first checkpoint: the restart starts anew, in the same dir, without a word
+    # (it warned that its dir was named by the time and that it trained from the start)
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    launched = SimpleNamespace(mode=RunMode.RUN, overrides=OmegaConf.create({"hydra": [], "task": []}))
+    monkeypatch.setattr(HydraConfig, "initialized", staticmethod(lambda: True))
+    monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: launched))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job7")
+    with caplog.at_level(logging.WARNING):
+        assert pipeline._resolve_ckpt_path(cfg, tmp_path / "torchrun-job7") is None
+    assert not caplog.records
+    monkeypatch.delenv("WORLD_SIZE")
     monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT")
     monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
     monkeypatch.setattr(pipeline, "_run_dir_is_found_again", lambda cfg, output_dir: False)  # a timestamped dir

@@ -48,12 +48,14 @@ def run_name(resume: str | None, overrides: str, timestamp: str) -> str:
     --standalone's own)."""
     if resume == "auto":
         return "auto-" + hashlib.sha1(overrides.encode()).hexdigest()[:12]
-    launch = slurm_launch_name()
-    if launch:
-        return launch
+    return slurm_launch_name() or _torchrun_launch_name() or timestamp
+
+
+def _torchrun_launch_name() -> str | None:
+    """``torchrun-<run id>`` for the processes of a torchrun launch (several), else None; its restarts keep it."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("TORCHELASTIC_RUN_ID", "none") != "none":
         return f"torchrun-{os.environ['TORCHELASTIC_RUN_ID']}"
-    return timestamp
+    return None
 
 
 def slurm_launch_name() -> str | None:
@@ -304,7 +306,7 @@ def _run_dir_is_found_again(cfg: DictConfig, output_dir: Path) -> bool:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    if cfg.get("resume") == "auto" or output_dir.name == slurm_launch_name():
+    if cfg.get("resume") == "auto" or output_dir.name in (slurm_launch_name(), _torchrun_launch_name()):
         return True
     if not HydraConfig.initialized():
         return True
