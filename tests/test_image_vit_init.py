@@ -132,6 +132,9 @@ def test_not_an_image_vit_is_a_clear_error(tmp_path):
     torch.save({"embeddings.cls_token": torch.zeros(1, 1, 8)}, tmp_path / "hf_vit.bin")
     with pytest.raises(ValueError, match="in Hugging Face's ViTModel names: load it with timm"):
         TimeSformer.from_image_vit(tmp_path / "hf_vit.bin")
+    torch.save({"timesformer.embeddings.cls_token": torch.zeros(1, 1, 8)}, tmp_path / "video.bin")
+    with pytest.raises(ValueError, match="a video TimeSformer .* model.pretrained="):
+        TimeSformer.from_image_vit(tmp_path / "video.bin")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="a folder without model.safetensors or pytorch_model.bin"):
         TimeSformer.from_image_vit(tmp_path / "empty")

@@ -242,8 +242,8 @@ def infer_config_from_state(state: dict[str, torch.Tensor], source: str | Path =
         raise ValueError(
             f"{source}: the weights are {dim} wide, not a released ViT's width "
             f"({', '.join(map(str, RELEASED_HEADS))}), and their head count is not stored with them: pass "
-            f"num_attention_heads=... (model.num_attention_heads). TimeSformer.save_pretrained and train.py "
-            f"checkpoints keep it")
+            f"num_attention_heads=... (model.num_attention_heads in train.py), or write a folder that keeps it, once: "
+            f"TimeSformer.from_pretrained(path, num_attention_heads=N).save_pretrained(folder)")
     if heads is None:
         log.info("%s: num_attention_heads not stored with the weights: assuming %d heads of %d (the released ViTs and "
                  "TimeSformers of width %d); pass num_attention_heads=... for others", source, released,
@@ -292,10 +292,13 @@ def read_image_vit(path: Path) -> dict[str, torch.Tensor]:
             state = state[wrapper]
             break
     if not isinstance(state, dict) or "cls_token" not in state or "pos_embed" not in state:
-        hugging_face = isinstance(state, dict) and any(key.endswith("embeddings.cls_token") for key in state)
-        raise ValueError(f"{path}: not an image ViT state dict in timm's names (no cls_token / pos_embed)" + (
-            "; it is in Hugging Face's ViTModel names: load it with timm (timm.create_model(..., pretrained=True, "
-            "pretrained_cfg_overlay=dict(file=...))) and save its state_dict()" if hugging_face else ""))
+        keys = list(state) if isinstance(state, dict) else []
+        hint = ("; it is a video TimeSformer (Hugging Face's names): start from it with model.pretrained="
+                if any(key.startswith("timesformer.") for key in keys) else
+                "; it is in Hugging Face's ViTModel names: load it with timm (timm.create_model(..., pretrained=True, "
+                "pretrained_cfg_overlay=dict(file=...))) and save its state_dict()"
+                if any(key.endswith("embeddings.cls_token") for key in keys) else "")
+        raise ValueError(f"{path}: not an image ViT state dict in timm's names (no cls_token / pos_embed){hint}")
     positions = state["pos_embed"].shape[1]
     grid = int(round((positions - 1) ** 0.5))
     if grid * grid + 1 != positions:
