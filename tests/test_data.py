@@ -296,6 +296,25 @@ def _pattern(t: int) -> np.ndarray:
     return rgb.astype(np.uint8)
 
 
+def _write_pattern_video(path: Path, codec: str = "libx264", codec_options: dict | None = None, num_frames: int = 60,
+                         first_pts: int = 0, **container_options) -> Path:
+    """`_pattern` frames 0..num_frames-1 at 25 fps, 64x48 (``first_pts``: the first frame's time, in frames;
+    ``container_options``: av.open's, e.g. format="avi")."""
+    import av
+
+    with av.open(str(path), mode="w", **container_options) as container:
+        stream = container.add_stream(codec, rate=25)
+        stream.width, stream.height, stream.pix_fmt, stream.options = 64, 48, "yuv420p", codec_options or {}
+        for t in range(num_frames):
+            frame = av.VideoFrame.from_ndarray(_pattern(t), format="rgb24")
+            frame.pts, frame.time_base = first_pts + t, fractions.Fraction(1, 25)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
 @pytest.mark.parametrize("name, codec, options", [
     ("h264_bframes.mp4", "libx264", {}),
     ("h264_bframes.avi", "libx264", {}),  # AVI has no presentation timestamps: they follow the decode order
@@ -315,15 +334,7 @@ def test_decoders_return_the_frames_that_were_encoded(tmp_path, name, codec, opt
 
     from timesformer.data.check import VideoCheck, check_video
 
-    path = tmp_path / name
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream(codec, rate=25)
-        stream.width, stream.height, stream.pix_fmt, stream.options = 64, 48, "yuv420p", options
-        for t in range(60):
-            for packet in stream.encode(av.VideoFrame.from_ndarray(_pattern(t), format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    path = _write_pattern_video(tmp_path / name, codec, options)
     encoded = np.stack([_pattern(t) for t in range(60)]).astype(np.float32)
 
     def frame_numbers(frames: torch.Tensor) -> list[int]:  # the encoded frame each decoded one is closest to
@@ -387,15 +398,8 @@ def test_check_reports_an_mp4_cut_short(tmp_path, decoder):
 
     from timesformer.data.check import check_video
 
-    whole, cut = tmp_path / "whole.mp4", tmp_path / "cut.mp4"
-    with av.open(str(whole), mode="w", options={"movflags": "faststart"}) as container:
-        stream = container.add_stream("libx264", rate=25)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        for t in range(60):
-            for packet in stream.encode(av.VideoFrame.from_ndarray(_pattern(t), format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    whole = _write_pattern_video(tmp_path / "whole.mp4", options={"movflags": "faststart"})
+    cut = tmp_path / "cut.mp4"
     with av.open(str(whole)) as container:
         ends = [packet.pos + packet.size for packet in container.demux(container.streams.video[0]) if packet.size]
     cut.write_bytes(whole.read_bytes()[: ends[29]])
@@ -1075,18 +1079,9 @@ def test_evaluation_decodes_each_clip_once_for_all_its_crops_over_processes_and_
 def test_an_avi_under_another_name_is_read_with_pyav(tmp_path, name):
     """decord seeks wrongly in AVI files (see DECORD_UNRELIABLE_SUFFIXES): one named .mp4, or with no extension, was
     read by decord, which returned frames 10 and 20 for 40 and 50, silently."""
-    import av
 
-    path = tmp_path / name
-    with av.open(str(path), mode="w", format="avi") as container:
-        stream = container.add_stream("libx264", rate=25)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        stream.options = {"x264-params": "keyint=30:min-keyint=30:scenecut=0"}
-        for t in range(60):
-            for packet in stream.encode(av.VideoFrame.from_ndarray(_pattern(t), format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    path = _write_pattern_video(tmp_path / name, codec_options={"x264-params": "keyint=30:min-keyint=30:scenecut=0"},
+                                format="avi")
     encoded = np.stack([_pattern(t) for t in range(60)]).astype(np.float32)
     frames = decode_frames(path, [40, 50, 59, 13])
     assert [int(np.abs(encoded - frame.numpy()).mean(axis=(1, 2, 3)).argmin()) for frame in frames] == [40, 50, 59, 13]
@@ -1102,16 +1097,9 @@ def test_a_file_starting_between_keyframes_is_read_from_its_first_keyframe(tmp_p
 
     from timesformer.data.check import VideoCheck, check_video
 
-    source, path = tmp_path / "source.mp4", tmp_path / f"capture.{suffix}"
-    with av.open(str(source), mode="w") as container:
-        stream = container.add_stream("libx264", rate=25)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        stream.options = {"x264-params": "keyint=20:min-keyint=20:scenecut=0", "bf": "0"}
-        for t in range(60):
-            for packet in stream.encode(av.VideoFrame.from_ndarray(_pattern(t), format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    source = _write_pattern_video(tmp_path / "source.mp4",
+                                  codec_options={"x264-params": "keyint=20:min-keyint=20:scenecut=0", "bf": "0"})
+    path = tmp_path / f"capture.{suffix}"
     with av.open(str(source)) as original, av.open(str(path), mode="w") as copy:
         stream = original.streams.video[0]
         out = copy.add_stream_from_template(stream)
@@ -1136,15 +1124,7 @@ def test_pyav_decoder_reads_av1(tmp_path):
 
     if not {"libsvtav1", "libdav1d"} <= av.codecs_available:
         pytest.skip("this PyAV build has no AV1 encoder (libsvtav1) or decoder (libdav1d)")
-    path = tmp_path / "av1.mp4"
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libsvtav1", rate=25)
-        stream.width, stream.height, stream.pix_fmt, stream.options = 64, 48, "yuv420p", {"g": "60"}
-        for t in range(40):
-            for packet in stream.encode(av.VideoFrame.from_ndarray(_pattern(t), format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    path = _write_pattern_video(tmp_path / "av1.mp4", "libsvtav1", {"g": "60"}, num_frames=40)
     with open_video(path) as container:
         assert container.streams.video[0].codec_context.name == "libdav1d"
     for indices in ([13], [1, 9, 17, 25], [0, 13, 39]):
@@ -1206,15 +1186,7 @@ def test_check_reports_an_avi_or_matroska_file_cut_short(tmp_path, name, codec, 
 
     from timesformer.data.check import check_video
 
-    whole, cut = tmp_path / f"whole{os.path.splitext(name)[1]}", tmp_path / name
-    with av.open(str(whole), mode="w") as container:
-        stream = container.add_stream(codec, rate=25)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        for t in range(60):
-            for packet in stream.encode(av.VideoFrame.from_ndarray(_pattern(t), format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    whole, cut = _write_pattern_video(tmp_path / f"whole{os.path.splitext(name)[1]}", codec), tmp_path / name
     with av.open(str(whole)) as container:
         ends = [packet.pos + packet.size for packet in container.demux(container.streams.video[0]) if packet.size]
     cut.write_bytes(whole.read_bytes()[: ends[24]])
@@ -1224,15 +1196,5 @@ def test_check_reports_an_avi_or_matroska_file_cut_short(tmp_path, name, codec, 
         return
     # A whole file whose video starts at 2 s (a capture): FFmpeg's DURATION tag is its end time, 4.4 s; compared with
     # the span of its frames (2.4 s), it was reported cut short
-    later = tmp_path / f"later{os.path.splitext(name)[1]}"
-    with av.open(str(later), mode="w") as container:
-        stream = container.add_stream(codec, rate=25)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        for t in range(60):
-            frame = av.VideoFrame.from_ndarray(_pattern(t), format="rgb24")
-            frame.pts, frame.time_base = 50 + t, fractions.Fraction(1, 25)
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    later = _write_pattern_video(tmp_path / f"later{os.path.splitext(name)[1]}", codec, first_pts=50)
     assert check_video(str(later), 0).error is None
