@@ -35,16 +35,23 @@ def test_ddp_cpu_two_processes_agree_and_validate_on_every_video(synthetic_root,
     # sampler would repeat one to even them out, and the clip-level loss and accuracy counted it.
     videos = sorted((synthetic_root / "val").glob("*/*.mp4")) + sorted((synthetic_root / "train").glob("*/*.mp4"))[:1]
     assert len(videos) == 5
+    _assert_ddp_evaluation_matches_one_process(run_dir, videos, tmp_path, "data.test_temporal_clips=3",
+                                               "data.sampling_rate=1", "data.batch_size=4")
+
+
+def _assert_ddp_evaluation_matches_one_process(run_dir, videos, tmp_path, *overrides: str, processes: int = 2) -> None:
+    """evaluate.py of run_dir's last.ckpt on a list of ``videos``, in one process and in ``processes``: the same
+    eval.json, clip and video numbers."""
     (tmp_path / "lists").mkdir()
     for name in ("train.csv", "val.csv", "test.csv"):
         (tmp_path / "lists" / name).write_text("".join(f"{v},{v.parent.name}\n" for v in videos))
     reports = {}
-    for trainer in ("cpu", "ddp_cpu"):
+    for trainer, devices in (("cpu", 1), ("ddp_cpu", processes)):
         evaluation = run_script(
-            "evaluate.py", f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}", f"trainer={trainer}", "data=csv",
-            f"data.root={tmp_path / 'lists'}", "data.test_temporal_clips=3", "data.test_spatial_crops=1",
-            "data.sampling_rate=1", "data.num_workers=0", "data.batch_size=4", "trainer.enable_progress_bar=false",
-            f"hydra.run.dir={tmp_path / trainer}")
+            "evaluate.py", f"ckpt={run_dir / 'checkpoints' / 'last.ckpt'}", f"trainer={trainer}",
+            f"trainer.devices={devices}", "data=csv", f"data.root={tmp_path / 'lists'}", "data.test_spatial_crops=1",
+            "data.num_workers=0", "trainer.enable_progress_bar=false", *overrides,
+            f"hydra.run.dir={tmp_path / trainer}", timeout=300)
         assert evaluation.returncode == 0, evaluation.stderr[-3000:]
         reports[trainer] = json.loads((tmp_path / trainer / "eval.json").read_text())
     assert reports["ddp_cpu"]["clip"] == pytest.approx(reports["cpu"]["clip"], rel=1e-5)
@@ -57,21 +64,8 @@ def test_ddp_with_fewer_views_than_processes_counts_each_view_once(synthetic_roo
     # repeat, which the clip-level accuracy counted; the repeat is run (every process must reach the epoch's end,
     # where the metrics are gathered) but counted nowhere, so the clip and video numbers are those of one process.
     videos = sorted((synthetic_root / "val").glob("*/*.mp4"))[:2]
-    (tmp_path / "lists").mkdir()
-    for name in ("train.csv", "val.csv", "test.csv"):
-        (tmp_path / "lists" / name).write_text("".join(f"{v},{v.parent.name}\n" for v in videos))
-    reports = {}
-    for trainer in ("cpu", "ddp_cpu"):
-        evaluation = run_script(
-            "evaluate.py", f"ckpt={uninterrupted_ddp_run / 'checkpoints' / 'last.ckpt'}", f"trainer={trainer}",
-            "trainer.devices=3" if trainer == "ddp_cpu" else "trainer.devices=1", "data=csv",
-            f"data.root={tmp_path / 'lists'}", "data.test_temporal_clips=1", "data.test_spatial_crops=1",
-            "data.num_workers=0", "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path / trainer}",
-            timeout=300)
-        assert evaluation.returncode == 0, evaluation.stderr[-3000:]
-        reports[trainer] = json.loads((tmp_path / trainer / "eval.json").read_text())
-    assert reports["ddp_cpu"]["clip"] == pytest.approx(reports["cpu"]["clip"], rel=1e-5)
-    assert reports["ddp_cpu"]["video"] == pytest.approx(reports["cpu"]["video"], rel=1e-5)
+    _assert_ddp_evaluation_matches_one_process(uninterrupted_ddp_run, videos, tmp_path, "data.test_temporal_clips=1",
+                                               processes=3)
 
 
 def test_global_batch_size_sets_gradient_accumulation():
