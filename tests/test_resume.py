@@ -183,6 +183,13 @@ def test_a_restarted_torchrun_attempt_continues_and_a_requeue_that_cannot_says_s
     with caplog.at_level(logging.WARNING):
         assert pipeline._resolve_ckpt_path(cfg, tmp_path / "torchrun-job7") is None
     assert not caplog.records
+    # A new launch (restart count 0) with the id of one whose checkpoints are there trained over them
+    (tmp_path / "torchrun-job7" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "torchrun-job7" / "checkpoints" / "last.ckpt").write_bytes((tmp_path / "checkpoints" /
+                                                                            "last.ckpt").read_bytes())
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    with pytest.raises(FileExistsError, match="checkpoints of an earlier torchrun launch with this --rdzv-id"):
+        pipeline._resolve_ckpt_path(cfg, tmp_path / "torchrun-job7")
     monkeypatch.delenv("WORLD_SIZE")
     monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT")
     monkeypatch.setenv("SLURM_RESTART_COUNT", "2")

@@ -261,6 +261,11 @@ def _resolve_ckpt_path(cfg: DictConfig, output_dir: Path) -> str | None:
                         "metrics.csv are split. Continue it in its own dir: hydra.run.dir=%s", ckpt_path, run_dir,
                         output_dir, run_dir)
         return str(ckpt_path)
+    if output_dir.name == _torchrun_launch_name() and resume != "auto" and find_resume_checkpoint(output_dir):
+        # (its restarts continued above): another launch with the same --rdzv-id would train over its checkpoints
+        raise FileExistsError(f"{output_dir} holds the checkpoints of an earlier torchrun launch with this --rdzv-id "
+                              f"({os.environ.get('TORCHELASTIC_RUN_ID')}): give this launch an id of its own, continue "
+                              f"that run with resume=auto, or name another dir: hydra.run.dir=...")
     if resume == "auto":
         _check_sweep_dir_is_fixed()
         found = _continue_from_newest(output_dir, cfg, "resume=auto")
