@@ -78,6 +78,19 @@ def test_nonfinite_loss_can_skip_the_batch(tmp_path):
         torch.testing.assert_close(param, expected, msg=name)
 
 
+def test_the_skipped_batch_count_goes_on_after_a_resume(tmp_path):
+    """train/skipped_batches counts the run's skipped batches: a resumed run started it at 0 again."""
+    module = tiny_classifier(nonfinite_loss="skip")
+    options = dict(accelerator="cpu", default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+                   enable_checkpointing=False)
+    trainer = L.Trainer(max_epochs=1, **options)
+    trainer.fit(module, train_dataloaders=_nan_loader())
+    trainer.save_checkpoint(tmp_path / "epoch1.ckpt")
+    resumed = tiny_classifier(nonfinite_loss="skip")
+    L.Trainer(max_epochs=2, **options).fit(resumed, _nan_loader(), ckpt_path=tmp_path / "epoch1.ckpt")
+    assert module.skipped_batches == 1 and resumed.skipped_batches == 2  # the poisoned batch, once an epoch
+
+
 def test_a_skipped_batch_under_gradient_accumulation_leaves_the_step_to_the_others(tmp_path):
     # Batches 2 and 3 make one step; batch 2 is poisoned. The step goes on with batch 3's gradient alone (halved, as
     # Lightning divides every batch's loss by the accumulation), the same as a run that never saw batch 2, whose

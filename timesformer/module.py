@@ -435,10 +435,12 @@ class VideoClassifier(L.LightningModule):
         checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
         if torch.cuda.is_available():
             checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
+        checkpoint["skipped_batches"] = self.skipped_batches  # train/skipped_batches counts the whole run
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Applied in on_train_start: the sanity-check validation that runs in between draws from the RNGs.
         self._rng_states_to_restore = checkpoint.get("rng_states")
+        self.skipped_batches = int(checkpoint.get("skipped_batches", 0))
 
     def on_fit_start(self) -> None:
         self._run_seed = torch.initial_seed()  # seed_everything's: train.py's `seed`
