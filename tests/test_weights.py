@@ -186,9 +186,16 @@ def test_class_names_are_matched_by_name(tmp_path, caplog):
         expected = dict(zip(source.config.class_names, source(video)[0].tolist(), strict=True))
         actual = dict(zip(reordered.config.class_names, reordered(video)[0].tolist(), strict=True))
     assert actual == pytest.approx(expected, abs=1e-6)
-    with caplog.at_level("WARNING"):
+    with caplog.at_level("INFO"):
         other = TimeSformer.from_pretrained(tmp_path / "m", num_classes=3, class_names=["ant", "bee", "cat"])
     assert "the head is new" in caplog.text and not torch.equal(other.head.weight, source.head.weight)
+    # ... whose rows for the classes both name are the trained ones (cat: the checkpoint's row 0, the new row 2),
+    # as when another label set adds classes (Kinetics-400 -> 600)
+    assert "1 of the 3 classes keep their trained head rows" in caplog.text
+    assert torch.equal(other.head.weight[2], source.head.weight[0]) and other.head.bias[2] == source.head.bias[0]
+    assert not torch.equal(other.head.weight[:2], source.head.weight[1:])
+    more = TimeSformer.from_pretrained(tmp_path / "m", num_classes=5, class_names=["dog", "fox", "eel", "cat", "gnu"])
+    torch.testing.assert_close(more.head.weight[[0, 2, 3]], source.head.weight[[1, 2, 0]], rtol=0, atol=0)
     unnamed = TimeSformer.from_pretrained(tmp_path / "m", num_classes=3, class_names=["0", "1", "2"])
     assert torch.equal(unnamed.head.weight, source.head.weight)  # classes named by their ids: kept in order
 

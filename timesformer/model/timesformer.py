@@ -848,7 +848,8 @@ class TimeSformer(nn.Module):
         The format is detected; weights load strictly (any tensor that cannot be placed is an error).
         ``num_classes`` different from the checkpoint's replaces the head with a new one (logged). ``class_names``
         (the classes the model is for, in order) are matched by name with the checkpoint's when it has names: the
-        same classes in another order reorder the head's rows; other classes get a new head (logged). Other
+        same classes in another order reorder the head's rows; other classes get a new head (logged), in which the
+        classes both name keep their trained rows. Other
         keyword arguments set config fields: ``num_frames`` and ``image_size`` resize the stored embeddings (logged),
         architecture fields must be the checkpoint's (an error names those that are not), except
         ``num_attention_heads`` for formats that do not store it (a ``*.pyth``); dropout, stochastic depth and
@@ -866,8 +867,8 @@ class TimeSformer(nn.Module):
                              "head.bias": state["head.bias"][order]}
                     log.info("%s: head rows reordered to the given class order", path)
             elif wanted != [str(i) for i in range(len(wanted))]:  # (unnamed classes, "0".."N-1", keep the order)
-                log.warning("%s: its %d classes are not the %d given (e.g. %r): the head is new and random", path,
-                            len(saved), len(wanted), next((name for name in wanted if name not in saved), wanted[0]))
+                log.warning("%s: its %d classes are not the %d given (e.g. %r): the head is new", path, len(saved),
+                            len(wanted), next((name for name in wanted if name not in saved), wanted[0]))
                 replace_head, num_classes = True, len(wanted)
         if "head.weight" not in state:  # a backbone (Hugging Face's TimesformerModel): the head is new
             log.warning("%s has no classifier: the %d-class head is new and random (features are unaffected; "
@@ -875,6 +876,13 @@ class TimeSformer(nn.Module):
             replace_head, num_classes = True, num_classes or config.num_classes
         elif replace_head:
             log.info("%s: replacing the %d-class head by a new %d-class head", path, config.num_classes, num_classes)
+        # A new head for another label set keeps the trained rows of the classes both name (Kinetics-400 -> 600: 400
+        # of its 600 rows), the others start random: new head row -> the checkpoint's
+        kept_rows: dict[int, int] = {}
+        if replace_head and class_names is not None and config.class_names and "head.weight" in state:
+            saved = list(config.class_names)
+            kept_rows = {row: saved.index(name) for row, name in enumerate(class_names) if name in saved}
+        trained_head = (state["head.weight"], state["head.bias"]) if kept_rows else None
         if replace_head:
             state = {k: v for k, v in state.items() if not k.startswith("head.")}
             config.num_classes, config.class_names = num_classes, class_names
@@ -891,6 +899,13 @@ class TimeSformer(nn.Module):
                 f"missing {missing[:10]}{' ...' if len(missing) > 10 else ''}, "
                 f"unexpected {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}"
             )
+        if trained_head is not None:
+            rows, sources = torch.tensor(list(kept_rows)), torch.tensor(list(kept_rows.values()))
+            with torch.no_grad():
+                model.head.weight[rows] = trained_head[0][sources].to(model.head.weight)
+                model.head.bias[rows] = trained_head[1][sources].to(model.head.bias)
+            log.info("%s: %d of the %d classes keep their trained head rows (matched by name); %d are new", path,
+                     len(kept_rows), config.num_classes, config.num_classes - len(kept_rows))
         return model
 
     @classmethod
