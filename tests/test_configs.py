@@ -101,3 +101,17 @@ def test_train_options_that_would_fail_or_mislead_late_are_refused_first(overrid
     cfg = compose_config("train", ["experiment=demo", *overrides], tmp_path)
     with pytest.raises(ValueError, match=message):
         check_run_options(cfg)
+
+
+def test_evaluating_on_the_same_numbered_dataset_keeps_the_checkpoints_split(tmp_path):
+    """evaluate.py data=ucf101 on a split-2 checkpoint tested split 1 (ucf101.yaml's), whose test groups 1-7 are in
+    split 2's training list: an accuracy measured on training videos, without a word."""
+    from timesformer.pipeline import swap_dataset
+
+    saved = {"source": {"_target_": "timesformer.data.UCF101Source"}, "split": 2, "num_frames": 4}
+    cfg = compose_config("eval", ["ckpt=x.ckpt", "data=ucf101", "data.root=/ucf"], tmp_path)
+    assert swap_dataset(saved, cfg.data).split == 2
+    cfg = compose_config("eval", ["ckpt=x.ckpt", "data=ucf101", "data.root=/ucf", "data.split=3"], tmp_path)
+    assert swap_dataset(saved, cfg.data).split == 3  # the command line's
+    cfg = compose_config("eval", ["ckpt=x.ckpt", "data=folder", "data.root=/f"], tmp_path)
+    assert swap_dataset(saved, cfg.data).get("split") is None  # another dataset: its own

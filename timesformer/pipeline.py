@@ -729,6 +729,14 @@ def swap_dataset(saved_data: DictConfig | dict[str, Any], chosen: DictConfig) ->
     log.info("data=<name>: clips cut as the checkpoint's (%s)%s", ", ".join(f"{k}={v}" for k, v in kept.items()),
              f"; from the command line: {', '.join(sorted(explicit & set(CLIP_KEYS)))}"
              if explicit & set(CLIP_KEYS) else "")
+    saved_source = (saved_data.get("source") or {}).get("_target_")
+    if (saved_source and saved_source == (chosen.get("source") or {}).get("_target_") and "split" not in explicit
+            and saved_data.get("split") is not None and saved_data.get("split") != chosen.get("split")):
+        # The same dataset with numbered splits (UCF101's 1-3): the checkpoint's, whose test videos it did not train
+        # on (split 1's test groups are split 2's training ones)
+        kept["split"] = saved_data["split"]
+        log.info("data=<name>: the checkpoint's data.split=%s (it trained on that split's training list)",
+                 saved_data["split"])
     return OmegaConf.merge(chosen, kept)
 
 
