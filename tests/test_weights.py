@@ -200,6 +200,22 @@ def test_class_names_are_matched_by_name(tmp_path, caplog):
     assert torch.equal(unnamed.head.weight, source.head.weight)  # classes named by their ids: kept in order
 
 
+def test_something_something_templates_match_with_or_without_brackets(tmp_path, caplog):
+    """Hugging Face's SSv2 checkpoints name their classes as templates with brackets ("[Something] falling like a
+    rock"); data=ssv2 names them from labels.json, without: the released head was replaced by a random one."""
+    torch.manual_seed(0)
+    templates = ["Approaching [something] with your camera", "[Something] falling like a rock",
+                 "Pushing [something] from right to left"]
+    TimeSformer(TimeSformerConfig(**TINY, num_classes=3, class_names=templates)).save_pretrained(tmp_path / "ssv2")
+    source = TimeSformer.from_pretrained(tmp_path / "ssv2")
+    dataset = ["Something falling like a rock", "Approaching something with your camera",
+               "Pushing something from right to left"]
+    with caplog.at_level("WARNING"):
+        loaded = TimeSformer.from_pretrained(tmp_path / "ssv2", num_classes=3, class_names=dataset)
+    assert "the head is new" not in caplog.text and loaded.config.class_names == dataset  # the dataset's own names
+    torch.testing.assert_close(loaded.head.weight, source.head.weight[[1, 0, 2]], rtol=0, atol=0)
+
+
 def test_a_folder_saved_without_class_names_keeps_its_head_for_the_datasets_names(tmp_path):
     """transformers (and our export) write id2label LABEL_0..LABEL_{N-1} when a model has no class names: not
     names, so fine-tuning or evaluating on a dataset with as many classes keeps the trained head (the placeholders

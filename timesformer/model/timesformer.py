@@ -686,6 +686,14 @@ class Block(nn.Module):
         return cls, patches
 
 
+def class_key(name: str) -> str:
+    """A class name as checkpoints and datasets are matched by: without brackets, spaces collapsed, any case.
+    Something-Something v2's classes are templates that Hugging Face's label files keep the brackets of
+    ("Approaching [something] with your camera") and its labels.json does not: every name differed, and a released
+    SSv2 model loaded for data=ssv2 lost its trained head."""
+    return " ".join(str(name).replace("[", " ").replace("]", " ").split()).casefold()
+
+
 class TimeSformer(nn.Module):
     """TimeSformer video classifier.
 
@@ -859,7 +867,7 @@ class TimeSformer(nn.Module):
         state = fit_embeddings(state, config, path)
         replace_head = num_classes is not None and num_classes != config.num_classes
         if class_names is not None and not replace_head and config.class_names and "head.weight" in state:
-            saved, wanted = list(config.class_names), list(class_names)
+            saved, wanted = [class_key(name) for name in config.class_names], [class_key(name) for name in class_names]
             if sorted(saved) == sorted(wanted) and len(set(saved)) == len(saved):
                 if saved != wanted:  # the same classes, numbered otherwise: the head's rows follow the names
                     order = torch.tensor([saved.index(name) for name in wanted])
@@ -867,8 +875,9 @@ class TimeSformer(nn.Module):
                              "head.bias": state["head.bias"][order]}
                     log.info("%s: head rows reordered to the given class order", path)
             elif wanted != [str(i) for i in range(len(wanted))]:  # (unnamed classes, "0".."N-1", keep the order)
+                new_name = next((class_names[row] for row, name in enumerate(wanted) if name not in saved), None)
                 log.warning("%s: its %d classes are not the %d given (e.g. %r): the head is new", path, len(saved),
-                            len(wanted), next((name for name in wanted if name not in saved), wanted[0]))
+                            len(wanted), new_name or class_names[0])
                 replace_head, num_classes = True, len(wanted)
         if "head.weight" not in state:  # a backbone (Hugging Face's TimesformerModel): the head is new
             log.warning("%s has no classifier: the %d-class head is new and random (features are unaffected; "
@@ -880,8 +889,9 @@ class TimeSformer(nn.Module):
         # of its 600 rows), the others start random: new head row -> the checkpoint's
         kept_rows: dict[int, int] = {}
         if replace_head and class_names is not None and config.class_names and "head.weight" in state:
-            saved = list(config.class_names)
-            kept_rows = {row: saved.index(name) for row, name in enumerate(class_names) if name in saved}
+            saved = [class_key(name) for name in config.class_names]
+            kept_rows = {row: saved.index(class_key(name)) for row, name in enumerate(class_names)
+                         if class_key(name) in saved}
         trained_head = (state["head.weight"], state["head.bias"]) if kept_rows else None
         if replace_head:
             state = {k: v for k, v in state.items() if not k.startswith("head.")}
