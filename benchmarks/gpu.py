@@ -217,13 +217,10 @@ VARIANT_OPTIONS = {
 }
 
 
-def training_variant(name: str, ours: TimeSformer, hf: HFModel) -> tuple[Callable, torch.nn.Module]:
-    """(callable video -> logits, the module holding its parameters) for a variant's name: "HF eager", or "ours
-    eager" / "ours torch.compile" followed by options from VARIANT_OPTIONS."""
-    if name == "HF eager":
-        return hf, hf.model
-    if name == "HF torch.compile":
-        return HFModel(torch.compile(hf.model)), hf.model
+def variant_parts(name: str) -> tuple[str, list[str]]:
+    """A training variant's name -> (base, options), or a ValueError naming the valid ones."""
+    if name in ("HF eager", "HF torch.compile"):
+        return name, []
     base, *options = [part.strip() for part in name.split(",")]
     unknown = [option for option in options if option not in VARIANT_OPTIONS]
     if base not in ("ours eager", "ours torch.compile") or unknown:
@@ -232,6 +229,17 @@ def training_variant(name: str, ours: TimeSformer, hf: HFModel) -> tuple[Callabl
                          f"followed by any of {sorted(VARIANT_OPTIONS)}, comma-separated")
     if "max-autotune" in options and base == "ours eager":
         raise ValueError(f"{name!r}: max-autotune is a torch.compile mode")
+    return base, options
+
+
+def training_variant(name: str, ours: TimeSformer, hf: HFModel) -> tuple[Callable, torch.nn.Module]:
+    """(callable video -> logits, the module holding its parameters) for a variant's name: "HF eager", or "ours
+    eager" / "ours torch.compile" followed by options from VARIANT_OPTIONS."""
+    base, options = variant_parts(name)
+    if base == "HF eager":
+        return hf, hf.model
+    if base == "HF torch.compile":
+        return HFModel(torch.compile(hf.model)), hf.model
     model = with_config(ours, bf16_residual_stream="bf16 residual stream" in options,
                         memory_saving_backward="plain autograd" not in options,
                         fused_short_attention="fused short attention" in options)
@@ -436,8 +444,10 @@ def lightning_section(case: Case, batch: int, device: torch.device, steps: int, 
     class Data(L.LightningDataModule):
         def train_dataloader(self) -> torch.utils.data.DataLoader:
             workers = 0 if quick else 4
+            # (fork: Clips is local, which spawn and forkserver, Python 3.14's default, cannot pickle)
             return torch.utils.data.DataLoader(Clips(), batch_size=batch, num_workers=workers, drop_last=True,
-                                               pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+                                               pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                                               multiprocessing_context="fork" if workers else None)
 
         def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
             # timesformer.data.normalize's work (that package imports the video decoders, absent on GPU images)
@@ -795,9 +805,17 @@ def main(argv: list[str] | None = None) -> None:
                         help="skip the sections that start after this many seconds (their results are lost)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="where gpu.md/.json go")
     args = parser.parse_args(argv)
+    for name in args.variants:  # (at once, not when the training section starts minutes later)
+        try:
+            variant_parts(name)
+        except ValueError as error:
+            parser.error(str(error))
 
     start = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda" and not args.quick:  # (the full sizes ran on the CPU for the whole time limit)
+        parser.error("torch sees no CUDA device (torch.cuda.is_available() is False; a driver too old for this "
+                     "torch?): --quick is the CPU smoke test")
     if args.quick:
         case, batch, videos, steps = Case("divided_space_time", 4, 64, depth=2, width=128), 4, 2, 2
         growth_points, growth_width, growth_depth = [(4, 64), (8, 64), (4, 96)], 128, 1

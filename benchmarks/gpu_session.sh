@@ -15,6 +15,10 @@
 set -uo pipefail
 out=${1:-benchmarks/results}
 mkdir -p "$out"
+# At once, not after the time limit: without CUDA gpu.py refuses the full sizes, and without pytest the CUDA tests
+# would be lost to one line of the log
+python3 -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else "torch sees no CUDA device")' || exit 1
+python3 -c 'import pytest' || { echo "pytest is missing: the CUDA tests cannot run (pip install pytest)"; exit 1; }
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/device.txt"
 timeout 150 python3 -m pytest -q --noconftest -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/test_cuda.log"

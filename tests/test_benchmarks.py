@@ -118,6 +118,21 @@ def test_gpu_benchmark_variant_names_combine_options_and_reject_unknown_ones():
             training_variant(bad, ours, hf)
 
 
+def test_gpu_benchmark_refuses_at_once_what_would_cost_a_session(capsys):
+    """A misspelt variant failed when the training section began, minutes into a lent GPU's time; without CUDA (a
+    driver too old for torch) the full sizes ran on the CPU until the time limit, with no message."""
+    pytest.importorskip("transformers")
+    from benchmarks.gpu import main
+
+    with pytest.raises(SystemExit):
+        main(["--quick", "--variants", "ours eager, fast"])
+    assert "unknown training variant 'ours eager, fast'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            main(["--only", "attention"])
+        assert "torch sees no CUDA device" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("attention_type", ["divided_space_time", "joint_space_time"])
 def test_training_multiply_adds_count_every_matmul_the_step_runs(attention_type):
     """run.py's fwd+bwd GMACs (the per-block ceiling of a matmul-bound step): FlopCounterMode alone misses the
