@@ -191,6 +191,9 @@ def test_kinetics_official_csvs(tmp_path, caplog):
     # the missing clip is reported once, with its name, and is not fatal
     warnings = [r.getMessage() for r in caplog.records if "missing" in r.getMessage()]
     assert len(warnings) == 1 and "1 of 4" in warnings[0] and "gone0000000_000000_000010" in warnings[0]
+    # ... and kept with the index, for eval.json (its test is val here): a part of the official list not evaluated
+    assert len(index.missing["val"]) == 1 and "gone0000000_000000_000010" in index.missing["val"][0]
+    assert index.missing["test"] == index.missing["val"] and not index.missing.get("train")
     # labels follow the sorted class names whatever the folder layout
     for path, label in index.splits["train"] + index.splits["val"]:
         youtube_id = Path(path).stem[:11]
@@ -623,6 +626,7 @@ def test_evaluate_reads_moved_data_and_lists_failed_videos(tmp_path):
     assert report["views"] == {"test_temporal_clips": 1, "test_spatial_crops": 3}
     assert report["videos_total"] == 2 and report["videos_evaluated"] == 1
     assert report["failed_videos"] == [str(moved / "test" / "dog" / "broken.mp4")]
+    assert report["missing_videos"] == []  # (a folder dataset annotates nothing it does not hold)
     assert report["clips"]["sampling_rate"] == 2 and report["clips"]["num_frames"] == 8
     # data=<name> swaps the dataset but keeps how the model's clips were cut (folder.yaml's sampling_rate is 8),
     # except what the command line sets

@@ -838,6 +838,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         "videos_total": len(entries),
         "videos_evaluated": len(results.indices),
         "failed_videos": [entries[i][0] for i in results.failed],
+        # annotated in the test list but not on disk: left out of videos_total (part of the official split untested)
+        "missing_videos": list(datamodule.index.missing.get("test", [])),
         "class_names": class_names,
     }
     (output_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -321,7 +321,8 @@ class VideoDataModule(lightning.LightningDataModule):
         position = {name: number for number, name in enumerate(class_names)}
         relabel = [position[name] for name in index.class_names]
         self.index = VideoIndex(list(class_names), {
-            split: [(path, relabel[label]) for path, label in entries] for split, entries in index.splits.items()})
+            split: [(path, relabel[label]) for path, label in entries] for split, entries in index.splits.items()},
+            missing=index.missing)
         self.datasets.clear()
 
     def views(self, split: str) -> tuple[int, int]:

@@ -27,6 +27,8 @@ class VideoIndex:
 
     class_names: list[str]
     splits: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
+    # Per split, the annotated videos that are not on disk (left out of ``splits``; logged when the index is read)
+    missing: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:

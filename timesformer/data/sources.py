@@ -202,10 +202,11 @@ class AnnotatedVideoSource:
                 )
         if not scan.splits:
             raise FileNotFoundError(f"{self.title}: no split found under data.root={self.root} (see data/README.md)")
-        splits = dict(scan.splits)
+        splits, missing = dict(scan.splits), dict(scan.missing)
         if "test" not in splits and "val" in splits:
             splits["test"] = splits["val"]  # evaluation on the validation set, as the papers report
-        return VideoIndex(class_names=list(scan.class_names), splits=splits)
+            missing["test"] = missing.get("val", [])
+        return VideoIndex(class_names=list(scan.class_names), splits=splits, missing=missing)
 
 
 def consistency_warnings(scan: DatasetScan) -> list[str]:
