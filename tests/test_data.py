@@ -1174,7 +1174,7 @@ def test_a_matroska_video_without_a_frame_rate_gets_the_rate_its_timestamps_meas
 
 
 @pytest.mark.parametrize("name, codec, message", [
-    ("cut.avi", "mpeg4", "cut short: it holds 25 of the 60 frames its header lists"),
+    ("cut.avi", "mpeg4", "cut short: it holds frames up to 25 of the 60 its header lists"),
     ("cut.mkv", "libx264", "cut short: its frames end at 1.0 s of the 2.4 s its header declares"),
     ("cut.webm", "libvpx-vp9", "cut short: its frames end at 1.0 s of the 2.4 s its header declares"),
 ])
@@ -1198,3 +1198,39 @@ def test_check_reports_an_avi_or_matroska_file_cut_short(tmp_path, name, codec, 
     # the span of its frames (2.4 s), it was reported cut short
     later = _write_pattern_video(tmp_path / f"later{os.path.splitext(name)[1]}", codec, first_pts=50)
     assert check_video(str(later), 0).error is None
+
+
+def test_check_passes_whole_files_with_skipped_frames_or_a_held_last_frame(tmp_path):
+    """Whole files the cut-short rules flagged: an AVI whose muxer filled timestamp gaps with empty chunks the demuxer
+    does not return (100 frames listed, 60 packets), and a Matroska file whose last frame is shown for 3 s (its
+    packet's duration; the average frame length ended it 3 s early)."""
+    import av
+
+    from timesformer.data.video import check_whole
+
+    gaps = tmp_path / "gaps.avi"
+    with av.open(str(gaps), mode="w") as container:
+        stream = container.add_stream("mpeg4", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for t in range(60):
+            frame = av.VideoFrame.from_ndarray(_pattern(t), format="rgb24")
+            frame.pts, frame.time_base = t + 2 * (t // 3), fractions.Fraction(1, 25)  # 2 frames dropped every 3
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    still = tmp_path / "still.mkv"
+    with av.open(str(still), mode="w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.time_base = stream.codec_context.time_base = fractions.Fraction(1, 1000)
+        for t in range(100):
+            frame = av.VideoFrame.from_ndarray(_pattern(t), format="rgb24")
+            frame.pts, frame.time_base = 40 * t, fractions.Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            if packet.pts == 40 * 99:
+                packet.duration = 3000  # the still at the end
+            container.mux(packet)
+    assert check_whole(gaps) is None and check_whole(still) is None

@@ -143,6 +143,9 @@ def test_reruns_never_keep_a_cut_copy_nor_copy_their_own_output(dataset, tmp_pat
 def test_destination_inside_the_source_is_refused(dataset):
     with pytest.raises(ValueError, match="outside the source"):
         resize_dataset(dataset, dataset / "small")
+    # ... nor hold it (`resize data/k400 data`, as cp -r SRC DIR/): every video was "inside the copy", none resized
+    with pytest.raises(ValueError, match="and not hold it"):
+        resize_dataset(dataset, dataset.parent)
     with pytest.raises(NotADirectoryError, match="missing"):
         resize_dataset(dataset / "missing", dataset.parent / "dst")
 
@@ -222,3 +225,23 @@ def test_a_frame_size_change_is_reported_not_stretched(tmp_path):
     # (at 29, not 30: FFmpeg's decoder drops a.mpg's last frame when the size changes)
     assert path.name == "joined.mpg" and "frame size changes at frame 29, from 96x64 to 128x64" in reason
     assert not (tmp_path / "dst" / "joined.mpg").exists()
+
+
+@pytest.mark.parametrize("name, codec", [("cut.avi", "mpeg4"), ("cut.mkv", "libx264")])
+@pytest.mark.parametrize("short_side", [32, 48])  # re-encoded, and copied as it is (48: not larger)
+def test_an_avi_or_matroska_file_cut_short_is_reported_not_copied_shorter(tmp_path, name, codec, short_side):
+    """check reports an AVI or Matroska file cut short (its header declares more); its resized copy, or its copy as
+    it is when small, read as a whole shorter video, and the resize exited 0. An earlier resize's failures list in
+    the source is not copied as this copy's."""
+    folder = tmp_path / "src" / "train" / "walking"
+    folder.mkdir(parents=True)
+    _write_smooth_video(folder / f"whole{name[3:]}", codec, num_frames=100)
+    with av.open(str(folder / f"whole{name[3:]}")) as container:
+        ends = [packet.pos + packet.size for packet in container.demux(container.streams.video[0]) if packet.size]
+    (folder / name).write_bytes((folder / f"whole{name[3:]}").read_bytes()[: ends[29]])
+    (tmp_path / "src" / "resize_failures.txt").write_text("old\tfailure\n")
+    outcome = resize_dataset(tmp_path / "src", tmp_path / "dst", short_side=short_side)
+    [(path, reason)] = outcome["failed"]
+    assert path.name == name and reason.startswith("cut short: ")
+    assert not (tmp_path / "dst/train/walking" / name).exists()
+    assert (tmp_path / "dst/resize_failures.txt").read_text().startswith(str(path))  # this run's only

@@ -17,8 +17,9 @@ CSVs, split lists) are copied, so the same data config reads the copy: absolute 
 (PySlowFast lists, `data=csv` lists) are rewritten to point into `dst`. Folders reached through symbolic links are
 mirrored as folders; hidden files and folders (`.DS_Store`, macOS `._*` files) are left out, as the data
 loaders leave them out. Audio is dropped. Files
-already in the destination are skipped, so an interrupted run continues. Videos that cannot be decoded, MP4/MOV
-files cut short (fewer frames than their index lists) and videos whose frame size changes mid-way (one size would
+already in the destination are skipped, so an interrupted run continues. Videos that cannot be decoded, files cut
+short (an MP4/MOV holding fewer frames than its index lists, an AVI or Matroska/WebM file ending well before its
+header's length; copied or re-encoded alike) and videos whose frame size changes mid-way (one size would
 stretch the other part) are listed (and written to `<dst>/resize_failures.txt`) and the command exits with
 status 1: nothing is dropped, shortened or distorted silently.
 """
@@ -37,7 +38,14 @@ from pathlib import Path
 import av
 
 from timesformer.data.sources import is_video_file
-from timesformer.data.video import missing_from_index, open_video, timestamps_order_the_frames, upright_rgb
+from timesformer.data.video import (
+    check_whole,
+    missing_from_index,
+    open_video,
+    shorter_than_declared,
+    timestamps_order_the_frames,
+    upright_rgb,
+)
 
 # Copied files whose absolute paths into the source are rewritten (video lists, annotations).
 TEXT_SUFFIXES = (".csv", ".txt", ".json", ".tsv", ".lst")
@@ -60,6 +68,9 @@ def resize_video(src: Path, dst: Path, short_side: int, crf: int = 23, preset: s
         in_stream.thread_type = "AUTO"
         width, height = in_stream.codec_context.width, in_stream.codec_context.height
         if min(width, height) <= short_side:
+            problem = check_whole(src)  # (a cut-short file copied as it is would pass for a whole one)
+            if problem:
+                raise ValueError(problem)
             shutil.copyfile(src, partial)
             partial.replace(dst)
             return "copied"
@@ -83,8 +94,10 @@ def resize_video(src: Path, dst: Path, short_side: int, crf: int = 23, preset: s
                 keep_timestamps = timestamps_order_the_frames(probe)
             frames = packets_held = 0
             first_size = first_pts = None
+            timings = []  # (pts, duration) of every packet, for shorter_than_declared
             for source_packet in source.demux(in_stream):
                 packets_held += source_packet.size > 0
+                timings.append((source_packet.pts, source_packet.duration))
                 for frame in source_packet.decode():
                     first_size = first_size or (frame.width, frame.height)
                     first_pts = first_pts if first_pts is not None else frame.pts or 0
@@ -105,9 +118,10 @@ def resize_video(src: Path, dst: Path, short_side: int, crf: int = 23, preset: s
                     frames += 1
             for packet in out_stream.encode():
                 target.mux(packet)
-        problem = "no frame could be decoded" if frames == 0 else missing_from_index(source, packets_held)
+        problem = "no frame could be decoded" if frames == 0 else (
+            missing_from_index(source, packets_held) or shorter_than_declared(source, timings))
         if problem:  # (a cut-short file's copy would be a clean, shorter video: nothing could tell it was cut)
-            partial.unlink()
+            partial.unlink(missing_ok=True)
             raise ValueError(problem)
     partial.replace(dst)
     return "resized"
@@ -138,12 +152,14 @@ def resize_dataset(src: Path, dst: Path, short_side: int = 256, workers: int = 1
     src, dst = Path(src).resolve(), Path(dst).resolve()
     if not src.is_dir():
         raise NotADirectoryError(f"source folder not found: {src}")
-    if dst == src or src in dst.parents:
-        raise ValueError(f"the destination {dst} must be outside the source {src}")
+    if dst == src or src in dst.parents or dst in src.parents:  # (a parent: every video was "inside the copy")
+        raise ValueError(f"the destination {dst} must be outside the source {src}, and not hold it")
     outcome: dict[str, list] = {"resized": [], "copied": [], "skipped": [], "failed": []}
     jobs = []
     (dst / "resize_failures.txt").unlink(missing_ok=True)  # this run's failures only (a rerun retries them)
     for path in _files(src, skip=dst):
+        if path == src / "resize_failures.txt":  # an earlier resize's: not this copy's
+            continue
         target = dst / path.relative_to(src)
         if target.exists():
             outcome["skipped"].append(path)

@@ -106,21 +106,23 @@ def missing_from_index(container: av.container.InputContainer, frames_held: int)
     return f"cut short: it holds {frames_held} of the {listed} frames its index lists"
 
 
-def shorter_than_declared(container: av.container.InputContainer, timestamps: Sequence[int | None]) -> str | None:
+def shorter_than_declared(container: av.container.InputContainer,
+                          packets: Sequence[tuple[int | None, int | None]]) -> str | None:
     """`missing_from_index` for AVI and Matroska/WebM, which declare a length in their header (written first, so a
     download that stopped keeps it) but list no frames: an AVI its frame count, which counts packed B-frames'
-    placeholders (packets of their own, maybe empty), so every packet is counted; a Matroska file its video track's
-    end time from 0 (FFmpeg's DURATION tag: a video that starts at 2 s and lasts 3 has 5), else, with no other track
-    to run longer, the segment's duration, against the end of the last frame it holds.
-    ``timestamps``: the presentation timestamps of every video packet, empty ones included (the demuxer's final
-    flush packet carries none). Only a gap that rounding does not explain is reported: over a tenth of the declared
-    length and over 1 s (AVI: 10% of its frames)."""
+    placeholders and the empty chunks a muxer writes for skipped frames, against the frame number (its timestamp)
+    of the last frame it holds; a Matroska file its video track's end time from 0 (FFmpeg's DURATION tag: a video
+    that starts at 2 s and lasts 3 has 5), else, with no other track to run longer, the segment's duration, against
+    the end of the last frame it holds (a still held at the end lasts its own duration). ``packets``: (presentation
+    timestamp, duration) of every video packet, empty ones included (the demuxer's final flush packet has no
+    timestamp). Only a gap that rounding does not explain is reported: over a tenth of the declared length and over
+    1 s (AVI: 10% of its frames)."""
     stream = container.streams.video[0]
-    held = [pts for pts in timestamps if pts is not None]
-    if container.format.name == "avi":
-        declared = stream.frames
-        if declared and len(held) < 0.9 * declared - 1:
-            return f"cut short: it holds {len(held)} of the {declared} frames its header lists"
+    held = [(pts, duration) for pts, duration in packets if pts is not None]
+    if container.format.name == "avi":  # (its time base is one frame: a timestamp is a frame number)
+        declared, last = stream.frames, max((pts for pts, _ in held), default=-1)
+        if declared and last + 1 < 0.9 * declared - 1:
+            return f"cut short: it holds frames up to {last + 1} of the {declared} its header lists"
         return None
     if container.format.name != "matroska,webm" or len(held) < 2:
         return None
@@ -131,8 +133,10 @@ def shorter_than_declared(container: av.container.InputContainer, timestamps: Se
         if len(container.streams) > 1:  # the segment lasts as long as its longest track (an audio track, say)
             return None
         declared = (container.duration or 0) / av.time_base
-    frame = float((max(held) - min(held)) * stream.time_base) / (len(held) - 1)
-    ends = float(max(held) * stream.time_base) + frame  # (the end of the last frame)
+    first, last = min(pts for pts, _ in held), max(pts for pts, _ in held)
+    frame = float((last - first) * stream.time_base) / (len(held) - 1)  # (for a packet that states no duration)
+    ends = max(float(pts * stream.time_base) + (float(duration * stream.time_base) if duration else frame)
+               for pts, duration in held)
     if declared - ends > max(1.0, 0.1 * declared):
         return f"cut short: its frames end at {ends:.1f} s of the {declared:.1f} s its header declares"
     return None
@@ -153,9 +157,11 @@ def check_whole(path: str | os.PathLike) -> str | None:
         with open_video(path) as container:
             if not container.streams.video:
                 return None
-            packets = [(packet.size, packet.pts) for packet in container.demux(container.streams.video[0])]
-            held = sum(size > 0 for size, _ in packets)
-            return missing_from_index(container, held) or shorter_than_declared(container, [pts for _, pts in packets])
+            packets = [(packet.size, packet.pts, packet.duration)
+                       for packet in container.demux(container.streams.video[0])]
+            held = sum(size > 0 for size, _, _ in packets)
+            return missing_from_index(container, held) or shorter_than_declared(
+                container, [(pts, duration) for _, pts, duration in packets])
     except av.FFmpegError:
         return None
 
