@@ -245,3 +245,16 @@ def test_an_avi_or_matroska_file_cut_short_is_reported_not_copied_shorter(tmp_pa
     assert path.name == name and reason.startswith("cut short: ")
     assert not (tmp_path / "dst/train/walking" / name).exists()
     assert (tmp_path / "dst/resize_failures.txt").read_text().startswith(str(path))  # this run's only
+
+
+def test_a_file_name_that_is_not_utf8_is_listed_with_its_own_bytes(tmp_path):
+    """A broken video named in Latin-1 (caf\\xe9.mp4): writing the failures list raised UnicodeEncodeError, which
+    left it empty and printed no summary."""
+    import os
+
+    folder = tmp_path / "src" / "train" / "walking"
+    folder.mkdir(parents=True)
+    with open(os.path.join(os.fsencode(folder), b"caf\xe9.mp4"), "wb") as file:
+        file.write(b"not a video")
+    assert main([str(tmp_path / "src"), str(tmp_path / "dst"), "--workers=1"]) == 1
+    assert b"caf\xe9.mp4\t" in (tmp_path / "dst" / "resize_failures.txt").read_bytes()

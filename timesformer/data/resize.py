@@ -180,7 +180,9 @@ def resize_dataset(src: Path, dst: Path, short_side: int = 256, workers: int = 1
             if done % 100 == 0:
                 print(f"{done}/{len(jobs)} videos", flush=True)
     if outcome["failed"]:
-        (dst / "resize_failures.txt").write_text("".join(f"{path}\t{reason}\n" for path, reason in outcome["failed"]))
+        # (a file name that is not UTF-8 keeps its own bytes: the list ended in a UnicodeEncodeError, empty)
+        (dst / "resize_failures.txt").write_text("".join(f"{path}\t{reason}\n" for path, reason in outcome["failed"]),
+                                                 encoding="utf-8", errors="surrogateescape")
     return outcome
 
 
