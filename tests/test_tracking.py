@@ -259,10 +259,10 @@ def test_training_speed_tells_a_data_bound_run_from_a_model_bound_one(tmp_path):
     for row in data_bound + model_bound:
         assert row["perf/step_ms"] > 300
         assert row["perf/clips_per_s"] * row["perf/step_ms"] / 1000 == pytest.approx(1.0)  # batch 1, one process
-    # Measured 0.82-0.91 and 0.01 on a quiet machine (0.08 s sleeps); the tiny model's own step took 150 ms under a
-    # heavy load, and 250-380 ms in a CI run beside the DDP tests (0.15 s sleeps then gave 0.28-0.37): 0.3 s sleeps
-    # keep the data-bound fraction above 0.4 with steps up to 450 ms
-    assert all(row["perf/data_wait_fraction"] > 0.4 for row in data_bound), data_bound
+    # The data-bound run waits for its 0.3 s of decoding in every step: at least that share of the step it measured
+    # (0.82-0.91 on a quiet machine with 0.08 s sleeps; in CI, beside the DDP tests, the tiny model's own step took
+    # up to 570 ms, and a fixed 0.4 threshold failed). The model-bound run hardly waits.
+    assert all(row["perf/data_wait_fraction"] > 0.8 * 300 / row["perf/step_ms"] for row in data_bound), data_bound
     assert all(row["perf/data_wait_fraction"] < 0.15 for row in model_bound), model_bound
     assert all("perf/mfu" not in row for row in data_bound)  # no peak known on the CPU
 
