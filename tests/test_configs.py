@@ -11,7 +11,7 @@ from tests.conftest import CONFIG_DIR, compose_config
 from timesformer.module import check_settings, lr_multiplier
 
 GROUPS = {group.name: sorted(p.stem for p in group.glob("*.yaml")) for group in CONFIG_DIR.iterdir()
-          if group.is_dir() and group.name not in ("hydra", "sweep")}  # sweep/: W&B sweep files
+          if group.is_dir() and group.name != "hydra"}
 TRAIN_CHOICES = [(group, option) for group, options in GROUPS.items() for option in options]
 
 

@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from tests.conftest import CONFIG_DIR, TINY_DATA, compose_config, run_script, tiny_classifier
+from tests.conftest import ROOT, TINY_DATA, compose_config, run_script, tiny_classifier
 from tests.wandb_records import logged_keys
 from timesformer.callbacks import TrainingSpeed
 from timesformer.pipeline import train
@@ -40,7 +40,8 @@ def test_wandb_offline_run_records_metrics_and_media(synthetic_root, tmp_path):
     assert any(name.endswith(".png") for name in media), media
 
 
-SWEEPS = sorted((CONFIG_DIR / "sweep").glob("*.yaml"))
+SWEEPS = sorted((ROOT / "sweeps").glob("*.yaml"))  # W&B sweep files: not Hydra configs, so not in configs/
+assert SWEEPS, f"no W&B sweep files in {ROOT / 'sweeps'}"
 
 
 @pytest.mark.parametrize("sweep_file", SWEEPS, ids=[p.stem for p in SWEEPS])
