@@ -7,6 +7,7 @@ import csv
 import json
 import logging
 import math
+import os
 from fractions import Fraction
 from pathlib import Path
 
@@ -530,6 +531,23 @@ def test_check_refuses_bad_options_by_name(tmp_path, capsys, arguments, message)
     with pytest.raises(SystemExit):
         main(["data=folder", f"data.root={tmp_path}", *arguments])
     assert message in capsys.readouterr().err
+
+
+def test_check_reports_videos_whose_names_a_clean_list_cannot_hold(tmp_path, capsys):
+    """A file name that is not UTF-8 (Latin-1 from an old archive) crashed --write-clean half-way; it is left out of
+    the lists, named (its bytes escaped) and makes the exit status 1."""
+    from timesformer.data.check import main
+
+    root = tmp_path / "data"
+    make_folder(root)
+    original = next((root / "train" / "cat").glob("*.mp4"))
+    os.rename(original, os.fsencode(original.parent) + b"/caf\xe9.mp4")
+    clean = tmp_path / "clean"
+    assert main(["data=folder", f"data.root={root}", "--workers=1", "--write-clean", str(clean)]) == 1
+    out = capsys.readouterr().out
+    assert "names are not UTF-8" in out and "caf\\xe9.mp4" in out
+    index = CsvSource(clean).load()
+    assert len(index.splits["train"]) == 3 and len(index.splits["val"]) == 2  # every other usable video is listed
 
 
 def test_clean_lists_inside_the_dataset_follow_a_resized_copy(tmp_path, capsys, monkeypatch):

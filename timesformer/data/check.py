@@ -8,7 +8,8 @@ unreadable or shorter than a clip.
 
 Arguments other than the options below are Hydra overrides of configs/train.yaml (`data=...`, `data.root=...`,
 `model.num_frames=16`, ...): the dataset is read exactly as training would read it. The exit status is 1 when a
-video is missing or unreadable (the lists are still written), else 0.
+video is missing or unreadable, or usable but left out of `--write-clean`'s lists (its name is not UTF-8; the lists
+are still written), else 0.
 
 Each video is read as training reads it (`decode_clip` with `data.decoder`): its first, middle and last frames
 are decoded (a truncated file usually fails on the last), and an MP4/MOV holding fewer frames than its index lists,
@@ -147,12 +148,26 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join([lines[0], "  ".join("-" * width for width in widths), *lines[1:]])
 
 
+def printable(path: str) -> str:
+    """A path as it can be printed: bytes of a name that is not UTF-8 (os.listdir's surrogate escapes) as \\xNN."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def is_utf8(path: str) -> bool:
+    """Whether a path can be written to a list file: they are read as UTF-8 (`sources.read_annotation_text`)."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _list(title: str, items: list[str], max_listed: int) -> None:
     if not items:
         return
     print(f"\n{title} ({len(items)}):")
     for item in items[:max_listed]:
-        print(f"  {item}")
+        print(f"  {printable(item)}")
     if len(items) > max_listed:
         print(f"  ... and {len(items) - max_listed} more (--max-listed N shows more)")
 
@@ -163,10 +178,11 @@ def clean_list_files(folder: Path, splits: Sequence[str]) -> list[Path]:
 
 
 def write_clean(folder: Path, class_names: list[str], checked: dict[str, list[VideoCheck]],
-                dataset_root: Path | None = None, train_command: str | None = None) -> None:
+                dataset_root: Path | None = None, train_command: str | None = None) -> list[str]:
     """The usable videos as `data=csv` lists (class names) and the class order. Paths are relative to the lists'
     folder when it is inside the dataset (a copy of the tree, e.g. by `timesformer.data.resize`, then reads its own
-    videos), absolute otherwise."""
+    videos), absolute otherwise. Returns the usable videos left out: those whose names are not UTF-8, which a list
+    cannot hold."""
     folder.mkdir(parents=True, exist_ok=True)
     # abspath, not resolve: a dataset of symlinks stays in its own tree
     folder_path = os.path.abspath(folder)
@@ -174,16 +190,21 @@ def write_clean(folder: Path, class_names: list[str], checked: dict[str, list[Vi
 
     def listed(path: str) -> str:
         return os.path.relpath(os.path.abspath(path), folder_path) if inside else os.path.abspath(path)
-    (folder / "classes.txt").write_text("".join(f"{name}\n" for name in class_names))
+    (folder / "classes.txt").write_text("".join(f"{name}\n" for name in class_names), encoding="utf-8")
+    not_utf8 = []
     for split, results in checked.items():
-        with open(folder / f"{split}.csv", "w", newline="") as file:
+        with open(folder / f"{split}.csv", "w", newline="", encoding="utf-8") as file:
             writer = csv.writer(file)
             writer.writerow(["path", "label"])
-            writer.writerows([listed(result.path), class_names[result.label]] for result in results
-                             if result.error is None)
+            for result in results:
+                if result.error is None and not is_utf8(listed(result.path)):
+                    not_utf8.append(result.path)
+                elif result.error is None:
+                    writer.writerow([listed(result.path), class_names[result.label]])
     train_command = train_command or "python train.py data=csv " + _shell_word(f"data.root={_override_value(str(folder))}")
     print(f"\nWrote the usable videos to {folder} (classes.txt, {', '.join(f'{s}.csv' for s in checked)}). "
           f"Train on them with: {train_command}")
+    return not_utf8
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -272,16 +293,19 @@ def main(argv: list[str] | None = None) -> int:
                   "their frames; a `python -m timesformer.data.resize` copy seeks)",
                   [r.path for r in results if r.read_from_start], args.max_listed)
 
+    not_listed: list[str] = []
     if args.write_clean:
         if args.no_decode:
             print("\n--write-clean needs the videos decoded; run it without --no-decode", file=sys.stderr)
             return 2
-        write_clean(args.write_clean, index.class_names, checked, getattr(source, "root", None),
-                    clean_list_command(args.overrides, args.write_clean))
-    # Non-zero when a video is missing or unreadable, so that a script can stop before training on a broken copy
-    # (too-short videos work: repeated frames)
+        not_listed = write_clean(args.write_clean, index.class_names, checked, getattr(source, "root", None),
+                                 clean_list_command(args.overrides, args.write_clean))
+        _list("NOT in the lists: usable, but their names are not UTF-8, which a list file cannot hold (rename them, "
+              "e.g. `convmv -r -f latin1 -t utf8 --notest DIR`, and check again)", not_listed, args.max_listed)
+    # Non-zero when a video is missing, unreadable or left out of the lists, so that a script can stop before
+    # training on a broken copy (too-short videos work: repeated frames)
     problems = any(missing.get(split) for split in splits) or any(
-        result.error is not None for results in checked.values() for result in results)
+        result.error is not None for results in checked.values() for result in results) or bool(not_listed)
     return 1 if problems else 0
 
 
