@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 from fractions import Fraction
+from pathlib import Path
 
 import av
 import numpy as np
@@ -10,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.conftest import ROOT
 from timesformer.data import decode_frames, read_video_info
 from timesformer.data.resize import main, resize_dataset, scaled_size
 
@@ -74,6 +82,50 @@ def test_videos_are_resized_other_files_copied_and_failures_listed(dataset, tmp_
     assert "broken.mp4" in failures and not (dst / "train" / "broken.mp4").exists()
     assert "could not resize" in capsys.readouterr().err
     assert not list(dst.rglob(".*.partial"))
+
+
+def _children(pid: int) -> list[int]:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the workers end by prctl(PR_SET_PDEATHSIG)")
+def test_workers_end_when_the_resize_process_is_killed(dataset, tmp_path):
+    """A `kill -9` (or an OOM kill) of the resize left its workers waiting for work forever."""
+    script = textwrap.dedent(f"""
+        import multiprocessing, time
+        import timesformer.data.resize as resize
+
+        def slow_job(job):  # a long video: the workers are busy when the kill comes
+            time.sleep(300)
+
+        multiprocessing.set_start_method("fork")
+        resize._job = slow_job
+        resize.resize_dataset({str(dataset)!r}, {str(tmp_path / "dst")!r}, short_side=32, workers=2)
+    """)
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        deadline = time.monotonic() + 60
+        while len(_children(process.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        workers = _children(process.pid)
+        assert len(workers) >= 2, "the pool's workers did not start"
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    deadline = time.monotonic() + 20
+    while not all(_gone(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    alive = [pid for pid in workers if not _gone(pid)]
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, f"workers {alive} outlived the killed resize process"
 
 
 def test_small_videos_are_copied_and_a_rerun_skips_what_is_done(dataset, tmp_path):

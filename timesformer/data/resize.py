@@ -27,9 +27,11 @@ status 1: nothing is dropped, shortened or distorted silently.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import re
 import shutil
+import signal
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -170,7 +172,9 @@ def resize_dataset(src: Path, dst: Path, short_side: int = 256, workers: int = 1
         else:
             _copy(path, target, src_names, dst)
             outcome["copied"].append(path)
-    with ProcessPoolExecutor(max_workers=workers) if workers > 1 else _InProcess() as pool:
+    pool = (ProcessPoolExecutor(max_workers=workers, initializer=_end_with_parent, initargs=(os.getpid(),))
+            if workers > 1 else _InProcess())
+    with pool:
         for done, (path, result) in enumerate(pool.map(_job, jobs), start=1):
             if result.startswith("failed: "):
                 outcome["failed"].append((path, result.removeprefix("failed: ")))
@@ -230,6 +234,16 @@ def _copy(path: Path, target: Path, src_names: tuple[str, ...], dst: Path) -> No
             return
     shutil.copyfile(path, partial)
     partial.replace(target)
+
+
+def _end_with_parent(parent: int) -> None:
+    """Run in each worker: end when the resize process ends. Killed (`kill`, an OOM kill), it left its workers
+    waiting for work forever, each holding its memory."""
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # it ended before the prctl
+            os._exit(1)
 
 
 class _InProcess:
