@@ -13,6 +13,7 @@ from tests.conftest import ROOT, compose_config
 from timesformer import TimeSformer, TimeSformerConfig
 from timesformer.attention_maps import attention_rollout, overlay_frames
 from timesformer.data import SyntheticMotionSource
+from timesformer.inference import find_videos
 
 
 def tiny_model(attention_type: str) -> TimeSformer:
@@ -118,6 +119,16 @@ def test_predict_prints_top5_writes_json_features_and_attention_maps(videos, tmp
     features = torch.load(tmp_path / "feats.pt")
     assert features["features"].shape == (4, 32) and len(features["videos"]) == 4
     assert features["class_names"] == ["left", "right", "up", "down"] and features["labels"] is None  # the model's
+
+
+def test_a_folder_input_is_its_videos_without_hidden_files(tmp_path):
+    """As the datasets list them: macOS's `._a.mp4` stubs (AppleDouble, on drives the videos were copied with) and
+    hidden folders were predicted, as failed videos."""
+    for name in ("a.mp4", "._a.mp4", ".cache/b.mp4", "sub/c.MP4", "sub/notes.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    assert find_videos(tmp_path) == [tmp_path / "a.mp4", tmp_path / "sub" / "c.MP4"]
+    assert find_videos(tmp_path / "._a.mp4") == [tmp_path / "._a.mp4"]  # named: the user means it
 
 
 @pytest.mark.parametrize(("override", "message"), [

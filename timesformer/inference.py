@@ -28,7 +28,7 @@ from timesformer.data import (
     segment_clip_indices,
 )
 from timesformer.data.dataset import SPLITS
-from timesformer.data.sources import VIDEO_EXTENSIONS
+from timesformer.data.sources import VIDEO_EXTENSIONS, is_video_file
 from timesformer.data.video import VideoDecodeError, decode_clip
 from timesformer.evaluation import ViewAggregator, top_classes
 from timesformer.model import TimeSformer
@@ -149,12 +149,14 @@ def clip_settings(ckpt: str | Path, model: TimeSformer, **overrides: Any) -> Cli
 
 
 def find_videos(input_path: str | Path) -> list[Path]:
-    """A video file, or every video under a folder (recursively, sorted)."""
+    """A video file, or every video under a folder (recursively, sorted; hidden files and folders left out, as the
+    datasets leave them: macOS's `._name.mp4` stubs are not videos)."""
     path = Path(input_path)
     if path.is_file():
         return [path]
     if path.is_dir():
-        videos = sorted(p for p in path.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file())
+        videos = sorted(p for p in path.rglob("*") if is_video_file(p.name) and p.is_file()
+                        and not any(part.startswith(".") for part in p.relative_to(path).parts))
         if not videos:
             raise FileNotFoundError(f"input={path} is a folder without videos ({', '.join(VIDEO_EXTENSIONS)})")
         return videos
