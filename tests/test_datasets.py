@@ -671,6 +671,13 @@ def test_evaluate_reads_moved_data_and_lists_failed_videos(tmp_path):
                                      "trainer.enable_progress_bar=false"], tmp_path / "eval_dogs"))
     with open(tmp_path / "eval_dogs" / "predictions.csv") as file:
         assert [row["true_label"] for row in csv.DictReader(file)] == ["dog"]
+    # The model's classes named otherwise (case, brackets: SSv2's templates in Hugging Face's label files) match
+    for split in ("train", "val", "test"):
+        (subset / split / "dog").rename(subset / split / "[Dog]")
+    evaluate(compose_config("eval", [f"ckpt={metrics['best_checkpoint']}", f"++data.root={subset}",
+                                     "trainer.enable_progress_bar=false"], tmp_path / "eval_dogs_renamed"))
+    with open(tmp_path / "eval_dogs_renamed" / "predictions.csv") as file:
+        assert [row["true_label"] for row in csv.DictReader(file)] == ["dog"]
     (subset / "test" / "bird").mkdir()
     write_video(subset / "test" / "bird" / "b.mp4")
     with pytest.raises(ValueError, match="1 of the dataset's 2 classes are not among the model's 2: bird"):

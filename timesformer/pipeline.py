@@ -29,6 +29,7 @@ from timesformer.evaluation import write_report_files
 from timesformer.loggers import CSVLogger
 from timesformer.model import TimeSformer, TimeSformerConfig
 from timesformer.model.config import ARCHITECTURE_FIELDS
+from timesformer.model.timesformer import class_key
 from timesformer.model.weights import load_checkpoint_file
 from timesformer.module import LOGGED_METRICS, VideoClassifier, check_settings
 
@@ -806,7 +807,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     datamodule.prepare_data()
     model = TimeSformer.from_pretrained(cfg.ckpt)
     if model.config.class_names:  # another dataset (data=...) may order its classes differently, or hold a subset
-        datamodule.number_classes_as(model.config.class_names)
+        datamodule.number_classes_as(model.config.class_names, key=class_key)
     elif datamodule.num_classes != model.config.num_classes:
         raise ValueError(f"the dataset has {datamodule.num_classes} classes, the model {model.config.num_classes}")
     module_settings = {k: v for k, v in OmegaConf.to_container(saved.get("module") or {}).items()

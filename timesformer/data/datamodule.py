@@ -305,21 +305,22 @@ class VideoDataModule(lightning.LightningDataModule):
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def number_classes_as(self, class_names: Sequence[str]) -> None:
+    def number_classes_as(self, class_names: Sequence[str], key: Callable[[str], str] = str) -> None:
         """Label the videos by their class's position in ``class_names`` (a trained model's classes) rather than in
         the dataset's own list: evaluating on a subset or another copy of the dataset, whose classes (or their
-        order) differ. Every class of the dataset must be among them."""
+        order) differ. Every class of the dataset must be among them; names are matched by ``key(name)`` (the
+        model's `class_key`: SSv2's templates with and without brackets are the same classes)."""
         index = self._load_index()
         if list(index.class_names) == list(class_names):
             return
-        unknown = sorted(set(index.class_names) - set(class_names))
+        position = {key(name): number for number, name in enumerate(class_names)}
+        unknown = sorted(name for name in index.class_names if key(name) not in position)
         if unknown:
             raise ValueError(
                 f"{len(unknown)} of the dataset's {len(index.class_names)} classes are not among the model's "
                 f"{len(class_names)}: {', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''} (is data= the "
                 "dataset the model was trained on?)")
-        position = {name: number for number, name in enumerate(class_names)}
-        relabel = [position[name] for name in index.class_names]
+        relabel = [position[key(name)] for name in index.class_names]
         self.index = VideoIndex(list(class_names), {
             split: [(path, relabel[label]) for path, label in entries] for split, entries in index.splits.items()},
             missing=index.missing)
