@@ -344,9 +344,6 @@ class VideoClassifier(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self.test_results = self._log_video_metrics(self.test_videos, "test")
 
-    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        return {"probabilities": self(batch["video"]).softmax(-1), "index": batch["index"]}
-
     # -- optimisation --------------------------------------------------------------------------------------
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self._micro_batches and self._skipped_micro_batches == self._micro_batches:

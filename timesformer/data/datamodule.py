@@ -54,7 +54,7 @@ class DecodeFailureMonitor:
 
     def update(self, stage: str, epoch: int, error_lines: Sequence[str], num_items: int, split_size: int,
                padded: int = 0) -> None:
-        """One batch of `stage` ("train", "val", "sanity_check", "test", "predict") from a split of `split_size`
+        """One batch of `stage` ("train", "val", "sanity_check", "test") from a split of `split_size`
         videos: its "decode_errors" lines, number of items and how many of them were clips longer than their
         video (``padded``). A training item may have replaced failed videos (each an extra read); an evaluation
         item that failed is a zero clip (one read)."""
@@ -117,7 +117,7 @@ class VideoDataModule(lightning.LightningDataModule):
     real fps); `"segment"`: one frame from each of `num_frames` equal segments of the whole video (TSN).
     Training: a random clip, short side jittered in `train_short_side_range`, random `image_size` crop,
     optional horizontal flip.
-    Test / predict: `test_temporal_clips x test_spatial_crops` views per video: evenly spread clips, crops spread
+    Test: `test_temporal_clips x test_spatial_crops` views per video: evenly spread clips, crops spread
     along the long side (left/centre/right) of the short side scaled to `image_size`; a single (centre) crop is
     cut at `train_short_side_range[0]` instead, as in the original (`eval_short_side`). Validation: the same views
     with `val_views_full`, else the centre clip and crop only.
@@ -381,8 +381,8 @@ class VideoDataModule(lightning.LightningDataModule):
         elif trainer.sanity_checking or trainer.validating:
             stage, epoch = ("sanity_check" if trainer.sanity_checking else "val"), trainer.current_epoch
         else:
-            stage, epoch = ("test" if trainer.testing else "predict"), 0
-        split = {"sanity_check": "val", "predict": "test"}.get(stage, stage)
+            stage, epoch = "test", 0
+        split = "val" if stage == "sanity_check" else stage
         dataset = self.datasets.get(split)
         # Each DDP process reads its share of the split.
         world_size = trainer.world_size if trainer is not None else 1
@@ -468,9 +468,6 @@ class VideoDataModule(lightning.LightningDataModule):
         return self._evaluation_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._evaluation_loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
         return self._evaluation_loader("test")
 
 
