@@ -233,8 +233,8 @@ def variant_parts(name: str) -> tuple[str, list[str]]:
 
 
 def training_variant(name: str, ours: TimeSformer, hf: HFModel) -> tuple[Callable, torch.nn.Module]:
-    """(callable video -> logits, the module holding its parameters) for a variant's name: "HF eager", or "ours
-    eager" / "ours torch.compile" followed by options from VARIANT_OPTIONS."""
+    """(callable video -> logits, the module holding its parameters) for a variant's name: "HF eager", "HF
+    torch.compile", or "ours eager" / "ours torch.compile" followed by options from VARIANT_OPTIONS."""
     base, options = variant_parts(name)
     if base == "HF eager":
         return hf, hf.model
@@ -794,8 +794,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--videos", type=int, default=32, help=f"inference batch, videos of {VIEWS} views")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variants")
     parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS),
-                        help="training variants (default: %(default)s): 'HF eager', or 'ours eager' / 'ours "
-                             "torch.compile' followed by comma-separated options: "
+                        help="training variants (default: %(default)s): 'HF eager', 'HF torch.compile', or "
+                             "'ours eager' / 'ours torch.compile' followed by comma-separated options: "
                              + "; ".join(f"'{k}': {v}" for k, v in VARIANT_OPTIONS.items()))
     parser.add_argument("--profile", action="store_true", help="a kernel-time breakdown of each training variant")
     parser.add_argument("--only", nargs="+", choices=("attention", "fused_launch", "parity", "training", "lightning",

@@ -1,10 +1,10 @@
 """Video-level evaluation: several views per video aggregated into one prediction, each video counted once.
 
 A dataset yields views (temporal clips x spatial crops) of its videos; every sample carries the video's
-``index`` in its split and, with several views, the ``view`` number. Under DDP each rank evaluates its share of
-the videos (a split with fewer videos than ranks shares out views; Lightning's sampler repeats views when there are
-fewer views than ranks), so scores are gathered from every rank and de-duplicated by (index, view) before they are
-averaged per video.
+``index`` in its split and, with several views, the ``view`` number. Under DDP each rank evaluates whole videos
+(`datamodule.WholeVideoSampler`; the views it repeats for ranks left without a video are dropped before they get
+here), so scores are gathered from every rank and averaged per video. A (video, view) that comes twice all the same
+(another sampler's padding) counts once.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ class ViewAggregator:
         for scores, part_labels, indices, views, valid in self._gathered():
             for row in range(len(indices)):
                 key = (int(indices[row]), int(views[row]))
-                if key in seen:  # a sample DDP's sampler repeated to even out the ranks
+                if key in seen:  # a sample a sampler repeated to even out the ranks
                     continue
                 seen.add(key)
                 video = key[0]
