@@ -18,7 +18,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-import timesformer.pipeline  # noqa: F401  (registers the config resolvers)
+import timesformer.resolvers  # noqa: F401  (registers the config resolvers)
 from timesformer import TimeSformer, TimeSformerConfig
 from timesformer.module import VideoClassifier
 

@@ -20,7 +20,8 @@ from tests.conftest import (
     slurm_job,
     tiny_classifier,
 )
-from timesformer.pipeline import find_resume_checkpoint, run_name
+from timesformer.pipeline import find_resume_checkpoint
+from timesformer.resolvers import run_name
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-import timesformer.pipeline  # noqa: F401  (registers ${run_name:...} and ${scale:...}: predict.yaml, data configs)
+import timesformer.pipeline
 from timesformer.data import (
     DEFAULT_MEAN,
     DEFAULT_STD,

@@ -5,7 +5,6 @@ Kept out of the entry points so that tests and notebooks can call ``train(cfg)``
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -32,55 +31,9 @@ from timesformer.model.config import ARCHITECTURE_FIELDS
 from timesformer.model.timesformer import class_key
 from timesformer.model.weights import load_checkpoint_file
 from timesformer.module import LOGGED_METRICS, VideoClassifier, check_settings
+from timesformer.resolvers import slurm_launch_name, torchrun_launch_name
 
 log = logging.getLogger(__name__)
-
-# ${scale:${model.image_size},1.25} -> int: data configs size their resize ranges from the crop size.
-OmegaConf.register_new_resolver("scale", lambda value, factor: int(round(float(value) * float(factor))), replace=True)
-
-
-def run_name(resume: str | None, overrides: str, timestamp: str) -> str:
-    """The run dir's name: a timestamp, or with resume=auto one derived from the command line alone, so
-    that the same command, restarted (a requeued SLURM job), finds its own run dir and continues.
-
-    Processes started together by srun or torchrun each compose their own config: their timestamps differ (one
-    run dir per process, the checkpoints in one, the logs of the others elsewhere). They share the launch's id
-    instead: ``slurm-<job id>.<step id>`` (`slurm_launch_name`), ``torchrun-<run id>`` (``--rdzv-id``, or torchrun
-    --standalone's own)."""
-    if resume == "auto":
-        return "auto-" + hashlib.sha1(overrides.encode()).hexdigest()[:12]
-    return slurm_launch_name() or _torchrun_launch_name() or timestamp
-
-
-def _torchrun_launch_name() -> str | None:
-    """``torchrun-<run id>`` for the processes of a torchrun launch (several), else None; its restarts keep it."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("TORCHELASTIC_RUN_ID", "none") != "none":
-        return f"torchrun-{os.environ['TORCHELASTIC_RUN_ID']}"
-    return None
-
-
-def slurm_launch_name() -> str | None:
-    """``slurm-<job id>.<step id>`` for the tasks of one srun step (several tasks), else None. The step tells apart
-    the train.py runs of one job (an sbatch script's srun lines, runs in one salloc), which shared a run dir and
-    overwrote each other's checkpoints; a requeued job keeps its id and numbers its steps from 0 again."""
-    job, step = os.environ.get("SLURM_JOB_ID"), os.environ.get("SLURM_STEP_ID")
-    if int(os.environ.get("SLURM_NTASKS", "1")) <= 1 or not job:
-        return None
-    return f"slurm-{job}" + (f".{step}" if step else "")
-
-
-def process_suffix() -> str:
-    """``""`` for the first process of a launch (or the only one), ``_rank<N>`` for the others: under srun or torchrun
-    every process writes the run dir's log file, which then held every line once per process."""
-    slurm_tasks = int(os.environ.get("SLURM_NTASKS", "1"))
-    for variable in ("RANK", "SLURM_PROCID"):
-        if int(os.environ.get(variable, "0")) > 0 and (variable == "RANK" or slurm_tasks > 1):
-            return f"_rank{os.environ[variable]}"
-    return ""
-
-
-OmegaConf.register_new_resolver("run_name", run_name, replace=True)
-OmegaConf.register_new_resolver("process_suffix", process_suffix, replace=True)
 
 # Model config keys that are not TimeSformerConfig fields.
 _WEIGHT_SOURCES = ("pretrained", "init_from")
@@ -262,7 +215,7 @@ def _resolve_ckpt_path(cfg: DictConfig, output_dir: Path) -> str | None:
                         "metrics.csv are split. Continue it in its own dir: hydra.run.dir=%s", ckpt_path, run_dir,
                         output_dir, run_dir)
         return str(ckpt_path)
-    if output_dir.name == _torchrun_launch_name() and resume != "auto" and find_resume_checkpoint(output_dir):
+    if output_dir.name == torchrun_launch_name() and resume != "auto" and find_resume_checkpoint(output_dir):
         # (its restarts continued above): another launch with the same --rdzv-id would train over its checkpoints
         raise FileExistsError(f"{output_dir} holds the checkpoints of an earlier torchrun launch with this --rdzv-id "
                               f"({os.environ.get('TORCHELASTIC_RUN_ID')}): give this launch an id of its own, continue "
@@ -312,7 +265,7 @@ def _run_dir_is_found_again(cfg: DictConfig, output_dir: Path) -> bool:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    if cfg.get("resume") == "auto" or output_dir.name in (slurm_launch_name(), _torchrun_launch_name()):
+    if cfg.get("resume") == "auto" or output_dir.name in (slurm_launch_name(), torchrun_launch_name()):
         return True
     if not HydraConfig.initialized():
         return True

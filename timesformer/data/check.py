@@ -95,7 +95,7 @@ def compose_data_config(overrides: Sequence[str]) -> dict:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    import timesformer.pipeline  # noqa: F401  (registers the config resolvers)
+    import timesformer.resolvers  # noqa: F401  (registers the config resolvers)
 
     os.environ.setdefault("TIMESFORMER_ROOT", str(CONFIG_DIR.parent))
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
