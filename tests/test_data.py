@@ -695,7 +695,8 @@ def test_datamodule_batches(tiny_source):
     batches = list(datamodule.val_dataloader())
     assert sum(len(b["label"]) for b in batches) == 4
     assert torch.equal(torch.cat([b["index"] for b in batches]), torch.arange(4))
-    assert len(list(datamodule.test_dataloader())) == len(batches)
+    test_batches = list(datamodule.test_dataloader())  # the defaults' views: 3 crops of each video's clip
+    assert sorted(torch.cat([b["index"] for b in test_batches]).tolist()) == sorted(list(range(4)) * 3)
 
 
 def test_a_single_evaluation_crop_is_cut_at_the_smallest_training_scale(tiny_source):
@@ -1034,7 +1035,7 @@ def test_with_fewer_views_than_processes_each_view_counts_once_and_every_process
 
     counted, repeated = [], []
     for rank in range(6):
-        datamodule = _datamodule(tiny_source, batch_size=2)
+        datamodule = _datamodule(tiny_source, batch_size=2, test_spatial_crops=1)
         datamodule.trainer = SimpleNamespace(distributed_sampler_kwargs={"num_replicas": 6, "rank": rank},
                                              global_rank=rank, world_size=6, current_epoch=0, training=False,
                                              sanity_checking=False, validating=False, testing=True)
