@@ -66,9 +66,11 @@ def test_original_checkpoint_layout_loads_to_the_same_logits(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(video), hf_model(pixel_values=video).logits, atol=1e-4, rtol=0)
     # Saved under DataParallel / DDP ("module." in front), or as the bare state dict of the original's model.
+    # And in torch's legacy (pre-1.6, not zip) format, which cannot be memory-mapped: read whole.
     for name, state in [("ddp", {"model_state": {"module." + k: v for k, v in original.items()}}),
-                        ("bare", original), ("bare_ddp", {"module." + k: v for k, v in original.items()})]:
-        torch.save(state, tmp_path / f"{name}.pyth")
+                        ("bare", original), ("bare_ddp", {"module." + k: v for k, v in original.items()}),
+                        ("legacy_format", {"model_state": original})]:
+        torch.save(state, tmp_path / f"{name}.pyth", _use_new_zipfile_serialization=name != "legacy_format")
         with torch.no_grad():
             other = TimeSformer.from_pretrained(tmp_path / f"{name}.pyth", num_attention_heads=4).eval()
             torch.testing.assert_close(other(video), loaded(video), atol=0, rtol=0, msg=name)

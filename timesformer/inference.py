@@ -73,7 +73,7 @@ def saved_data_config(ckpt: str | Path, group: str = "data") -> dict[str, Any]:
     path = Path(ckpt)
     if not path.is_file():
         return {}
-    checkpoint = load_checkpoint_file(path, "ckpt")
+    checkpoint = load_checkpoint_file(path, "ckpt", mmap=True)
     if not isinstance(checkpoint, dict):
         return {}
     return ((checkpoint.get("hyper_parameters") or {}).get("run_config") or {}).get(group) or {}

@@ -708,7 +708,7 @@ def require_ckpt(cfg: DictConfig, script: str, what: str) -> None:
 
 
 def _saved_run_config(ckpt_path: str) -> DictConfig:
-    checkpoint = load_checkpoint_file(ckpt_path, "ckpt")
+    checkpoint = load_checkpoint_file(ckpt_path, "ckpt", mmap=True)
     if not isinstance(checkpoint, dict):
         raise ValueError(f"ckpt={ckpt_path} is not a train.py checkpoint")
     run_config = checkpoint.get("hyper_parameters", {}).get("run_config")

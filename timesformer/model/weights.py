@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -329,7 +330,10 @@ def load_checkpoint_file(path: str | Path, option: str = "", mmap: bool = False)
     "ckpt_path") when it is not one: pickle's own message (a text file, a truncated download) names nothing.
 
     weights_only=False: original and Lightning checkpoints hold plain Python objects besides tensors. Only load
-    checkpoints you trust (as with any pickle)."""
+    checkpoints you trust (as with any pickle). ``mmap``: tensors are read when used (a train.py checkpoint's
+    optimizer state, twice the weights with AdamW, is not read for its config or weights); a file in torch's legacy
+    (pre-1.6, not zip) format, which cannot be mapped, is read whole."""
+    mmap = mmap and zipfile.is_zipfile(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as error:
@@ -355,7 +359,7 @@ def read_checkpoint(path: Path, **overrides: Any) -> tuple[TimeSformerConfig, di
         config, state = read_hf_folder(path)
         _check_architecture(path, config, overrides)
         return (TimeSformerConfig(**{**config.to_dict(), **overrides}) if overrides else config), state
-    blob = load_checkpoint_file(path)
+    blob = load_checkpoint_file(path, mmap=True)
     if isinstance(blob, dict) and "timesformer_config" in blob and "state_dict" in blob:
         _check_architecture(path, TimeSformerConfig.from_dict(blob["timesformer_config"]), overrides)
         config = TimeSformerConfig.from_dict({**blob["timesformer_config"], **overrides})
