@@ -177,8 +177,9 @@ class VideoDataModule(lightning.LightningDataModule):
                     " (model.num_frames / model.image_size set it)" if name in ("num_frames", "image_size") else ""))
         if num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
-        for name, value, optional in (("horizontal_flip", horizontal_flip, False), ("val_views_full", val_views_full, False),
-                                      ("pin_memory", pin_memory, True), ("persistent_workers", persistent_workers, True)):
+        for name, value, optional in (("horizontal_flip", horizontal_flip, False),
+                                      ("val_views_full", val_views_full, False), ("pin_memory", pin_memory, True),
+                                      ("persistent_workers", persistent_workers, True)):
             if not isinstance(value, bool) and not (optional and value is None):  # "no" would count as true
                 raise ValueError(f"data.{name} must be true or false{' (or null)' if optional else ''}, "
                                  f"got {value!r}")

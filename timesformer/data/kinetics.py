@@ -112,8 +112,9 @@ class KineticsSource(AnnotatedVideoSource):
             scan = self._scan_official({split: path for split, path in files.items() if official[split]})
             others = [str(path) for split, path in files.items() if not official[split]]
             if others:  # one format per dataset: a list in the other is not read, which must not go unnoticed
-                scan.warnings.append(f"{', '.join(others)} not read: they are not official Kinetics CSVs (no youtube_id "
-                                     "header) and the other lists are; convert them or put them in another folder")
+                scan.warnings.append(f"{', '.join(others)} not read: they are not official Kinetics CSVs (no "
+                                     "youtube_id header) and the other lists are; convert them or put them in another "
+                                     "folder")
             return scan
         return self._scan_slowfast(files)
 

@@ -101,10 +101,11 @@ class ResumableDataLoader(DataLoader):
 
     def _check_same_batches(self, resume: dict[str, int]) -> None:
         saved = (resume.get("batch_size", self.batch_size), resume.get("num_replicas", self.sampler.num_replicas))
-        if self.batches_taken < resume.get("batches", len(self)) and saved != (self.batch_size, self.sampler.num_replicas):
+        mid_epoch = self.batches_taken < resume.get("batches", len(self))
+        if mid_epoch and saved != (self.batch_size, self.sampler.num_replicas):
             raise ValueError(
-                f"The checkpoint was written {self.batches_taken} batches into epoch {resume['epoch']}, with batches of "
-                f"{saved[0]} videos per process and {saved[1]} processes; this run has {self.batch_size} and "
+                f"The checkpoint was written {self.batches_taken} batches into epoch {resume['epoch']}, with batches "
+                f"of {saved[0]} videos per process and {saved[1]} processes; this run has {self.batch_size} and "
                 f"{self.sampler.num_replicas}. Resume mid-epoch with the checkpoint's data.batch_size (and process "
                 "count), or from a checkpoint written at an epoch's end (checkpoints/last.ckpt of an earlier epoch)."
             )

@@ -386,8 +386,8 @@ class CsvSource(AnnotatedVideoSource):
             if len(fields) < 2 or not fields[0] or not fields[1]:
                 raise ValueError(f"{path}, line {number}: expected `path,label`, got {line!r}")
             if len(fields) > columns:
-                raise ValueError(f"{path}, line {number}: {len(fields)} fields where the list has {columns} ({line!r}): "
-                                 "quote a path or label that holds a comma (\"dancing, solo\")")
+                raise ValueError(f"{path}, line {number}: {len(fields)} fields where the list has {columns} "
+                                 f"({line!r}): quote a path or label that holds a comma (\"dancing, solo\")")
             rows.append((fields[0], fields[1]))
         return rows
 

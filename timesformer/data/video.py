@@ -248,7 +248,8 @@ DECORD_UNRELIABLE_SUFFIXES = (".avi",)
 def decord_misreads(path: str | os.PathLike) -> bool:
     """Whether decord (0.6, decord2 3.4) would return wrong frames for some indices of this video.
 
-    - AVI files, whatever their name (see DECORD_UNRELIABLE_SUFFIXES), and MPEG-4 part 2 with B-frames (frame 13 asked, 15 returned).
+    - AVI files, whatever their name (see DECORD_UNRELIABLE_SUFFIXES), and MPEG-4 part 2 with B-frames (frame 13
+      asked, 15 returned).
     - Edit lists hiding frames (an mp4 cut with ``ffmpeg -ss ... -c copy``): decord numbers the hidden pre-roll
       as frames, and inconsistently (index 0 is the first frame shown, index 20 the 30th).
     - Keyframes that are not shown at their decode position: open GOPs (x265's default, x264 --open-gop), whose
@@ -428,7 +429,8 @@ def _decode_wanted(codec: av.CodecContext, packets: list[av.Packet], wanted: Seq
         return _decode_sequentially(codec, packets, wanted)
     # Frame 0 is the first frame shown: hidden pre-roll (edit list) gets negative numbers, and no picture.
     first_shown = min((packet.pts for packet in packets if not packet.is_discard), default=None)
-    pre_roll = sum(packet.is_discard and packet.pts < first_shown for packet in packets) if first_shown is not None else 0
+    pre_roll = (sum(packet.is_discard and packet.pts < first_shown for packet in packets)
+                if first_shown is not None else 0)
     frame_of_pts = {pts: number - pre_roll for number, pts in enumerate(sorted(timestamps))}
     number = [frame_of_pts[packet.pts] for packet in packets]  # frame number of each packet, in decode order
     position = {frame: at for at, frame in enumerate(number)}  # and back
