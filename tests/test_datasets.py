@@ -533,6 +533,23 @@ def test_check_refuses_bad_options_by_name(tmp_path, capsys, arguments, message)
     assert message in capsys.readouterr().err
 
 
+def test_check_reports_its_progress_and_counts_each_class(tmp_path, capsys, monkeypatch):
+    """A line every PROGRESS_EVERY videos (Kinetics' 240k take hours: it printed nothing until the end) and the
+    per-class table of each split."""
+    import timesformer.data.check as check
+
+    root = tmp_path / "data"
+    make_folder(root)
+    write_video(root / "train" / "dog" / "dog2.mp4")
+    monkeypatch.setattr(check, "PROGRESS_EVERY", 2)
+    assert check.main(["data=folder", f"data.root={root}", "--workers=2"]) == 0
+    captured = capsys.readouterr()
+    assert "train: 2/5 videos" in captured.err and "train: 4/5 videos" in captured.err
+    assert "train: 5/5" not in captured.err
+    table = captured.out.split("class  train  val")[1].splitlines()[2:4]
+    assert [line.split() for line in table] == [["cat", "2", "1"], ["dog", "3", "1"]]
+
+
 def test_check_reports_videos_whose_names_a_clean_list_cannot_hold(tmp_path, capsys):
     """A file name that is not UTF-8 (Latin-1 from an old archive) crashed --write-clean half-way; it is left out of
     the lists, named (its bytes escaped) and makes the exit status 1."""

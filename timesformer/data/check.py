@@ -17,10 +17,11 @@ an AVI fewer than its header counts or a Matroska/WebM file whose frames span we
 declares (cut short: it would read as a shorter video) is reported too. Videos decoded from their first frame for every
 clip (AVI with h264 B-frames, MPEG-PS files whose packets lack timestamps) are listed: they work, slowly; their
 `timesformer.data.resize` copies seek. "Too short" videos have fewer frames than one clip
-needs; they still work (frames are repeated) but are listed. `--write-clean DIR` writes DIR/train.csv, DIR/val.csv (and DIR/test.csv for a
-separate test split) with the usable videos, and DIR/classes.txt with the class order, for `data=csv` (lists
-already in DIR, e.g. the dataset's own train.csv, are refused before any decoding unless `--overwrite`); the
-command it prints keeps the dataset's recipe (e.g. SSv2's segment sampling, no flips; Kinetics' sampling rate):
+needs; they still work (frames are repeated) but are listed. `--write-clean DIR` writes DIR/train.csv, DIR/val.csv
+(and DIR/test.csv for a separate test split) with the usable videos, and DIR/classes.txt with the class order, for
+`data=csv` (lists already in DIR, e.g. the dataset's own train.csv, are refused before any decoding unless
+`--overwrite`); the command it prints keeps the dataset's recipe (e.g. SSv2's segment sampling, no flips;
+Kinetics' sampling rate):
 
     python train.py data=csv data.root=DIR data.sampling=segment data.horizontal_flip=false
 """
@@ -34,6 +35,8 @@ import os
 import re
 import shlex
 import sys
+import time
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -43,6 +46,7 @@ from timesformer.data.dataset import SPLITS
 from timesformer.data.sampling import dense_clip_frames
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+PROGRESS_EVERY = 1000  # videos between progress lines
 
 
 @dataclass
@@ -201,7 +205,8 @@ def write_clean(folder: Path, class_names: list[str], checked: dict[str, list[Vi
                     not_utf8.append(result.path)
                 elif result.error is None:
                     writer.writerow([listed(result.path), class_names[result.label]])
-    train_command = train_command or "python train.py data=csv " + _shell_word(f"data.root={_override_value(str(folder))}")
+    root_override = _shell_word(f"data.root={_override_value(str(folder))}")
+    train_command = train_command or f"python train.py data=csv {root_override}"
     print(f"\nWrote the usable videos to {folder} (classes.txt, {', '.join(f'{s}.csv' for s in checked)}). "
           f"Train on them with: {train_command}")
     return not_utf8
@@ -261,8 +266,18 @@ def main(argv: list[str] | None = None) -> int:
             checked[split] = [VideoCheck(path, label) for path, label in entries]
             continue
         print(f"checking {len(entries)} {split} videos with {args.workers} threads ...", file=sys.stderr)
+        checked[split] = []
+        started = time.monotonic()
         with ThreadPoolExecutor(max_workers=max(args.workers, 1)) as pool:
-            checked[split] = list(pool.map(lambda entry: check_video(*entry, datamodule.decoder), entries))
+            # In chunks: a progress line each (Kinetics' 240k videos take hours), and not 240k futures at once
+            for start in range(0, len(entries), PROGRESS_EVERY):
+                chunk = entries[start:start + PROGRESS_EVERY]
+                checked[split] += pool.map(lambda entry: check_video(*entry, datamodule.decoder), chunk)
+                if len(checked[split]) < len(entries):
+                    elapsed = time.monotonic() - started
+                    left = elapsed * (len(entries) - len(checked[split])) / len(checked[split])
+                    print(f"  {split}: {len(checked[split])}/{len(entries)} videos, {elapsed / 60:.1f} min, "
+                          f"~{left / 60:.0f} min left", file=sys.stderr, flush=True)
 
     rows = []
     for split in splits:
@@ -275,8 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(_table(rows, ["split", "videos", "missing", "unreadable", "too short", "usable"]))
 
-    per_class = [[name, *(sum(result.label == label for result in checked[split]) for split in splits)]
-                 for label, name in enumerate(index.class_names)]
+    counts = {split: Counter(result.label for result in checked[split]) for split in splits}
+    per_class = [[name, *(counts[split][label] for split in splits)] for label, name in enumerate(index.class_names)]
     print()
     print(_table(per_class, ["class", *splits]))
 
