@@ -448,7 +448,7 @@ class CsvSource(AnnotatedVideoSource):
         all_integers = all(label.lstrip("-").isdigit() for label in labels)
         if names_file is not None and names_file.is_file():
             names = read_class_names(names_file)
-            unknown = sorted({label for label in labels if label not in names} if not all_integers else set())
+            unknown = sorted(set(labels) - set(names) if not all_integers else set())
             if unknown:
                 raise ValueError(f"Labels not in {names_file}: {', '.join(unknown[:5])}")
             return names
