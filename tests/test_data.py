@@ -1235,3 +1235,18 @@ def test_check_passes_whole_files_with_skipped_frames_or_a_held_last_frame(tmp_p
                 packet.duration = 3000  # the still at the end
             container.mux(packet)
     assert check_whole(gaps) is None and check_whole(still) is None
+
+
+def test_video_entries_read_as_the_list_they_were_built_from():
+    """A split's entries are kept in arrays (forked DataLoader workers reading a list of tuples copied its pages, 57 MB
+    per worker for Kinetics-400); they must read back as the list, names that are not UTF-8 included."""
+    from timesformer.data.dataset import VideoEntries
+
+    listed = [("/d/a.mp4", 3), (Path("/d/b c.mp4"), 0), (os.fsdecode(b"/d/caf\xe9.avi"), 7), ("", 1)]
+    entries = VideoEntries(listed)
+    expected = [(str(path), label) for path, label in listed]
+    assert len(entries) == 4 and list(entries) == expected and entries[-1] == expected[-1]
+    assert entries[1:3] == expected[1:3] and entries[::-2] == expected[::-2]
+    assert [path for path, _ in VideoEntries([])] == []
+    with pytest.raises(IndexError):
+        entries[4]
