@@ -128,13 +128,16 @@ def test_workers_end_when_the_resize_process_is_killed(dataset, tmp_path):
     assert not alive, f"workers {alive} outlived the killed resize process"
 
 
-def test_small_videos_are_copied_and_a_rerun_skips_what_is_done(dataset, tmp_path):
+def test_small_videos_are_copied_and_a_rerun_skips_what_is_done(dataset, tmp_path, capsys):
     dst = tmp_path / "dst"
     first = resize_dataset(dataset, dst, short_side=48)  # the videos are 64x48: nothing to shrink
     assert len(first["copied"]) == 3 and not first["resized"] and len(first["failed"]) == 1
     assert (dst / "train/walking/a.mp4").read_bytes() == (dataset / "train/walking/a.mp4").read_bytes()
+    assert "3 videos to resize, 1 other files copied, 0 files already there" in capsys.readouterr().out
     again = resize_dataset(dataset, dst, short_side=48)
     assert len(again["skipped"]) == 3 and len(again["failed"]) == 1  # the broken one is tried again
+    # what a restart finds is said before the first video (a restart of 240k files was silent for minutes)
+    assert "1 videos to resize, 0 other files copied, 3 files already there" in capsys.readouterr().out
 
 
 def test_variable_frame_rate_keeps_its_timestamps(tmp_path):
