@@ -249,3 +249,123 @@ def test_a_checkpoint_without_clip_settings_gets_the_papers_sampling_for_its_fra
     settings = clip_settings(tmp_path / "folder", TimeSformer.from_pretrained(tmp_path / "folder"))
     assert (settings.num_frames, settings.sampling_rate) == (num_frames, sampling_rate)
     assert clip_settings(tmp_path / "folder", model, sampling_rate=5).sampling_rate == 5
+
+
+def record_attention_probabilities(model: TimeSformer, video: torch.Tensor, monkeypatch) -> list[torch.Tensor]:
+    """Run the model on one clip (T, C, H, W) and return the head-averaged softmax(q kᵀ/√d) of every attention call,
+    in call order, each (sequences, L, L), taken from the q and k the model hands to SDPA (not from the rollout's
+    own recomputation). The shortcuts are off, so the last block's patches ask too (full L × L matrices)."""
+    import torch.nn.functional as F
+
+    recorded = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording_sdpa(q, k, v, *args, **kwargs):
+        scores = q.double() @ k.double().transpose(-2, -1) / q.shape[-1] ** 0.5
+        recorded.append(scores.softmax(-1).mean(1))  # (S, L, L), heads averaged
+        return sdpa(q, k, v, *args, **kwargs)
+
+    model.use_shortcuts(False)
+    with monkeypatch.context() as patch, torch.no_grad():
+        patch.setattr(F, "scaled_dot_product_attention", recording_sdpa)
+        model.eval()(video[None])
+    return recorded
+
+
+def randomised(model: TimeSformer) -> TimeSformer:
+    """Every weight perturbed (peaked, position-dependent attention; temporal_fc and time_embed not zero)."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.3)
+    return model
+
+
+def test_divided_rollout_equals_a_dense_reference(monkeypatch):
+    """Two divided blocks against the rollout written out over the original's flat token order (cls, then patch n of
+    frame t at 1 + n·T + t): per block, time then space, each attention as 0.5·A + 0.5·I; the T copies of the cls
+    token in the spatial step are averaged. Token order, the residual term, the order of time and space, the cls
+    average and a transposed temporal matrix each changed the map unnoticed (one block hides the cls average)."""
+    model = randomised(tiny_model("divided_space_time"))
+    torch.manual_seed(2)
+    video = torch.randn(4, 3, 32, 32)
+    T, N = 4, 16
+    probabilities = record_attention_probabilities(model, video, monkeypatch)
+    assert [tuple(p.shape) for p in probabilities] == [(N, T, T), (T, 1 + N, 1 + N)] * 2  # time, space per block
+
+    def index(n, t):  # the original's flat order
+        return 1 + n * T + t
+
+    size = 1 + N * T
+    rollout = torch.eye(size, dtype=torch.float64)
+    for temporal, spatial in zip(probabilities[::2], probabilities[1::2], strict=True):
+        time_mix = torch.zeros(size, size, dtype=torch.float64)
+        time_mix[0, 0] = 1.0  # cls does not take part in the temporal attention
+        for n in range(N):
+            for t in range(T):
+                time_mix[index(n, t), index(n, t)] += 0.5
+                for s in range(T):
+                    time_mix[index(n, t), index(n, s)] += 0.5 * temporal[n, t, s]
+        space_mix = torch.zeros(size, size, dtype=torch.float64)
+        for t in range(T):
+            frame = [0] + [index(n, t) for n in range(N)]  # this frame's sequence: a cls copy, then its patches
+            for i, row in enumerate(frame):
+                weight = 1.0 / T if row == 0 else 1.0  # the T cls copies' outputs are averaged
+                space_mix[row, row] += weight * 0.5
+                for j, column in enumerate(frame):
+                    space_mix[row, column] += weight * 0.5 * spatial[t, i, j]
+        rollout = space_mix @ time_mix @ rollout
+    expected = torch.tensor([[[rollout[0, index(y * 4 + x, t)] for x in range(4)] for y in range(4)]
+                             for t in range(T)])
+    expected = (expected / expected.sum()).float()
+    assert expected.std() > 0.1 / 64  # far from uniform: the attention is peaked
+    torch.testing.assert_close(attention_rollout(model, video), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_space_only_rollout_is_each_frames_own(monkeypatch):
+    """space_only: frame t's map is the cls row of frame t's own product of (0.5·A + 0.5·I), the frames weighted
+    equally (their cls tokens are averaged). Frame 0's rollout used for every frame went unnoticed."""
+    model = randomised(tiny_model("space_only"))
+    torch.manual_seed(2)
+    video = torch.randn(4, 3, 32, 32)
+    probabilities = record_attention_probabilities(model, video, monkeypatch)
+    assert [tuple(p.shape) for p in probabilities] == [(4, 17, 17)] * 2
+    expected = torch.zeros(4, 16, dtype=torch.float64)
+    for t in range(4):
+        rollout = torch.eye(17, dtype=torch.float64)
+        for block in probabilities:
+            rollout = (0.5 * block[t] + 0.5 * torch.eye(17, dtype=torch.float64)) @ rollout
+        expected[t] = rollout[0, 1:] / 4
+    expected = (expected / expected.sum()).reshape(4, 4, 4).float()
+    assert (expected[1:] - expected[0]).abs().max() > 0.01  # the frames' maps differ
+    torch.testing.assert_close(attention_rollout(model, video), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_divided_rollout_follows_the_frame_time_attention_looks_at():
+    """Every patch's temporal attention looks at frame 2 (the bright one), space attention is uniform: the map must
+    put most of its mass on frame 2 (transposed temporal matrices or frame-major/position-major confusion move it)."""
+    model = tiny_model("divided_space_time")
+    video = torch.zeros(4, 3, 32, 32)
+    video[2] = 5.0
+    with torch.no_grad():
+        for param in model.parameters():  # every branch adds nothing: the tokens stay the embedded patches
+            param.zero_()
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.fill_(1.0)
+        model.patch_embed.proj.weight[0] = 1.0 / 192  # feature 0: the patch's brightness
+        model.patch_embed.proj.weight[1] = -1.0 / 192  # (and its negative, so LayerNorm keeps it)
+        for block in model.blocks:
+            dim, head_dim = block.temporal_attn.qkv.in_features, block.temporal_attn.head_dim
+            for head in range(block.temporal_attn.num_heads):  # every head's query looks along feature 0 ...
+                block.temporal_attn.qkv.bias[head * head_dim] = 1.0
+                block.temporal_attn.qkv.weight[dim + head * head_dim, 0] = 20.0  # ... a key's brightness
+    heatmap = attention_rollout(model, video)
+    per_frame = heatmap.sum((1, 2))
+    # By hand, following the masses (cls c, each frame's patches F_t; uniform within a frame) through a block: space
+    # (uniform over a frame's 17 tokens): c -> (9/17)c + (1/34)ΣF, F_t -> (2/17)c + (33/34)F_t; then time: a dark
+    # frame keeps half of its mass and gives the other half to frame 2. From the cls token (c = 1): after one block
+    # c = 9/17, dark 1/17, bright 5/17; after two, dark 69/1156 each and bright 609/1156, i.e. over the patches
+    # [69, 69, 609, 69] / 816.
+    torch.testing.assert_close(per_frame, torch.tensor([69, 69, 609, 69]) / 816, atol=1e-5, rtol=0)
+    torch.testing.assert_close(heatmap[2], torch.full((4, 4), 609 / 816 / 16), atol=1e-6, rtol=0)
