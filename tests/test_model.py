@@ -266,3 +266,28 @@ def test_hooks_and_wrapped_layers_take_effect(attention_type):
     model.eval(), reference.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(video), reference(video), atol=1e-5, rtol=1e-5)
+
+
+def test_space_only_averages_the_frames_cls_tokens_whatever_the_frames():
+    """space_only's pooled cls is the mean over frames of each frame's own cls token (the existing test used identical
+    frames, on which the cls token of frame 0 alone gives the same). Each frame's cls is taken from the model run
+    on that frame alone (the frames never meet before the average), as the input of the final norm."""
+    torch.manual_seed(0)
+    model = TimeSformer(tiny_config(attention_type="space_only")).eval()
+    video = torch.randn(2, 4, 3, 32, 32)
+    pooled = []
+    hook = model.norm.register_forward_pre_hook(lambda module, args: pooled.append(args[0]))
+    with torch.no_grad():
+        per_frame = []
+        for t in range(4):
+            model(video[:, t:t + 1])
+            per_frame.append(pooled.pop())  # (B, D): frame t's cls after the last block
+        hook.remove()
+        expected = model.head(model.norm(torch.stack(per_frame).mean(0)))
+        logits = model(video)
+        torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model(video.flip(1)), logits, atol=1e-6, rtol=1e-5)  # frame order is irrelevant
+        other = video.clone()
+        other[:, 1:] = torch.randn(2, 3, 3, 32, 32)  # the same first frame, other frames after it
+        assert (model(other) - logits).abs().max() > 1e-3
+
