@@ -4,6 +4,7 @@ import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from timesformer import TimeSformer, TimeSformerConfig
 from timesformer.model import ATTENTION_TYPES
@@ -291,3 +292,54 @@ def test_space_only_averages_the_frames_cls_tokens_whatever_the_frames():
         other[:, 1:] = torch.randn(2, 3, 3, 32, 32)  # the same first frame, other frames after it
         assert (model(other) - logits).abs().max() > 1e-3
 
+
+def test_position_embedding_of_a_non_square_grid_is_the_2d_bicubic_resize():
+    """A 4 x 6 patch grid (32 x 48 px): the stored 4 x 4 grid of position embeddings resized bicubically to 4 rows
+    and 6 columns (resizing to 6 x 4 and flattening gives the right shape and the wrong positions)."""
+    torch.manual_seed(0)
+    model = TimeSformer(tiny_config())
+    stored = model.pos_embed[0, 1:].detach().reshape(4, 4, 32).permute(2, 0, 1)[None]  # (1, D, rows, columns)
+    expected = F.interpolate(stored, size=(4, 6), mode="bicubic", align_corners=False)[0]  # (D, 4, 6)
+    cls_pos, patch_pos = model._position_embedding(4, 6)
+    torch.testing.assert_close(cls_pos, model.pos_embed[:, :1])
+    torch.testing.assert_close(patch_pos[0].detach(), expected.flatten(1).T)  # row-major: (y, x) at y·6 + x
+
+    # The model's tokens for a 32 x 48 clip: patch (y, x) of frame t is the conv of that patch + position (y, x)
+    # + time t.
+    with torch.no_grad():
+        model.time_embed.normal_()
+        video = torch.randn(1, 4, 3, 32, 48)
+        cls, patches = model.embed(video)
+        weight, bias = model.patch_embed.proj.weight, model.patch_embed.proj.bias
+        for t, y, x in [(0, 0, 5), (1, 3, 0), (3, 2, 4)]:
+            pixels = video[0, t, :, 8 * y:8 * y + 8, 8 * x:8 * x + 8]
+            token = (weight * pixels).sum((1, 2, 3)) + bias + expected[:, y, x] + model.time_embed[0, t]
+            torch.testing.assert_close(patches[0, t, y * 6 + x], token, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(cls[0, 0], (model.cls_token + model.pos_embed[:, :1])[0, 0])
+
+
+@pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
+def test_blocks_get_the_clips_grid_as_rows_then_columns(attention_type):
+    """On a 32 x 48 clip (4 x 6 patches) every block is given grid (4, 6): axial's rows and columns and L+G's windows
+    are cut by it (swapped, they cut the patches of a 4 x 6 frame as a 6 x 4 one)."""
+    torch.manual_seed(0)
+    model = TimeSformer(tiny_config(attention_type=attention_type)).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.1)
+        video = torch.randn(2, 4, 3, 32, 48)
+        cls, patches = model.embed(video)
+        for i, block in enumerate(model.blocks):
+            cls, patches = block(cls, patches, (4, 6), cls_only=i == len(model.blocks) - 1)
+        if attention_type == "space_only":
+            cls = cls.mean(1)
+        expected = model.norm(cls[:, 0])
+        torch.testing.assert_close(model.forward_features(video), expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("size", [(32, 36), (36, 32), (30, 32), (32, 30)], ids=["w36", "h36", "h30", "w30"])
+def test_a_height_or_width_not_divisible_by_the_patch_size_is_an_error(size):
+    """The patch convolution drops the remainder of either side silently: both are checked."""
+    model = TimeSformer(tiny_config())
+    with pytest.raises(ValueError, match="divisible by patch_size=8"):
+        model(torch.randn(1, 4, 3, *size))
