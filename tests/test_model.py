@@ -343,3 +343,35 @@ def test_a_height_or_width_not_divisible_by_the_patch_size_is_an_error(size):
     model = TimeSformer(tiny_config())
     with pytest.raises(ValueError, match="divisible by patch_size=8"):
         model(torch.randn(1, 4, 3, *size))
+
+
+def test_drop_path_drops_the_given_fraction_and_keeps_the_mean():
+    """At p = 0.1 a tenth of the samples are dropped, the rest scaled by 1/0.9, so the expected output is the input.
+    (Keeping with probability p instead of 1 - p went unnoticed: the existing test's 0.4 and 0.6 are both "some".)"""
+    from timesformer.model.timesformer import DropPath
+
+    torch.manual_seed(0)
+    out = DropPath(0.1).train()(torch.ones(20_000, 3))
+    dropped = (out == 0).all(1)
+    assert dropped.float().mean().item() == pytest.approx(0.1, abs=0.01)  # binomial std 0.002
+    torch.testing.assert_close(out[~dropped], torch.full_like(out[~dropped], 1 / 0.9))
+    assert out.mean().item() == pytest.approx(1.0, abs=0.02)
+
+
+@pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
+def test_eval_ignores_stochastic_depth_and_dropout(attention_type):
+    """In eval mode drop_path_rate, attention dropout and hidden dropout do nothing: the output is deterministic and
+    that of the same weights built with all rates 0."""
+    torch.manual_seed(0)
+    rates = dict(drop_path_rate=0.5, attention_probs_dropout_prob=0.5, hidden_dropout_prob=0.5)
+    model = TimeSformer(tiny_config(attention_type=attention_type, **rates)).eval()
+    with torch.no_grad():
+        for param in model.parameters():  # *_fc not zero: every branch adds something
+            param.add_(torch.randn_like(param) * 0.1)
+    reference = TimeSformer(tiny_config(attention_type=attention_type)).eval()
+    reference.load_state_dict(model.state_dict())
+    video = torch.randn(2, 4, 3, 32, 32)
+    with torch.no_grad():
+        first = model(video)
+        torch.testing.assert_close(model(video), first, rtol=0, atol=0)
+        torch.testing.assert_close(first, reference(video), rtol=0, atol=1e-6)
