@@ -375,3 +375,14 @@ def test_eval_ignores_stochastic_depth_and_dropout(attention_type):
         first = model(video)
         torch.testing.assert_close(model(video), first, rtol=0, atol=0)
         torch.testing.assert_close(first, reference(video), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
+def test_every_layer_norm_uses_the_configured_epsilon(attention_type):
+    """layer_norm_eps reaches every LayerNorm (each block's norms, the extra attentions' <name>_norm1, the final
+    norm); one built with nn.LayerNorm's default 1e-5 went unnoticed."""
+    model = TimeSformer(tiny_config(attention_type=attention_type, layer_norm_eps=1e-2))
+    norms = {name: module.eps for name, module in model.named_modules() if isinstance(module, torch.nn.LayerNorm)}
+    extra = {"divided_space_time": 1, "sparse_local_global": 1, "axial": 2}.get(attention_type, 0)
+    assert len(norms) == 2 * (2 + extra) + 1  # two blocks and the final norm
+    assert norms == dict.fromkeys(norms, 1e-2)
