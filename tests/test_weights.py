@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from timesformer import TimeSformer, TimeSformerConfig
+from timesformer.model import ATTENTION_TYPES
 
 transformers = pytest.importorskip("transformers")
 
@@ -295,20 +296,25 @@ def test_space_only_differs_from_hf_by_averaging_frames(tmp_path):
     torch.testing.assert_close(hf_logits.reshape(2, 4, 7), ours_logits[:, None].expand(2, 4, 7), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("attention_type", ["sparse_local_global", "axial"])
-def test_new_attention_types_round_trip_through_a_state_dict(attention_type, tmp_path):
-    """A bare state dict of ours is recognised by its keys (axial: width_attn, L+G: local_attn)."""
+@pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
+def test_every_attention_type_round_trips_through_a_state_dict(attention_type, tmp_path):
+    """A bare state dict of ours is recognised by its keys (axial: width_attn, L+G: local_attn, divided:
+    temporal_attn, joint: time_embed without those, space_only: neither); the new types cannot be exported to HF."""
     torch.manual_seed(0)
     model = TimeSformer(TimeSformerConfig(**TINY, attention_type=attention_type, num_classes=3)).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.02)
     torch.save(model.state_dict(), tmp_path / "model.pth")
     loaded = TimeSformer.from_pretrained(tmp_path / "model.pth", num_attention_heads=4).eval()
     assert loaded.config.attention_type == attention_type
     video = torch.randn(1, 4, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded(video), model(video), rtol=0, atol=0)
-    with pytest.raises(ValueError, match="cannot be exported"):
-        model.save_pretrained(tmp_path / "hf")
-    assert not (tmp_path / "hf").exists()  # nothing written
+    if attention_type in ("sparse_local_global", "axial"):
+        with pytest.raises(ValueError, match="cannot be exported"):
+            model.save_pretrained(tmp_path / "hf")
+        assert not (tmp_path / "hf").exists()  # nothing written
 
 
 def test_a_bare_state_dict_says_what_it_assumes_and_refuses_to_guess_heads(tmp_path, caplog):
@@ -331,3 +337,42 @@ def test_a_bare_state_dict_says_what_it_assumes_and_refuses_to_guess_heads(tmp_p
         TimeSformer.from_pretrained(tmp_path / "model.pth", num_attention_heads=4, hidden_act="gelu_tanh",
                                     layer_norm_eps=1e-6)
     assert "assumed" not in caplog.text  # all given
+
+
+def test_save_pretrained_keeps_the_activation_and_norm_epsilon(tmp_path):
+    """A folder from save_pretrained is read back with its hidden_act and layer_norm_eps (not the defaults): the same
+    config and the same logits; loaded with the defaults, these weights give other logits."""
+    torch.manual_seed(0)
+    config = TimeSformerConfig(**TINY, num_classes=3, class_names=["a", "b", "c"], hidden_act="relu",
+                               layer_norm_eps=1e-2)
+    model = TimeSformer(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.02)
+    model.save_pretrained(tmp_path / "m")
+    loaded = TimeSformer.from_pretrained(tmp_path / "m").eval()
+    assert loaded.config == model.config
+    video = torch.randn(2, 4, 3, 32, 32)
+    defaults = TimeSformer(TimeSformerConfig(**TINY, num_classes=3)).eval()
+    defaults.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(video), model(video), rtol=0, atol=0)
+        assert (defaults(video) - model(video)).abs().max() > 1e-3  # (the two fields matter for these weights)
+
+
+def test_id2label_is_read_by_id_not_in_file_order(tmp_path):
+    """A config.json whose id2label keys are sorted as strings ("0", "1", "10", "11", "2", ...), as json.dumps with
+    sort_keys writes them: class i is id2label[str(i)], wherever it stands in the file."""
+    import json
+
+    names = [f"class {i}" for i in range(12)]
+    model = TimeSformer(TimeSformerConfig(**TINY, num_classes=12, class_names=names))
+    model.save_pretrained(tmp_path / "m")
+    config_file = tmp_path / "m" / "config.json"
+    hf_config = json.loads(config_file.read_text())
+    hf_config["id2label"] = {key: hf_config["id2label"][key] for key in sorted(hf_config["id2label"])}
+    assert list(hf_config["id2label"])[:4] == ["0", "1", "10", "11"]  # the file order is not the numeric one
+    config_file.write_text(json.dumps(hf_config, indent=2))
+    loaded = TimeSformer.from_pretrained(tmp_path / "m")
+    assert loaded.config.class_names == names
+    assert torch.equal(loaded.head.weight, model.head.weight)  # row i is still class i
