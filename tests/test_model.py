@@ -133,6 +133,10 @@ def test_drop_path_drops_a_videos_whole_mlp_branch(attention_type):
         (dict(image_size=30), "image_size=30 is not divisible by patch_size=8"),
         (dict(hidden_size=30), "hidden_size=30 is not divisible by num_attention_heads=4"),
         (dict(drop_path_rate=1.5), "drop_path_rate"),
+        (dict(drop_path_rate=1.0), r"drop_path_rate must be in \[0, 1\), got 1.0"),  # every block always dropped
+        (dict(attention_probs_dropout_prob=-0.1), "attention_probs_dropout_prob must be in"),
+        (dict(num_frames=0), "num_frames must be a positive integer, got 0"),
+        (dict(num_classes=3, class_names=["a", "b"]), "class_names has 2 entries but num_classes=3"),
         (dict(qkv_bias="no"), "qkv_bias must be true or false, got 'no'"),  # a non-empty string is truthy
     ],
 )
@@ -386,3 +390,20 @@ def test_every_layer_norm_uses_the_configured_epsilon(attention_type):
     extra = {"divided_space_time": 1, "sparse_local_global": 1, "axial": 2}.get(attention_type, 0)
     assert len(norms) == 2 * (2 + extra) + 1  # two blocks and the final norm
     assert norms == dict.fromkeys(norms, 1e-2)
+
+
+@pytest.mark.parametrize("initializer_range", [0.02, 0.05])
+def test_initialisation_follows_initializer_range(initializer_range):
+    """Linear and patch-conv weights (but the zero-initialised *_fc) and the cls and position embeddings are drawn
+    with std initializer_range, biases are zero. At width 768 a linear layer's default (Kaiming uniform) init has std
+    0.021 where its fan-in is 768, so 0.05 is what tells them apart; the cls token left at zero went unnoticed."""
+    torch.manual_seed(0)
+    config = TimeSformerConfig(num_hidden_layers=1, num_classes=10, initializer_range=initializer_range)
+    model = TimeSformer(config)
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and not name.endswith("_fc"):
+            assert module.weight.std().item() == pytest.approx(initializer_range, rel=0.05), name
+            assert module.weight.mean().abs().item() < 0.1 * initializer_range, name
+            assert torch.count_nonzero(module.bias) == 0, name
+    for name in ("cls_token", "pos_embed"):  # 768 and 197 x 768 values
+        assert getattr(model, name).std().item() == pytest.approx(initializer_range, rel=0.15), name
