@@ -407,3 +407,33 @@ def test_initialisation_follows_initializer_range(initializer_range):
             assert torch.count_nonzero(module.bias) == 0, name
     for name in ("cls_token", "pos_embed"):  # 768 and 197 x 768 values
         assert getattr(model, name).std().item() == pytest.approx(initializer_range, rel=0.15), name
+
+
+def half_pixel_linear(values: list[float], size: int) -> list[float]:
+    """Linear interpolation of samples taken at the centres of len(values) equal cells to the centres of ``size``
+    cells spanning the same interval (align_corners=False; before the first centre or after the last, the end value)."""
+    out = []
+    for i in range(size):
+        x = min(max((i + 0.5) * len(values) / size - 0.5, 0.0), len(values) - 1.0)
+        left = min(int(x), len(values) - 2)
+        out.append(values[left] + (x - left) * (values[left + 1] - values[left]))
+    return out
+
+
+@pytest.mark.parametrize(("stored", "frames"), [(4, 8), (8, 4), (4, 6), (8, 16)])
+def test_time_embedding_is_resized_linearly_between_frame_centres(stored, frames):
+    """The time embedding is interpolated linearly (README: not nearest neighbour, as the original and HF do at run
+    time), each stored frame a sample at the centre of its stretch of the clip: 0..3 to 8 frames is
+    [0, .25, .75, 1.25, 1.75, 2.25, 2.75, 3]. The existing tests compared the resize with itself (align_corners=True
+    or nearest survived)."""
+    model = TimeSformer(tiny_config(num_frames=stored))
+    with torch.no_grad():  # channel 0: the frame index, channel 1: its square (each channel on its own)
+        model.time_embed[0, :, 0] = torch.arange(stored, dtype=torch.float32)
+        model.time_embed[0, :, 1] = torch.arange(stored, dtype=torch.float32) ** 2
+    resized = model._time_embedding(frames)[0].detach()
+    assert resized.shape == (frames, 32)
+    indices = [float(t) for t in range(stored)]
+    torch.testing.assert_close(resized[:, 0], torch.tensor(half_pixel_linear(indices, frames)))
+    torch.testing.assert_close(resized[:, 1], torch.tensor(half_pixel_linear([t * t for t in indices], frames)))
+    if (stored, frames) == (4, 8):
+        assert resized[:, 0].tolist() == pytest.approx([0, 0.25, 0.75, 1.25, 1.75, 2.25, 2.75, 3])
