@@ -424,8 +424,13 @@ def test_broken_training_videos_are_replaced_and_reported_once(tmp_path, caplog)
         assert item["valid"] and item["video"].shape == (8, 3, 32, 32)
         assert item["replaced"] == (path in bad)
         assert dataset.entries[item["index"]][0] not in bad  # the replacement decodes
+        # the label is the replacement's, the video's that was decoded (not the broken one's)
+        replacement_class = Path(dataset.entries[item["index"]][0]).parent.name
+        assert item["label"] == dataset.entries[item["index"]][1] == ["cat", "dog"].index(replacement_class)
         if path in bad:
             assert item["decode_errors"].startswith(path + "\t")
+    # (the draws above replace a broken cat video with a dog video: the two labels differ there)
+    assert any(dataset.entries[i][1] != item["label"] for i, item in enumerate(items) if item["replaced"])
 
     # The DataModule names every failed file once, however often it fails.
     batch = torch.utils.data.default_collate(items)
