@@ -113,6 +113,18 @@ def test_training_start_is_random_and_reproducible():
     )
 
 
+def test_training_start_covers_every_possible_start_both_ends_included():
+    """A training clip starts anywhere from frame 0 to the last start that fits the clip (inclusive), uniformly: a
+    range cut short (e.g. to its first half) would never train on the videos' ends."""
+    # 300 frames, 8 x 4 at 30 fps: a span of 32 frames, starts 0 ... 268
+    max_start = 300 - 8 * 4
+    rng = random.Random(0)
+    starts = [dense_clip_indices(300, 8, 4, 30.0, rng=rng)[0] for _ in range(2000)]
+    assert min(starts) == 0 and max(starts) == max_start
+    assert abs(np.mean(starts) - max_start / 2) < 0.05 * max_start  # uniform: centred on the middle start
+    assert sum(start > max_start / 2 for start in starts) > 800  # ~half of them in the second half
+
+
 def test_sampling_rejects_bad_arguments():
     with pytest.raises(ValueError, match="video_num_frames"):
         dense_clip_indices(0, 8, 4, 30.0)
@@ -219,6 +231,17 @@ def test_train_transform_scales_the_short_side_exactly_so_the_smallest_scale_fit
 def test_transform_rejects_a_crop_larger_than_the_short_side():
     with pytest.raises(ValueError, match="crop_size"):
         train_transform(224, short_side_range=(128, 160))
+
+
+def test_train_transform_draws_every_short_side_of_its_range_both_ends_included():
+    """short_side_range is inclusive: over 200 draws the scaled clip's short side takes every value from 32 to 40, and
+    no other (a range without its upper end, or a scale stuck at the lower one, would pass the shape checks)."""
+    video = torch.zeros(1, 3, 45, 60, dtype=torch.uint8)
+    scale = train_transform(32, short_side_range=(32, 40)).transforms[0]
+    torch.manual_seed(0)
+    sides = [min(scale(video).shape[-2:]) for _ in range(200)]
+    assert set(sides) == set(range(32, 41))
+    assert max(sides.count(side) for side in range(32, 41)) < 200 / 9 * 2  # roughly uniform (~22 each)
 
 
 # -- decoding and the synthetic dataset --------------------------------------------------------------------
