@@ -722,6 +722,41 @@ def test_datamodule_batches(tiny_source):
     assert sorted(torch.cat([b["index"] for b in test_batches]).tolist()) == sorted(list(range(4)) * 3)
 
 
+def test_batches_are_normalised_with_the_configured_mean_and_std(tiny_source):
+    """on_after_batch_transfer normalises with data.mean / data.std, not the defaults (0.45 / 0.225): a model
+    fine-tuned from weights trained with 0.5 / 0.5 (the Hub's HF checkpoints) must see their statistics."""
+    datamodule = _datamodule(tiny_source, mean=[0.5] * 3, std=[0.5] * 3)
+    video = torch.tensor([0, 51, 128, 255], dtype=torch.uint8).view(1, 1, 1, 2, 2).expand(2, 4, 3, 2, 2)
+    out = datamodule.on_after_batch_transfer({"video": video.clone(), "label": torch.zeros(2)}, 0)["video"]
+    expected = torch.tensor([-1.0, 51 / 255 / 0.5 - 1, 128 / 255 / 0.5 - 1, 1.0]).view(1, 1, 1, 2, 2)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, expected.expand(2, 4, 3, 2, 2))
+
+
+def test_training_clips_flip_only_when_horizontal_flip_is_on(tiny_source):
+    """data.horizontal_flip=false reaches the training transform: a clip whose left half is dark never comes out
+    mirrored (a flip turns the synthetic "moving_left" into "moving_right"); with it on, about half the clips are."""
+    video = torch.zeros(2, 3, 16, 20, dtype=torch.uint8)
+    video[..., 10:] = 255  # left half dark, right half bright; every scale and crop keeps a dark left column
+
+    def flipped(horizontal_flip: bool) -> list[bool]:
+        datamodule = _datamodule(tiny_source, horizontal_flip=horizontal_flip)  # short sides 16 ... 20, 16 crops
+        datamodule.setup("fit")
+        transform = datamodule.datasets["train"].transform
+        results = []
+        for seed in range(20):
+            torch.manual_seed(seed)
+            out = transform(video)
+            assert out.shape == (2, 3, 16, 16)
+            left, right = int(out[0, 0, 0, 0]), int(out[0, 0, 0, -1])
+            assert {left, right} == {0, 255}  # one dark edge, one bright
+            results.append(left > right)
+        return results
+
+    assert not any(flipped(False))
+    assert 3 <= sum(flipped(True)) <= 17
+
+
 def test_a_single_evaluation_crop_is_cut_at_the_smallest_training_scale(tiny_source):
     """As the original tests: one centre crop from the short side at train_short_side_range[0] (256 for 224 crops,
     the training crops' scale), several crops from the short side at the crop size (together they span the frame).
