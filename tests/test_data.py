@@ -670,6 +670,19 @@ def test_resumable_sampler_order_seeds_and_shares():
     assert sorted(shares[0] + shares[1]) == sorted(epoch0)
 
 
+def test_every_video_is_trained_on_when_processes_do_not_divide_the_split():
+    """9 videos on 2 processes: the shares are padded to 5 each (one video twice), never cut to 4 (a video left out of
+    every epoch, the same one for a given seed and epoch)."""
+    for epoch in range(3):
+        shares = []
+        for rank in (0, 1):
+            sampler = ResumableSampler(list(range(9)), seed=7, num_replicas=2, rank=rank)
+            sampler.set_epoch(epoch)
+            shares.append([index for index, _ in sampler])
+        assert len(shares[0]) == len(shares[1]) == 5
+        assert set(shares[0]) | set(shares[1]) == set(range(9))
+
+
 def test_seeded_training_items_follow_their_seed_only(tiny_source):
     entries = tiny_source.load().splits["train"]
     dataset = VideoClipDataset(entries, num_frames=4, sampling_rate=1, transform=train_transform(16, (16, 24)),
@@ -720,6 +733,26 @@ def test_datamodule_batches(tiny_source):
     assert torch.equal(torch.cat([b["index"] for b in batches]), torch.arange(4))
     test_batches = list(datamodule.test_dataloader())  # the defaults' views: 3 crops of each video's clip
     assert sorted(torch.cat([b["index"] for b in test_batches]).tolist()) == sorted(list(range(4)) * 3)
+
+
+@pytest.mark.parametrize("stage", ["train", "val", "sanity_check"])
+def test_too_many_decode_failures_stop_training_and_validation_epochs(stage):
+    """More than max_failed_fraction of the videos (training: each failed read counts as a read) or views (validation,
+    its sanity check) failing in an epoch stops the run; up to it, the run goes on. Test epochs are never stopped:
+    every failed test video is reported instead."""
+    from timesformer.data.datamodule import DecodeFailureMonitor
+
+    def errors(failed: int, items: int) -> list[str]:
+        return [f"/d/{i}.mp4\tbroken" for i in range(failed)] + [""] * (items - failed)
+
+    monitor = DecodeFailureMonitor(max_failed_fraction=0.05)
+    # exactly at the limit, 5 = 0.05 x 100 failed: training's 95 items read 95 + 5 videos, validation's 100 views
+    items = 95 if stage == "train" else 100
+    monitor.update(stage, 0, errors(5, items), num_items=items, split_size=1000)
+    # one failure more (the next epoch): 6 > 0.05 x 101 (training) or 0.05 x 100 (validation)
+    with pytest.raises(RuntimeError, match=f"6 of the {101 if stage == 'train' else 100} .* {stage} epoch"):
+        monitor.update(stage, 1, errors(6, items), num_items=items, split_size=1000)
+    monitor.update("test", 0, errors(50, 100), num_items=100, split_size=100)  # half the test views: reported only
 
 
 def test_batches_are_normalised_with_the_configured_mean_and_std(tiny_source):
