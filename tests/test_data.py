@@ -432,6 +432,32 @@ def test_check_reports_an_mp4_cut_short(tmp_path, decoder):
     assert check_video(str(whole), 0, decoder).error is None
 
 
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_check_reports_a_video_broken_after_its_first_frames(tmp_path, decoder):
+    """A file whose second half is damaged (its packets zeroed; the index, its size and its first frames intact)
+    decodes from frame 0 but fails where training reads later clips: check decodes the middle and last frames too,
+    and reports it."""
+    import av
+
+    from timesformer.data.check import check_video
+
+    whole = _write_pattern_video(tmp_path / "whole.mp4")
+    with av.open(str(whole)) as container:
+        packets = [(packet.pos, packet.size) for packet in container.demux(container.streams.video[0]) if packet.size]
+    assert len(packets) == 60
+    data = bytearray(whole.read_bytes())
+    for position, size in packets[30:]:  # the second half in decode order: roughly frames 30 ... 59, never frame 0
+        data[position:position + size] = bytes(size)
+    damaged = tmp_path / "damaged.mp4"
+    damaged.write_bytes(bytes(data))
+    assert decode_frames(damaged, [0], decoder=decoder).shape == (1, 48, 64, 3)  # the start reads
+    assert check_whole(damaged) is None  # nothing is missing: only decoding finds it
+    result = check_video(str(damaged), 0, decoder)
+    assert result.error is not None and "Could not decode" in result.error and "damaged.mp4" in result.error
+    assert result.num_frames == 60
+    assert check_video(str(whole), 0, decoder).error is None
+
+
 class _CountingCodec:
     """Wraps a PyAV codec context and counts the pictures it decodes."""
 
