@@ -94,25 +94,27 @@ def make_slowfast_kinetics(root: Path) -> dict:
 UCF_CLASSES = ["ApplyEyeMakeup", "HandstandPushups"]
 
 
-def make_ucf101(root: Path) -> dict:
+def make_ucf101(root: Path, classes: list[str] = UCF_CLASSES, splits: tuple[int, ...] = (1,)) -> dict:
     """ucfTrainTestlist/ with CRLF lines and 1-based ids; UCF-101/<Class>/v_*.avi in MPEG-4 part 2. As in the real
-    dataset, HandstandPushups' files are named v_HandStandPushups_* (another case than classInd.txt)."""
+    dataset, HandstandPushups' files are named v_HandStandPushups_* (another case than classInd.txt). Groups 1, 8
+    and 9 of each class; the lists of `splits` (split 1 tests groups 1-7, split 2 groups 8-14)."""
     lists = root / "ucfTrainTestlist"
-    write_lines(lists / "classInd.txt", [f"{i + 1} {name}" for i, name in enumerate(UCF_CLASSES)], "\r\n")
-    train_lines, test_lines = [], []
-    for label, name in enumerate(UCF_CLASSES):
+    write_lines(lists / "classInd.txt", [f"{i + 1} {name}" for i, name in enumerate(classes)], "\r\n")
+    train_lines, test_lines = {split: [] for split in splits}, {split: [] for split in splits}
+    for label, name in enumerate(classes):
         file_class = "HandStandPushups" if name == "HandstandPushups" else name
         for group in (1, 8, 9):
             relative = f"{name}/v_{file_class}_g{group:02d}_c01.avi"
             write_video(root / "UCF-101" / relative, codec="mpeg4", seed=label * 10 + group)
-            # groups 1-7 are split 1's test set
-            if group <= 7:
-                test_lines.append(relative)
-            else:
-                train_lines.append(f"{relative} {label + 1}")
-    write_lines(lists / "trainlist01.txt", train_lines, "\r\n")
-    write_lines(lists / "testlist01.txt", test_lines, "\r\n")
-    return {"classes": 2, "train": 4, "val": 2}
+            for split in splits:
+                if 7 * (split - 1) < group <= 7 * split:  # the split's test groups
+                    test_lines[split].append(relative)
+                else:
+                    train_lines[split].append(f"{relative} {label + 1}")
+    for split in splits:
+        write_lines(lists / f"trainlist0{split}.txt", train_lines[split], "\r\n")
+        write_lines(lists / f"testlist0{split}.txt", test_lines[split], "\r\n")
+    return {"classes": len(classes), "train": len(train_lines[splits[0]]), "val": len(test_lines[splits[0]])}
 
 
 SSV2_TEMPLATES = ["Pushing something from left to right", "Putting something into something"]
@@ -230,6 +232,20 @@ def test_ucf101_lists_with_crlf_and_case_mismatch(tmp_path):
         UCF101Source(tmp_path, split=4)
 
 
+def test_ucf101_split_picks_its_own_train_and_test_lists(tmp_path):
+    """data.split=2 trains on trainlist02 and evaluates exactly testlist02's videos (groups 8-14), not split 1's."""
+    make_ucf101(tmp_path, splits=(1, 2))
+
+    def groups(entries) -> list[tuple[str, int]]:  # (group, class) of each video, e.g. ("g08", 0)
+        return sorted((Path(path).stem.split("_")[-2], label) for path, label in entries)
+
+    for split, train_groups, test_groups in ((1, ["g08", "g09"], ["g01"]), (2, ["g01"], ["g08", "g09"])):
+        index = UCF101Source(tmp_path, split=split).load()
+        assert groups(index.splits["train"]) == sorted((g, label) for g in train_groups for label in (0, 1))
+        assert groups(index.splits["val"]) == sorted((g, label) for g in test_groups for label in (0, 1))
+        assert groups(index.splits["test"]) == groups(index.splits["val"])
+
+
 def test_ssv2_templates_are_normalised(tmp_path):
     make_ssv2(tmp_path)
     index = SomethingSomethingV2Source(tmp_path).load()
@@ -283,6 +299,20 @@ def test_segment_sampling_indices():
     short = segment_clip_indices(3, 8, rng=rng)
     assert len(short) == 8 and short == sorted(short) and set(short) <= {0, 1, 2}
     assert segment_clip_indices(1, 8, clip_index=0) == [0] * 8
+
+
+def test_segment_training_frames_are_drawn_anywhere_in_their_segments():
+    """TSN training: an independent uniform frame in each segment, so different draws give different clips and every
+    frame of a segment is drawn (a fixed offset would train on the evaluation clip's frames only)."""
+    import random
+
+    clips = [segment_clip_indices(80, 8, rng=random.Random(seed)) for seed in range(200)]
+    assert len({tuple(clip) for clip in clips}) > 100
+    for segment in range(8):  # 10 frames each
+        drawn = {clip[segment] for clip in clips}
+        assert drawn == set(range(10 * segment, 10 * segment + 10)), segment
+    # the segments are drawn independently: the offsets within the first two segments do not move together
+    assert len({(clip[0], clip[1] - 10) for clip in clips}) > 50
 
 
 # -- training on each dataset config ---------------------------------------------------------------------------
