@@ -782,6 +782,33 @@ def test_kinetics_test_csv_with_empty_labels_is_unlabelled(tmp_path):
     assert index.class_names == sorted(KINETICS_LABELS) and index.splits["test"] is index.splits["val"]
 
 
+def test_kinetics_labelled_test_csv_is_the_test_split(tmp_path):
+    """A test.csv with labels (Kinetics-600/700 released them) is the test split, with its own clips in test/; the
+    validation split stays validate.csv's."""
+    header = "label,youtube_id,time_start,time_end,split"
+    write_lines(tmp_path / "train.csv", [header, "abseiling,train000000,0,10,train", "zumba,train000001,0,10,train"])
+    write_lines(tmp_path / "validate.csv", [header, "zumba,valid000000,0,10,validate"])
+    write_lines(tmp_path / "test.csv", [header, "zumba,test0000000,0,10,test", "abseiling,test0000001,5,15,test"])
+    touch(tmp_path, "train/abseiling/train000000_000000_000010.mp4", "train/zumba/train000001_000000_000010.mp4",
+          "val/valid000000_000000_000010.mp4", "test/test0000000_000000_000010.mp4",
+          "test/test0000001_000005_000015.mp4")
+    index = KineticsSource(tmp_path).load()
+    assert index.class_names == ["abseiling", "zumba"]
+    named = {split: sorted((Path(path).relative_to(tmp_path).as_posix(), label) for path, label in entries)
+             for split, entries in index.splits.items()}
+    assert named["test"] == [("test/test0000000_000000_000010.mp4", 1), ("test/test0000001_000005_000015.mp4", 0)]
+    assert named["val"] == [("val/valid000000_000000_000010.mp4", 1)]
+
+
+def test_slowfast_class_names_follow_their_ids_not_the_alphabet(tmp_path):
+    """classids.json maps name -> id: "zumba" with id 0 is class 0 (sorted names would swap every label)."""
+    make_slowfast_kinetics(tmp_path)
+    (tmp_path / "classids.json").write_text(json.dumps({"abseiling": 1, "zumba": 0}))
+    index = KineticsSource(tmp_path).load()
+    assert index.class_names == ["zumba", "abseiling"]
+    assert [index.class_names[label] for _, label in index.splits["train"]] == ["zumba", "abseiling"] * 2
+
+
 def test_slowfast_class_ids_as_strings(tmp_path):
     make_slowfast_kinetics(tmp_path)
     (tmp_path / "classids.json").write_text(json.dumps({"abseiling": "0", "zumba": "1"}))
