@@ -651,6 +651,24 @@ def test_clean_lists_go_to_any_folder_name_and_never_over_other_files(tmp_path, 
     assert len(CsvSource(clean).load().splits["train"]) == 4
 
 
+def test_clean_lists_keep_the_datasets_class_order(tmp_path, capsys):
+    """classes.txt is the dataset's class order (UCF101's classInd.txt here, not alphabetical): a model trained on the
+    clean lists numbers its classes as one trained on the dataset, and its checkpoints stay interchangeable."""
+    from timesformer.data.check import main
+
+    classes = ["HandstandPushups", "ApplyEyeMakeup"]  # classInd order, the reverse of the sorted one
+    make_ucf101(tmp_path / "data", classes=classes)
+    clean = tmp_path / "clean"
+    assert main(["data=ucf101", f"data.root={tmp_path / 'data'}", "--workers=1", "--write-clean", str(clean)]) == 0
+    assert (clean / "classes.txt").read_text().splitlines() == classes
+    index = CsvSource(clean).load()
+    assert index.class_names == classes
+    for split, count in (("train", 4), ("val", 2)):
+        assert len(index.splits[split]) == count
+        for path, label in index.splits[split]:
+            assert label == classes.index(Path(path).parent.name)  # the class folder's position in classInd
+
+
 def test_check_of_a_test_split_that_is_the_val_split_checks_and_lists_val(tmp_path, capsys):
     """UCF101's test list is its val split: --splits test wrote no list and counted none of its missing videos."""
     from timesformer.data.check import main
