@@ -1,5 +1,7 @@
 """The learning-rate schedule as the optimizer sees it, step by step, however training is bounded."""
 
+import math
+
 import lightning as L
 import pytest
 import torch
@@ -40,9 +42,29 @@ def test_warmup_lasts_the_epochs_asked_whatever_bounds_training(bounds, tmp_path
     lrs = _fit(tmp_path, {"name": "cosine", "warmup_epochs": 1.0}, **bounds)
     assert len(lrs) == 8
     assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
-    assert lrs[4:] == pytest.approx([lr_multiplier(step, "cosine", total_steps=8, warmup_steps=4)
-                                     for step in range(4, 8)])
-    assert lrs[7] < lrs[5] < lrs[4]  # the cosine decay ran
+    # cosine over the 4 steps after warmup, from the peak: 0.5 (1 + cos(pi (s - 4) / 4)) for s = 4..7
+    assert lrs[4:] == pytest.approx([0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)])
+    assert lrs[4:] == pytest.approx([1.0, 0.853553, 0.5, 0.146447], abs=1e-6)
+    assert max(lrs) == pytest.approx(1.0)  # the peak is reached once, never passed
+
+
+def test_cosine_decays_from_the_peak_to_the_floor_over_the_steps_after_warmup():
+    """lr_multiplier's documented shape: linear warmup to exactly 1.0, then
+    min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + cos(pi * progress)) with progress over total - warmup steps."""
+    warmup, total, floor = 4, 12, 0.01
+    factors = [lr_multiplier(step, "cosine", total_steps=total, warmup_steps=warmup, min_lr_ratio=floor)
+               for step in range(total + 3)]
+    expected = [(step + 1) / warmup for step in range(warmup)]
+    expected += [floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+                 for step in range(warmup, total)]
+    expected += [floor] * 3  # after the end of training: held at the floor
+    assert factors == pytest.approx(expected, abs=1e-9)
+    assert factors[warmup] == 1.0 and max(factors) == 1.0  # the peak, at the first step after warmup, never above
+    assert factors[warmup + 4] == pytest.approx(floor + (1 - floor) / 2)  # halfway through the decay: 0.505
+    assert factors[-1] == pytest.approx(0.01)  # the floor, not 0
+    # without warmup: half the peak halfway through training, the floor at its end
+    assert lr_multiplier(50, "cosine", total_steps=100, min_lr_ratio=0.1) == pytest.approx(0.55)
+    assert lr_multiplier(100, "cosine", total_steps=100, min_lr_ratio=0.1) == pytest.approx(0.1)
 
 
 def test_warmup_counts_optimizer_steps_under_gradient_accumulation(tmp_path):
