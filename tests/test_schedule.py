@@ -96,7 +96,8 @@ def test_layer_decay_and_weight_decay_groups():
     setting = {id(p): (group["lr"], group["weight_decay"]) for group in optimizer.param_groups for p in group["params"]}
     named = dict(model.named_parameters())
     assert setting[id(named["patch_embed.proj.weight"])] == (0.5 ** 3, 0.05)  # embeddings: 3 layers below the head
-    assert setting[id(named["pos_embed"])] == (0.5 ** 3, 0.0)  # no decay on embeddings, norms, biases
+    for embedding in ("cls_token", "pos_embed", "time_embed"):  # no decay on embeddings, norms, biases
+        assert setting[id(named[embedding])] == (0.5 ** 3, 0.0), embedding
     assert setting[id(named["blocks.0.attn.qkv.weight"])] == (0.5 ** 2, 0.05)
     assert setting[id(named["blocks.1.norm1.bias"])] == (0.5, 0.0)
     assert setting[id(named["head.weight"])] == (1.0, 0.05)
@@ -104,3 +105,35 @@ def test_layer_decay_and_weight_decay_groups():
     for bad in (0.0, 1.5):
         with pytest.raises(ValueError, match=r"optimizer.layer_decay=.* must be in \(0, 1\]"):
             build_optimizer(model, "adamw", lr=1.0, weight_decay=0.05, layer_decay=bad)
+
+
+def test_decay_norm_bias_embed_decays_every_parameter():
+    """configs/optimizer/sgd.yaml (the paper's recipe) sets decay_norm_bias_embed=true: the original decays
+    everything, embeddings, norms and biases included."""
+    from timesformer.module import build_optimizer
+
+    model = TimeSformer(TimeSformerConfig(image_size=16, patch_size=8, num_frames=2, hidden_size=16,
+                                          num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                          num_classes=2))
+    optimizer = build_optimizer(model, "sgd", lr=0.1, weight_decay=1e-4, decay_norm_bias_embed=True)
+    decay = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+    named = dict(model.named_parameters())
+    assert len(decay) == len(named)
+    for name in ("cls_token", "pos_embed", "time_embed", "norm.weight", "head.bias", "blocks.0.attn.qkv.weight"):
+        assert decay[id(named[name])] == 1e-4, name
+
+
+def test_optimizer_options_reach_the_optimizer():
+    """momentum, nesterov (SGD) and betas (AdamW) are the optimizer's, not its defaults."""
+    from timesformer.module import build_optimizer
+
+    model = torch.nn.Linear(3, 2)
+    sgd = build_optimizer(model, "sgd", lr=0.1, weight_decay=0.0, momentum=0.8, nesterov=False)
+    assert isinstance(sgd, torch.optim.SGD)
+    assert sgd.defaults["momentum"] == 0.8 and sgd.defaults["nesterov"] is False
+    assert all(group["momentum"] == 0.8 and group["nesterov"] is False for group in sgd.param_groups)
+    sgd = build_optimizer(model, "sgd", lr=0.1, weight_decay=0.0, momentum=0.5, nesterov=True)
+    assert sgd.defaults["momentum"] == 0.5 and sgd.defaults["nesterov"] is True
+    adamw = build_optimizer(model, "adamw", lr=0.1, weight_decay=0.0, betas=(0.8, 0.99))
+    assert isinstance(adamw, torch.optim.AdamW)
+    assert all(tuple(group["betas"]) == (0.8, 0.99) for group in adamw.param_groups)
