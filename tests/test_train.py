@@ -494,3 +494,27 @@ def test_the_final_train_loss_is_the_mean_over_the_processes(monkeypatch, bound,
                         lambda self, tensor, reduce_op="mean": tensor + 1000 if reduce_op == "mean" else tensor)
     trainer.fit(tiny_classifier(), DataLoader(_SlowClips(0.0), batch_size=1))  # 7 steps an epoch
     assert trainer.callback_metrics["train/loss"] > 1000
+
+
+def test_the_training_loss_is_label_smoothed_cross_entropy():
+    """module.label_smoothing reaches the training loss: on a fixed batch, training_step's loss is the smoothed
+    cross-entropy of the model's logits (and not the plain one, a clear margin away with confident logits)."""
+    import torch.nn.functional as F
+
+    module = tiny_classifier(label_smoothing=0.1)
+    with torch.no_grad():
+        module.model.head.weight.mul_(200)  # confident logits: smoothing changes the loss visibly
+    module.trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False)
+    torch.manual_seed(0)
+    batch = {"video": torch.randn(4, 4, 3, 32, 32), "label": torch.tensor([0, 1, 1, 0])}
+    loss = module.training_step(batch, 0)
+    with torch.no_grad():
+        logits = module.model(batch["video"])
+    smoothed = F.cross_entropy(logits, batch["label"], label_smoothing=0.1)
+    plain = F.cross_entropy(logits, batch["label"])
+    # (1 - eps) * CE + eps * the mean over classes of -log p: the smoothed loss, by its definition
+    log_p = logits.log_softmax(-1)
+    by_hand = (0.9 * -log_p[torch.arange(4), batch["label"]] + 0.1 * -log_p.mean(-1)).mean()
+    torch.testing.assert_close(smoothed, by_hand)
+    assert loss.item() == pytest.approx(smoothed.item(), rel=1e-5)
+    assert abs(smoothed.item() - plain.item()) > 0.05
