@@ -125,3 +125,63 @@ def test_many_videos_are_summed_in_place_as_they_come():
     assert results.indices.tolist() == list(range(200)) and set(results.num_views.tolist()) == {2}
     assert results.labels.tolist() == [video % 5 for video in range(200)]
     torch.testing.assert_close(results.scores, torch.stack([expected[v] for v in range(200)]).softmax(-1))
+
+
+def _scores_ranking(order: list[int]) -> torch.Tensor:
+    """Six classes' scores ranked as ``order`` says, best first."""
+    return torch.tensor([float(6 - order.index(c)) for c in range(6)])
+
+
+# (label, ranking) of five videos of six classes: two right, one whose label is 2nd (top-5 only), one whose label is
+# last (wrong in both), one right; classes 3, 4 and 5 have no video.
+SIX_CLASS_VIDEOS = [(0, [0, 1, 2, 3, 4, 5]), (0, [0, 2, 1, 3, 4, 5]), (0, [3, 0, 1, 2, 4, 5]), (1, [0, 2, 3, 4, 5, 1]),
+                    (2, [2, 0, 1, 3, 4, 5])]
+
+
+def test_video_metrics_rank_five_classes_and_average_the_classes_present():
+    """top5 counts a label ranked 2nd; mean class accuracy averages the per-class accuracies of the classes that have
+    videos (class 0: 2/3, class 1: 0, class 2: 1), not counting absent classes as 0."""
+    from timesformer.evaluation import VideoResults
+
+    results = VideoResults(indices=torch.arange(5), labels=torch.tensor([label for label, _ in SIX_CLASS_VIDEOS]),
+                           scores=torch.stack([_scores_ranking(order) for _, order in SIX_CLASS_VIDEOS]).softmax(-1),
+                           num_views=torch.ones(5, dtype=torch.int64), failed=[])
+    metrics = results.metrics(6)
+    assert metrics["top1"] == pytest.approx(3 / 5)
+    assert metrics["top5"] == pytest.approx(4 / 5)
+    assert metrics["mean_class_accuracy"] == pytest.approx((2 / 3 + 0 + 1) / 3)
+
+
+def test_logged_test_metrics_are_the_clip_and_video_accuracies_of_the_valid_views():
+    """What test/* reports, against values counted by hand: clip accuracy over all valid views (micro: class 0's three
+    views weigh three times class 1's one), clip top-5 over five classes, the loss of the valid views, and the
+    video-level top-1, top-5 and mean class accuracy. A view that failed to decode (here one that would be wrong) is
+    counted in test/failed_views only."""
+    import lightning as L
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader
+
+    from timesformer import TimeSformer, TimeSformerConfig
+    from timesformer.module import VideoClassifier
+
+    config = TimeSformerConfig(image_size=16, patch_size=8, num_frames=2, hidden_size=16, num_hidden_layers=1,
+                               num_attention_heads=2, intermediate_size=32, num_classes=6)
+    module = VideoClassifier(TimeSformer(config), optimizer={"name": "sgd", "lr": 0.1, "weight_decay": 0.0},
+                             scheduler={"name": "constant"})
+    module.model.forward = lambda video: video  # each sample's "video" is its view's logits
+    samples = [{"video": _scores_ranking(order), "label": label, "index": video, "view": 0, "valid": True}
+               for video, (label, order) in enumerate(SIX_CLASS_VIDEOS)]
+    # video 4's second view failed to decode; its (zeroed) clip would rank its label last
+    samples.append({"video": _scores_ranking([0, 1, 3, 4, 5, 2]), "label": 2, "index": 4, "view": 1, "valid": False})
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                        enable_model_summary=False)
+    logged = trainer.test(module, DataLoader(samples, batch_size=3), verbose=False)[0]
+    valid = samples[:5]
+    expected_loss = F.cross_entropy(torch.stack([s["video"] for s in valid]), torch.tensor([s["label"] for s in valid]))
+    assert logged["test/failed_views"] == 1.0
+    assert logged["test/loss"] == pytest.approx(expected_loss.item(), rel=1e-5)
+    assert logged["test/acc"] == pytest.approx(3 / 5)  # (a macro average, over classes, would be 0.42)
+    assert logged["test/acc_top5"] == pytest.approx(4 / 5)
+    assert logged["test/video_acc"] == pytest.approx(3 / 5)
+    assert logged["test/video_acc_top5"] == pytest.approx(4 / 5)
+    assert logged["test/video_mean_class_acc"] == pytest.approx((2 / 3 + 0 + 1) / 3)
