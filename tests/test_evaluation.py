@@ -185,3 +185,31 @@ def test_logged_test_metrics_are_the_clip_and_video_accuracies_of_the_valid_view
     assert logged["test/video_acc"] == pytest.approx(3 / 5)
     assert logged["test/video_acc_top5"] == pytest.approx(4 / 5)
     assert logged["test/video_mean_class_acc"] == pytest.approx((2 / 3 + 0 + 1) / 3)
+
+
+def test_report_files_name_each_videos_file_and_count_true_classes_by_row(tmp_path):
+    """predictions.csv names a row's own video (entries[video], not entries[row]: they part once a video failed and
+    left the results); the confusion matrix has the true class as its row and the predicted one as its column, and
+    per_class.csv counts each class's videos (row sums) and its correct ones (the diagonal) from it."""
+    import csv
+
+    from timesformer.evaluation import VideoResults, write_report_files
+
+    # video 1 failed; videos 0, 2, 3, 4 of labels 0, 1, 1, 2 are predicted 1, 1, 0, 1
+    results = VideoResults(indices=torch.tensor([0, 2, 3, 4]), labels=torch.tensor([0, 1, 1, 2]),
+                           scores=torch.tensor([[0.2, 0.7, 0.1], [0.1, 0.8, 0.1], [0.6, 0.3, 0.1], [0.3, 0.4, 0.3]]),
+                           num_views=torch.tensor([3, 3, 2, 3]), failed=[1])
+    expected = torch.zeros(3, 3, dtype=torch.int64)
+    for true, predicted in ((0, 1), (1, 1), (1, 0), (2, 1)):
+        expected[true, predicted] += 1
+    assert torch.equal(results.confusion_matrix(3), expected)
+
+    entries = [("a.mp4", 0), ("b.mp4", 1), ("c.mp4", 1), ("d.mp4", 1), ("e.mp4", 2)]
+    paths = write_report_files(tmp_path, results, entries, ["x", "y", "z"])
+    predictions = list(csv.DictReader(paths["predictions"].open()))
+    assert [(row["video"], row["true_label"], row["num_views"], row["pred_1"]) for row in predictions] == [
+        ("a.mp4", "x", "3", "y"), ("c.mp4", "y", "3", "y"), ("d.mp4", "y", "2", "x"), ("e.mp4", "z", "3", "y")]
+    assert [float(row["score_1"]) for row in predictions] == [0.7, 0.8, 0.6, 0.4]
+    per_class = list(csv.DictReader(paths["per_class"].open()))
+    assert [(row["class"], row["videos"], row["correct"], row["accuracy"]) for row in per_class] == [
+        ("x", "1", "0", "0.000000"), ("y", "2", "1", "0.500000"), ("z", "1", "0", "0.000000")]
