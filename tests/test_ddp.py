@@ -88,6 +88,36 @@ def test_global_batch_size_sets_gradient_accumulation():
     assert sixteen_processes.accumulate_grad_batches == 1
 
 
+def test_the_recorded_global_batch_counts_every_process_and_another_is_refused_on_resume(synthetic_root, tmp_path,
+                                                                                          monkeypatch):
+    """run_config's global_batch_size is data.batch_size x processes x accumulation (2 stand-in processes here): a
+    record without the processes let a run resumed on another process count, whose optimizer steps are another size,
+    pass the check. Such a resume is refused."""
+    import timesformer.pipeline as pipeline
+    from tests.conftest import TINY_DATA
+
+    built = {}
+
+    def record(cfg, trainer, module, *args):
+        built.update(run_config=module.hparams.run_config, accumulation=trainer.accumulate_grad_batches)
+        return {}
+
+    monkeypatch.setattr(pipeline.L.Trainer, "world_size", property(lambda self: 2))
+    monkeypatch.setattr(pipeline, "_fit_and_test", record)
+    pipeline.train(compose_config("train", ["experiment=demo", f"data.source.root={synthetic_root}", *TINY_DATA,
+                                            "global_batch_size=16", "trainer.max_epochs=1", "test=false"],
+                                  tmp_path / "run"))
+    run_config = built["run_config"]
+    assert built["accumulation"] == 2  # 16 clips = 4 per batch x 2 processes x 2 batches
+    assert (run_config["data"]["batch_size"], run_config["world_size"], run_config["global_batch_size"]) == (4, 2, 16)
+    checkpoint = tmp_path / "saved.ckpt"
+    torch.save({"hyper_parameters": {"run_config": run_config}}, checkpoint)
+    pipeline._check_same_global_batch(checkpoint, 16)  # the same global batch on any process count: accepted
+    # One process of 4 clips accumulating 2 (the same command without the second process): 8 clips per step
+    with pytest.raises(ValueError, match="a global batch of 16 clips per optimizer step; this one's is 8"):
+        pipeline._check_same_global_batch(checkpoint, 4 * 1 * 2)
+
+
 def test_train_loss_is_the_mean_over_an_accumulated_step(tmp_path):
     # It was the step's last batch's loss alone (k400_paper accumulates 8 on one GPU: 8 of 64 clips).
     module, losses = tiny_classifier(), []
