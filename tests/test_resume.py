@@ -152,6 +152,19 @@ def test_resume_auto_continues_from_the_checkpoint_furthest_into_training(tmp_pa
     assert find_resume_checkpoint(tmp_path) == checkpoints / "last.ckpt"  # (the best one: step 6 too, but older)
 
 
+def test_resume_auto_never_continues_from_the_weights_saved_before_a_nonfinite_loss(tmp_path):
+    """nonfinite-step<N>.ckpt (module.nonfinite_loss=error) holds the weights before a NaN loss, for inspection: it is
+    furthest into training and newest, and continuing from it would meet the same NaN again. last.ckpt is chosen."""
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    for name, step, mtime in (("last.ckpt", 4, 1), ("nonfinite-step6.ckpt", 6, 2)):
+        torch.save({"state_dict": {}, "loops": {}, "global_step": step}, checkpoints / name)
+        os.utime(checkpoints / name, (mtime, mtime))
+    assert find_resume_checkpoint(tmp_path) == checkpoints / "last.ckpt"
+    (checkpoints / "last.ckpt").unlink()
+    assert find_resume_checkpoint(tmp_path) is None  # a new run, not the snapshot
+
+
 def test_a_restarted_torchrun_attempt_continues_and_a_requeue_that_cannot_says_so(tmp_path, monkeypatch, caplog):
     """torchrun --max-restarts restarts every process in the same run dir (torchrun-<run id>): the restarted attempt
     trained from the start over the failed one's checkpoints. A requeued job whose run dir is named by the time
