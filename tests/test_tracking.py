@@ -105,12 +105,25 @@ def test_wandb_uploads_only_checkpoints_chosen_by_a_metric(tmp_path, monkeypatch
     assert list(logger._checkpoint_callbacks.values()) == [best]
 
 
-def test_a_search_in_the_wrong_direction_is_refused(tmp_path):
+def test_a_search_in_the_wrong_direction_is_refused(synthetic_root, tmp_path, monkeypatch):
+    """A sweep maximising a loss, a best checkpoint by the lowest accuracy: refused before training. A checkpoint
+    callback without a mode has Lightning's default, min, and is refused for val/acc too. (On the tiny demo, with
+    fit stubbed out: a regression fails at once instead of training.)"""
+    import timesformer.pipeline as pipeline
+
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("fit started: the setting was not refused")
+
+    monkeypatch.setattr(pipeline.L.Trainer, "fit", no_fit)
+    tiny = ["experiment=demo", f"data.source.root={synthetic_root}", *TINY_DATA]
     with pytest.raises(ValueError, match="optimized_metric=val/loss with hydra.sweeper.direction=maximize"):
-        train(compose_config("train", ["hparams_search=optuna", "optimized_metric=val/loss"], tmp_path))
+        train(compose_config("train", [*tiny, "hparams_search=optuna", "optimized_metric=val/loss"], tmp_path))
     with pytest.raises(ValueError, match="monitor=val/acc with mode=min: the best checkpoint would be the worst"):
-        train(compose_config("train", ["callbacks.model_checkpoint.mode=min"], tmp_path))
+        train(compose_config("train", [*tiny, "callbacks.model_checkpoint.mode=min"], tmp_path))
+    with pytest.raises(ValueError, match="monitor=val/acc with mode=min: the best checkpoint would be the worst"):
+        train(compose_config("train", [*tiny, "~callbacks.model_checkpoint.mode"], tmp_path))
 
 
 @pytest.mark.slow
