@@ -147,6 +147,7 @@ def test_unknown_optimizer_names_the_valid_choices(synthetic_root, tmp_path):
     ("module.label_smoothing=1.5", r"module.label_smoothing=1.5 must be in \[0, 1\)"),
     ("optimizer.weight_decay=-0.1", "optimizer.weight_decay=-0.1 must be >= 0"),
     ("scheduler.min_lr_ratio=2", r"scheduler.min_lr_ratio=2 must be in \[0, 1\]"),
+    ("scheduler=multistep scheduler.gamma=2", r"scheduler.gamma=2 must be in \(0, 1\]"),  # the lr grew at milestones
     # keys nothing reads
     ("+global_batch=64", "global_batch is not an option of train.py"),
     ("+optimizer.momentum=0.8", "optimizer.momentum has no effect with optimizer.name=adamw"),
@@ -167,7 +168,7 @@ def test_options_that_failed_late_or_were_misread_fail_first(override, message, 
 
     monkeypatch.setattr(pipeline.L.Trainer, "fit", no_fit)
     with pytest.raises((ValueError, InstantiationException), match=message):  # Hydra wraps the data module's
-        train(compose_config("train", [*tiny_overrides(synthetic_root), override], tmp_path))
+        train(compose_config("train", [*tiny_overrides(synthetic_root), *override.split(" ")], tmp_path))
 
 
 def test_a_checkpoints_saved_settings_are_not_judged_when_it_is_evaluated(tmp_path):
