@@ -519,3 +519,25 @@ def test_the_training_loss_is_label_smoothed_cross_entropy():
     torch.testing.assert_close(smoothed, by_hand)
     assert loss.item() == pytest.approx(smoothed.item(), rel=1e-5)
     assert abs(smoothed.item() - plain.item()) > 0.05
+
+
+def test_the_test_after_training_loads_the_best_checkpoint(synthetic_root, tmp_path, monkeypatch):
+    """train.py tests the checkpoint that callbacks.model_checkpoint chose (the one metrics.json names), not the
+    weights at the end of training."""
+    import timesformer.pipeline as pipeline
+
+    tested = []
+    test = pipeline.L.Trainer.test
+
+    def spy(self, *args, **kwargs):
+        tested.append(kwargs.get("ckpt_path"))
+        return test(self, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline.L.Trainer, "test", spy)
+    metrics = train(compose_config("train", [*tiny_overrides(synthetic_root), "trainer.max_epochs=2", "test=true",
+                                             "trainer.enable_progress_bar=false", "logger=none"], tmp_path))
+    best = json.loads((tmp_path / "metrics.json").read_text())["best_checkpoint"]
+    assert best == metrics["best_checkpoint"]
+    assert best.startswith(str(tmp_path / "checkpoints" / "epoch")) and best.endswith(".ckpt")
+    assert tested == [best]
+    assert "test/video_acc" in metrics
