@@ -369,3 +369,71 @@ def test_divided_rollout_follows_the_frame_time_attention_looks_at():
     # [69, 69, 609, 69] / 816.
     torch.testing.assert_close(per_frame, torch.tensor([69, 69, 609, 69]) / 816, atol=1e-5, rtol=0)
     torch.testing.assert_close(heatmap[2], torch.full((4, 4), 609 / 816 / 16), atol=1e-6, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def long_video(tmp_path_factory) -> Path:
+    """A 128-frame video: two clips of 4 frames 8 apart (32 frames) start at different frames."""
+    root = tmp_path_factory.mktemp("long_video")
+    SyntheticMotionSource(root, videos_per_class_train=1, videos_per_class_val=1, num_video_frames=128).prepare()
+    return sorted((root / "val").glob("*/*.mp4"))[0]
+
+
+@pytest.mark.parametrize("sampling", ["dense", "segment"])
+def test_predicts_temporal_clips_are_the_evaluation_clips_of_the_dataset(long_video, sampling):
+    """predict.py's num_clips=2 cuts the two clips evaluate.py's dataset cuts from the same file (not clip 0 twice)."""
+    from timesformer.data import EvalViewTransform
+    from timesformer.data.dataset import VideoClipDataset
+    from timesformer.inference import ClipSettings, load_views
+
+    settings = ClipSettings(num_frames=4, sampling_rate=8, image_size=32, temporal_clips=2, sampling=sampling)
+    views = load_views(long_video, settings)
+    dataset = VideoClipDataset([(str(long_video), 0)], num_frames=4, sampling_rate=8,
+                               transform=EvalViewTransform(32, 1, 32), training=False, sampling=sampling,
+                               temporal_clips=2)
+    assert views.shape == (2, 4, 3, 32, 32)
+    for clip in range(2):
+        item = dataset[clip]
+        assert item["valid"] and item["view"] == clip
+        assert torch.equal(views[clip], item["video"]), clip
+    assert not torch.equal(views[0], views[1])  # other frames
+
+
+@pytest.mark.parametrize(("aggregation", "top_k"), [("softmax", 2), ("logits", 3)])
+def test_predict_combines_views_as_the_checkpoint_says_and_lists_top_k(tmp_path, monkeypatch, aggregation, top_k):
+    """Two views of logits [4, 0, 0, 0] and [0, 1, 0, 0]: "softmax" averages their probabilities (evaluate.py's
+    default), "logits" takes the softmax of their mean; top_k= entries, best first."""
+    import math
+
+    from omegaconf import OmegaConf
+
+    import timesformer.inference as inference
+
+    model = tiny_model("divided_space_time")
+    with torch.no_grad():  # the head reads the first four features as they are: the embedding is the logits
+        model.head.weight.zero_()
+        model.head.weight[:, :4] = torch.eye(4)
+        model.head.bias.zero_()
+    torch.save({"timesformer_config": model.config.to_dict(),
+                "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "hyper_parameters": {"run_config": {"data": {}, "module": {"view_aggregation": aggregation}}}},
+               tmp_path / "model.ckpt")
+    (tmp_path / "clip.mp4").write_bytes(b"")
+    embedding = torch.zeros(2, 32)
+    embedding[0, 0], embedding[1, 1] = 4.0, 1.0
+    monkeypatch.setattr(inference, "load_views", lambda path, settings: torch.zeros(2, 4, 3, 32, 32,
+                                                                                     dtype=torch.uint8))
+    monkeypatch.setattr(inference, "embed", lambda model, video, precision="fp32": embedding)
+    cfg = OmegaConf.create({"ckpt": str(tmp_path / "model.ckpt"), "device": "cpu", "input": str(tmp_path / "clip.mp4"),
+                            "top_k": top_k, "paths": {"output_dir": str(tmp_path / "out")}})
+    [result] = inference.predict(cfg)
+    e = math.e
+    if aggregation == "softmax":  # the mean of softmax([4, 0, 0, 0]) and softmax([0, 1, 0, 0])
+        expected = [(e ** 4 / (e ** 4 + 3) + 1 / (e + 3)) / 2, (1 / (e ** 4 + 3) + e / (e + 3)) / 2,
+                    (1 / (e ** 4 + 3) + 1 / (e + 3)) / 2]
+    else:  # softmax([2, 0.5, 0, 0])
+        total = e ** 2 + e ** 0.5 + 2
+        expected = [e ** 2 / total, e ** 0.5 / total, 1 / total]
+    assert result["views"] == 2
+    assert [entry["label"] for entry in result["top_k"]] == ["left", "right", "up"][:top_k]
+    assert [entry["probability"] for entry in result["top_k"]] == pytest.approx(expected[:top_k], abs=1e-6)
