@@ -32,7 +32,7 @@ def dataset(tmp_path_factory) -> Path:
     """A folder dataset (root/<split>/<class>/<video>.mp4) of real h264 videos, 4 classes, 2 val videos each, and
     one corrupt file in val."""
     root = tmp_path_factory.mktemp("features_data")
-    SyntheticMotionSource(root, videos_per_class_train=1, videos_per_class_val=2, num_video_frames=24).prepare()
+    SyntheticMotionSource(root, videos_per_class_train=1, videos_per_class_val=2, num_video_frames=128).prepare()
     classes = sorted(p.name for p in (root / "val").iterdir())
     (root / "val" / classes[-1] / "broken.mp4").write_text("not a video")
     return root
