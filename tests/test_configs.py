@@ -75,6 +75,9 @@ def test_every_experiment_composes(tmp_path):
     assert hr.data.batch_size == large.data.batch_size == 2
     paper = compose_config("train", ["experiment=k400_paper"], tmp_path)
     assert (paper.optimizer.name, paper.optimizer.lr, paper.optimizer.nesterov) == ("sgd", 0.005, True)
+    # momentum 0.9, weight decay 1e-4 on every parameter: the original decays embeddings, norms and biases too
+    assert (paper.optimizer.momentum, paper.optimizer.weight_decay, paper.optimizer.decay_norm_bias_embed) == (
+        0.9, 1e-4, True)
     assert paper.global_batch_size == 64 and paper.trainer.max_epochs == 15
     steps_per_epoch = 3750  # Kinetics-400's ~240k videos at a global batch of 64
     assert paper.scheduler.name == "multistep" and not paper.scheduler.warmup_epochs
