@@ -1143,6 +1143,26 @@ def test_each_ddp_process_trains_on_its_own_share(tiny_source):
     assert sorted(shares[0] + shares[1]) == list(range(8))
 
 
+def test_lightning_keeps_the_evaluation_sampler_with_overfit_batches(tiny_source):
+    """trainer.overfit_batches put a SequentialSampler in place of WholeVideoSampler, then Lightning's own
+    DistributedSampler, whose padding had two processes evaluate the same views (an error at validation's end)."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.trainer.connectors.data_connector import _resolve_overfit_batches
+    from lightning.pytorch.trainer.states import RunningStage
+    from lightning.pytorch.utilities.combined_loader import CombinedLoader
+
+    datamodule = _datamodule(tiny_source, batch_size=2)
+    datamodule.trainer = SimpleNamespace(distributed_sampler_kwargs={"num_replicas": 3, "rank": 1}, global_rank=1,
+                                         world_size=3)
+    datamodule.setup("validate")
+    combined = CombinedLoader([datamodule.val_dataloader()])
+    _resolve_overfit_batches(combined, RunningStage.VALIDATING)
+    from timesformer.data.datamodule import WholeVideoSampler
+
+    assert isinstance(combined.flattened[0].sampler, WholeVideoSampler)
+
+
 def test_with_fewer_views_than_processes_each_view_counts_once_and_every_process_has_a_batch(tiny_source):
     """4 single-view test videos on 6 processes: every process needs a batch (Lightning skips the evaluation,
     epoch-end hooks and their metric gathering included, of a process without one, and the others hang), but
@@ -1365,5 +1385,6 @@ def test_video_entries_read_as_the_list_they_were_built_from():
     assert len(entries) == 4 and list(entries) == expected and entries[-1] == expected[-1]
     assert entries[1:3] == expected[1:3] and entries[::-2] == expected[::-2]
     assert [path for path, _ in VideoEntries([])] == []
+    assert list(VideoEntries(iter(listed))) == expected  # read once: an iterator gave no entries
     with pytest.raises(IndexError):
         entries[4]

@@ -105,8 +105,11 @@ def test_views_of_a_video_split_between_processes_add_up_and_a_view_twice_is_an_
     assert merged.indices.tolist() == [0, 1] and merged.num_views.tolist() == [3, 1]
     torch.testing.assert_close(merged.scores, alone.scores)
     torch.testing.assert_close(merged.scores[0], logits[:3].softmax(-1).mean(0))
+    # A whole video again (a DistributedSampler's padding, in single-view validation) counts once, as it did
+    first.update(logits[3:], labels=torch.tensor([2]), indices=torch.tensor([1]), views=torch.tensor([0]))
+    torch.testing.assert_close(first.compute().scores, alone.scores)
     second.update(logits[:1], labels=torch.tensor([1]), indices=torch.tensor([0]), views=torch.tensor([0]))
-    with pytest.raises(RuntimeError, match="video 0: the same views were evaluated by two processes"):
+    with pytest.raises(RuntimeError, match="video 0: two processes evaluated some of the same views"):
         first.compute()
 
 
@@ -123,6 +126,8 @@ def test_many_videos_are_summed_in_place_as_they_come():
                 expected[video] = expected.get(video, 0) + row / 2
     results = aggregator.compute()
     assert results.indices.tolist() == list(range(200)) and set(results.num_views.tolist()) == {2}
+    # what a process sends to the others is its 200 rows, not the spare capacity (256) behind them
+    assert all(t.untyped_storage().nbytes() == t.nbytes for t in aggregator._local()[2:])
     assert results.labels.tolist() == [video % 5 for video in range(200)]
     torch.testing.assert_close(results.scores, torch.stack([expected[v] for v in range(200)]).softmax(-1))
 

@@ -3,8 +3,8 @@
 A dataset yields views (temporal clips x spatial crops) of its videos; every sample carries the video's
 ``index`` in its split and, with several views, the ``view`` number. Under DDP each rank evaluates whole videos
 (`datamodule.WholeVideoSampler`; the views it repeats for ranks left without a video are dropped before they get
-here), so scores are gathered from every rank and averaged per video. A (video, view) that comes twice all the same
-(another sampler's padding) counts once.
+here), so scores are gathered from every rank and averaged per video. A (video, view) that comes twice counts once
+(another sampler's padding), except when two processes evaluated some but not all of the same views of a video.
 """
 
 from __future__ import annotations
@@ -124,8 +124,9 @@ class ViewAggregator:
         """(videos, their view bits, sums, counts, labels) of this process, row for row."""
         rows = len(self._row)
         videos = list(self._row)  # (dicts keep insertion order: row order)
-        return videos, [self._seen[video] for video in videos], self._sums[:rows], self._counts[:rows], \
-            self._labels[:rows]
+        # (clones: a slice would send the whole doubled capacity through the gather)
+        return videos, [self._seen[video] for video in videos], self._sums[:rows].clone(), \
+            self._counts[:rows].clone(), self._labels[:rows].clone()
 
     def _gathered(self) -> list[tuple]:
         # A process without views still joins the gather (returning early, it left the others waiting in it).
@@ -144,11 +145,13 @@ class ViewAggregator:
         seen: dict[int, int] = {}
         for videos, bits, part_sums, part_counts, part_labels in self._gathered():
             for row, video in enumerate(videos):
-                if video in seen:  # another process evaluated views of it too: only other views may be added
-                    if seen[video] & bits[row]:
+                if video in seen:  # another process evaluated views of it too
+                    if bits[row] == seen[video]:  # the same ones (a sampler's padding repeats whole videos): once
+                        continue
+                    if seen[video] & bits[row]:  # some of the same ones: the sums cannot take them out
                         raise RuntimeError(
-                            f"video {video}: the same views were evaluated by two processes; the evaluation sampler "
-                            "must give each (video, view) to one process")
+                            f"video {video}: two processes evaluated some of the same views; evaluate with the "
+                            "DataModule's loaders (WholeVideoSampler: each (video, view) in one process)")
                     seen[video] |= bits[row]
                     sums[video] = sums[video] + part_sums[row]
                     counts[video] += int(part_counts[row])

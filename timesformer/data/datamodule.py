@@ -15,7 +15,7 @@ from typing import Any
 import lightning
 import torch
 from lightning.fabric.utilities.seed import pl_worker_init_function
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 
 from timesformer.data.dataset import SAMPLINGS, SPLITS, VideoClipDataset, VideoIndex, VideoSource
 from timesformer.data.resumable import ResumableDataLoader, ResumableSampler
@@ -472,12 +472,14 @@ class VideoDataModule(lightning.LightningDataModule):
         return self._evaluation_loader("test")
 
 
-class WholeVideoSampler(DistributedSampler):
+class WholeVideoSampler(DistributedSampler, SequentialSampler):
     """Evaluation under DDP: videos ``rank``, ``rank + num_replicas``, ... of a dataset, each with all its views in
     a row, each view once. A clip's spatial crops stay in one process (and, batches being whole clips, one batch
     and one DataLoader worker), which decodes the clip once for all of them; dealt view by view, as Lightning's
     samplers do, the 3 crops of a clip went to 3 processes and each decoded it. Being a DistributedSampler,
-    Lightning leaves it in place.
+    Lightning leaves it in place; being a SequentialSampler (it does not shuffle) too, also with
+    `trainer.overfit_batches` (which put a SequentialSampler in its place, then its own DistributedSampler, whose
+    padding had two processes evaluate the same views).
 
     Fewer videos than processes: views ``rank``, ``rank + num_replicas``, ... A process left without any (fewer
     views than processes) gets the first view again and ``repeats`` is True: Lightning skips the evaluation,

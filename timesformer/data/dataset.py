@@ -25,10 +25,10 @@ class VideoEntries(Sequence[tuple[str, int]]):
     every entry it read: 57 MB per worker for Kinetics-400's 240k videos, per worker of every GPU."""
 
     def __init__(self, entries: Sequence[tuple[str | os.PathLike, int]]) -> None:
-        paths = [os.fsencode(path) for path, _ in entries]  # (a name that is not UTF-8 keeps its bytes)
-        self._offsets = np.cumsum([0, *map(len, paths)], dtype=np.int64)
-        self._paths = b"".join(paths)
-        self._labels = np.array([int(label) for _, label in entries], dtype=np.int64)
+        pairs = [(os.fsencode(path), int(label)) for path, label in entries]  # (one pass: an iterator works too)
+        self._offsets = np.cumsum([0, *(len(path) for path, _ in pairs)], dtype=np.int64)
+        self._paths = b"".join(path for path, _ in pairs)  # (a name that is not UTF-8 keeps its bytes)
+        self._labels = np.array([label for _, label in pairs], dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self._labels)
