@@ -84,10 +84,6 @@ def test_videos_are_resized_other_files_copied_and_failures_listed(dataset, tmp_
     assert not list(dst.rglob(".*.partial"))
 
 
-def _children(pid: int) -> list[int]:
-    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-
-
 def _gone(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] in ("Z", "X")
@@ -97,25 +93,32 @@ def _gone(pid: int) -> bool:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the workers end by prctl(PR_SET_PDEATHSIG)")
 def test_workers_end_when_the_resize_process_is_killed(dataset, tmp_path):
-    """A `kill -9` (or an OOM kill) of the resize left its workers waiting for work forever."""
+    """A `kill -9` (or an OOM kill) of the resize left its workers waiting for work forever. The process runs with
+    forkserver as its start method (Python 3.14's default), whose workers, children of its server, all exited."""
+    started = tmp_path / "started"
+    started.mkdir()
     script = textwrap.dedent(f"""
-        import multiprocessing, time
+        import multiprocessing, os, time
         import timesformer.data.resize as resize
 
         def slow_job(job):  # a long video: the workers are busy when the kill comes
+            open(os.path.join({str(started)!r}, str(os.getpid())), "w").close()
             time.sleep(300)
 
-        multiprocessing.set_start_method("fork")
-        resize._job = slow_job
-        resize.resize_dataset({str(dataset)!r}, {str(tmp_path / "dst")!r}, short_side=32, workers=2)
+        if __name__ == "__main__":
+            multiprocessing.set_start_method("forkserver")
+            resize._job = slow_job
+            resize.resize_dataset({str(dataset)!r}, {str(tmp_path / "dst")!r}, short_side=32, workers=2)
     """)
-    process = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    (tmp_path / "run.py").write_text(script)
+    process = subprocess.Popen([sys.executable, str(tmp_path / "run.py")], cwd=ROOT,
+                               env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
         deadline = time.monotonic() + 60
-        while len(_children(process.pid)) < 2 and time.monotonic() < deadline:
+        while len(list(started.iterdir())) < 2 and time.monotonic() < deadline and process.poll() is None:
             time.sleep(0.1)
-        workers = _children(process.pid)
-        assert len(workers) >= 2, "the pool's workers did not start"
+        workers = [int(path.name) for path in started.iterdir()]
+        assert len(workers) == 2, "the pool's workers did not start their jobs"
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()

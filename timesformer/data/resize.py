@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import multiprocessing
 import os
 import re
 import shutil
@@ -177,8 +178,10 @@ def resize_dataset(src: Path, dst: Path, short_side: int = 256, workers: int = 1
             outcome["copied"].append(path)
     print(f"{len(jobs)} videos to resize, {len(outcome['copied'])} other files copied, {len(outcome['skipped'])} "
           "files already there", flush=True)
-    pool = (ProcessPoolExecutor(max_workers=workers, initializer=_end_with_parent, initargs=(os.getpid(),))
-            if workers > 1 else _InProcess())
+    # fork on Linux: forkserver (Python 3.14's default) makes the workers children of its server, not of this process
+    context = multiprocessing.get_context("fork") if sys.platform.startswith("linux") else None
+    pool = (ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_end_with_parent,
+                                initargs=(os.getpid(),)) if workers > 1 else _InProcess())
     with pool:
         for done, (path, result) in enumerate(pool.map(_job, jobs), start=1):
             if result.startswith("failed: "):
