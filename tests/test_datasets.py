@@ -600,6 +600,13 @@ def test_check_reports_videos_whose_names_a_clean_list_cannot_hold(tmp_path, cap
     assert "names are not UTF-8" in out and "caf\\xe9.mp4" in out
     index = CsvSource(clean).load()
     assert len(index.splits["train"]) == 3 and len(index.splits["val"]) == 2  # every other usable video is listed
+    # A class folder so named: the class is left out of classes.txt with its videos (classes.txt crashed)
+    for split in ("train", "val"):
+        os.rename(root / split / "dog", os.fsencode(root / split) + b"/d\xf6g")
+    assert main(["data=folder", f"data.root={root}", "--workers=1", "--write-clean", str(clean), "--overwrite"]) == 1
+    assert "d\\xf6g/dog0.mp4" in capsys.readouterr().out
+    index = CsvSource(clean).load()
+    assert index.class_names == ["cat"] and len(index.splits["train"]) == 1 and len(index.splits["val"]) == 1
 
 
 def test_clean_lists_inside_the_dataset_follow_a_resized_copy(tmp_path, capsys, monkeypatch):

@@ -185,8 +185,8 @@ def write_clean(folder: Path, class_names: list[str], checked: dict[str, list[Vi
                 dataset_root: Path | None = None, train_command: str | None = None) -> list[str]:
     """The usable videos as `data=csv` lists (class names) and the class order. Paths are relative to the lists'
     folder when it is inside the dataset (a copy of the tree, e.g. by `timesformer.data.resize`, then reads its own
-    videos), absolute otherwise. Returns the usable videos left out: those whose names are not UTF-8, which a list
-    cannot hold."""
+    videos), absolute otherwise. Returns the usable videos left out: those whose names (or class names) are not
+    UTF-8, which a list cannot hold."""
     folder.mkdir(parents=True, exist_ok=True)
     # abspath, not resolve: a dataset of symlinks stays in its own tree
     folder_path = os.path.abspath(folder)
@@ -194,14 +194,16 @@ def write_clean(folder: Path, class_names: list[str], checked: dict[str, list[Vi
 
     def listed(path: str) -> str:
         return os.path.relpath(os.path.abspath(path), folder_path) if inside else os.path.abspath(path)
-    (folder / "classes.txt").write_text("".join(f"{name}\n" for name in class_names), encoding="utf-8")
+    # A class named by a folder whose name is not UTF-8 is left out with its videos (their paths hold its name)
+    (folder / "classes.txt").write_text("".join(f"{name}\n" for name in class_names if is_utf8(name)),
+                                        encoding="utf-8")
     not_utf8 = []
     for split, results in checked.items():
         with open(folder / f"{split}.csv", "w", newline="", encoding="utf-8") as file:
             writer = csv.writer(file)
             writer.writerow(["path", "label"])
             for result in results:
-                if result.error is None and not is_utf8(listed(result.path)):
+                if result.error is None and not (is_utf8(listed(result.path)) and is_utf8(class_names[result.label])):
                     not_utf8.append(result.path)
                 elif result.error is None:
                     writer.writerow([listed(result.path), class_names[result.label]])
@@ -291,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     print(_table(rows, ["split", "videos", "missing", "unreadable", "too short", "usable"]))
 
     counts = {split: Counter(result.label for result in checked[split]) for split in splits}
-    per_class = [[name, *(counts[split][label] for split in splits)] for label, name in enumerate(index.class_names)]
+    per_class = [[printable(name), *(counts[split][label] for split in splits)]
+                 for label, name in enumerate(index.class_names)]
     print()
     print(_table(per_class, ["class", *splits]))
 
