@@ -80,14 +80,17 @@ class ViewAggregator:
     def reset(self) -> None:
         self._row: dict[int, int] = {}  # video index -> its row below
         self._seen: dict[int, int] = {}  # video index -> a bit per view number received
-        self._sums = torch.zeros(0, 0)  # (rows, C) float32: the valid views' scores summed; grown by doubling
+        # (rows, C) float32 (whatever the default dtype: 64-true precision sets float64): the valid views' scores
+        # summed; grown by doubling
+        self._sums = torch.zeros(0, 0, dtype=torch.float32)
         self._counts = torch.zeros(0, dtype=torch.int64)  # (rows,) valid views
         self._labels = torch.zeros(0, dtype=torch.int64)  # (rows,)
 
     def _grow(self, rows: int, width: int) -> None:
         """Room for at least ``rows`` videos of ``width`` scores (capacity doubles: amortised O(1) per video)."""
         extra = max(rows, 2 * len(self._counts), 64) - len(self._counts)
-        self._sums = torch.cat([self._sums.reshape(len(self._counts), width), torch.zeros(extra, width)])
+        self._sums = torch.cat([self._sums.reshape(len(self._counts), width),
+                                torch.zeros(extra, width, dtype=torch.float32)])
         self._counts = torch.cat([self._counts, torch.zeros(extra, dtype=torch.int64)])
         self._labels = torch.cat([self._labels, torch.zeros(extra, dtype=torch.int64)])
 
