@@ -100,8 +100,8 @@ class ViewAggregator:
         (video, view) received again (a sampler's padding) counts once."""
         scores = logits.detach().float()
         scores = (scores.softmax(dim=-1) if self.aggregation == "softmax" else scores).cpu()
-        videos, view_numbers, label_values = indices.tolist(), (views.tolist() if views is not None else
-                                                                [0] * len(indices)), labels.tolist()
+        videos, label_values = indices.tolist(), labels.tolist()
+        view_numbers = views.tolist() if views is not None else [0] * len(videos)
         valid_values = valid.tolist() if valid is not None else [True] * len(videos)
         kept, rows = [], []
         for position, (video, view) in enumerate(zip(videos, view_numbers, strict=True)):
