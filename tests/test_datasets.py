@@ -1,5 +1,5 @@
-"""Real dataset layouts (Kinetics, UCF101, Something-Something v2, folders, CSV lists), evaluation views and
-broken videos, on tiny fixtures written here in each dataset's official layout."""
+"""Real dataset layouts (Kinetics, UCF101, Something-Something v2, Diving-48, folders, CSV lists), evaluation views
+and broken videos, on tiny fixtures written here in each dataset's official layout."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from tests.conftest import compose_config
+from timesformer.data.diving48 import Diving48Source
 from timesformer.data.kinetics import KineticsSource
 from timesformer.data.sampling import dense_clip_indices, segment_clip_indices
 from timesformer.data.sources import CsvSource, FolderSource, consistency_warnings
@@ -141,6 +142,30 @@ def make_ssv2(root: Path) -> dict:
     return {"classes": 2, "train": 4, "val": 2}
 
 
+# Not in alphabetical order: class ids are the vocab's positions, not the sorted names.
+DIVING48_VOCAB = [["Reverse", "15som", "05Twis", "FREE"], ["Back", "Dive", "NoTwis", "PIKE"]]
+DIVING48_CLASSES = ["Reverse+15som+05Twis+FREE", "Back+Dive+NoTwis+PIKE"]
+
+
+def make_diving48(root: Path, videos: str = "rgb", annotations: str = "annotations") -> dict:
+    """Diving48_vocab.json and the V2 lists in root/annotations/, <vid_name>.mp4 videos in rgb/ (the official
+    archive's folder); names as the official ones (`<youtube id>_<NNNNN>`, a leading dash); one test video missing."""
+    entries: dict[str, list[dict]] = {"train": [], "test": []}
+    for split, per_class in (("train", 2), ("test", 1)):
+        for label in range(len(DIVING48_VOCAB)):
+            for i in range(per_class):
+                vid_name = f"-{split[:2]}{label}abcdefg_{i:05d}"
+                write_video(root / videos / f"{vid_name}.mp4", seed=len(entries[split]) + 10 * (split == "test"))
+                entries[split].append({"vid_name": vid_name, "label": label, "start_frame": 0, "end_frame": 16})
+    entries["test"].append({"vid_name": "gone0000000_00000", "label": 1, "start_frame": 0, "end_frame": 16})
+    folder = root / annotations
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "Diving48_vocab.json").write_text(json.dumps(DIVING48_VOCAB))
+    for split, split_entries in entries.items():
+        (folder / f"Diving48_V2_{split}.json").write_text(json.dumps(split_entries))
+    return {"classes": 2, "train": 4, "val": 2, "missing_val": 1}
+
+
 def make_folder(root: Path) -> dict:
     for split, count in (("train", 2), ("val", 1)):
         for name in ("cat", "dog"):
@@ -252,6 +277,105 @@ def test_ssv2_templates_are_normalised(tmp_path):
     assert index.class_names == SSV2_TEMPLATES
     assert [label for _, label in index.splits["train"]] == [0, 0, 1, 1]
     assert all(path.endswith(".webm") for path, _ in index.splits["val"])
+
+
+def test_diving48_classes_follow_the_vocab_and_val_and_test_are_the_test_list(tmp_path, caplog):
+    make_diving48(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        index = Diving48Source(tmp_path).load()
+    assert index.class_names == DIVING48_CLASSES
+
+    def named(entries: list[tuple[str, int]]) -> list[tuple[str, int]]:
+        return [(Path(path).name, label) for path, label in entries]
+
+    assert named(index.splits["train"]) == [("-tr0abcdefg_00000.mp4", 0), ("-tr0abcdefg_00001.mp4", 0),
+                                            ("-tr1abcdefg_00000.mp4", 1), ("-tr1abcdefg_00001.mp4", 1)]
+    assert named(index.splits["val"]) == [("-te0abcdefg_00000.mp4", 0), ("-te1abcdefg_00000.mp4", 1)]
+    assert index.splits["test"] is index.splits["val"]  # no other test list
+    assert index.missing["val"] == index.missing["test"] == ["gone0000000_00000.mp4"]
+    assert "1 of 3 annotated videos are missing" in caplog.text and "gone0000000_00000.mp4" in caplog.text
+
+
+@pytest.mark.parametrize(("videos", "annotations"), [("rgb", "annotations"), ("videos", "annotations"), ("", "")])
+def test_diving48_videos_and_annotations_where_users_have_them(tmp_path, videos, annotations):
+    """rgb/ (Diving48_rgb.tar.gz), videos/ (mmaction2's) or data.root itself; annotations in annotations/ or root."""
+    make_diving48(tmp_path, videos=videos, annotations=annotations)
+    index = Diving48Source(tmp_path).load()
+    assert len(index.splits["train"]) == 4 and len(index.splits["val"]) == 2
+    assert {Path(path).parent for path, _ in index.splits["train"] + index.splits["val"]} == {tmp_path / videos}
+
+
+def test_diving48_annotations_elsewhere_need_the_option(tmp_path):
+    make_diving48(tmp_path / "diving48")
+    (tmp_path / "diving48" / "annotations").rename(tmp_path / "labels")
+    with pytest.raises(FileNotFoundError, match=r"No Diving48_vocab.json in .*diving48/annotations, .*diving48\. "
+                                                r".*data.source.annotations=FOLDER"):
+        Diving48Source(tmp_path / "diving48").load()
+    index = Diving48Source(tmp_path / "diving48", annotations=str(tmp_path / "labels")).load()
+    assert index.class_names == DIVING48_CLASSES and len(index.splits["train"]) == 4
+
+
+def test_diving48_bad_annotations_name_the_file_and_the_entry(tmp_path):
+    make_diving48(tmp_path)
+    folder = tmp_path / "annotations"
+    train_file, vocab_file = folder / "Diving48_V2_train.json", folder / "Diving48_vocab.json"
+    entries = json.loads(train_file.read_text())
+
+    def load_with(path: Path, content: object) -> None:
+        path.write_text(json.dumps(content))
+        Diving48Source(tmp_path).load()
+
+    with pytest.raises(ValueError, match=r"Diving48_V2_train.json: x_00001 has label 2, not a class of "
+                                         r".*Diving48_vocab.json \(0..1\)"):
+        load_with(train_file, [*entries, {"vid_name": "x_00001", "label": 2}])
+    for entry in ({"label": 0}, {"vid_name": "x_00001", "label": "Back"}, {"vid_name": "x_00001", "label": -1},
+                  "x_00001"):
+        with pytest.raises(ValueError, match=r"Diving48_V2_train.json, entry 5: expected "):
+            load_with(train_file, [*entries, entry])
+    with pytest.raises(ValueError, match=r"Diving48_V2_train.json: expected a JSON list"):
+        load_with(train_file, {"vid_name": "x_00001", "label": 0})
+    train_file.write_text(json.dumps(entries))
+
+    with pytest.raises(ValueError, match=r"Diving48_vocab.json: classes 1 and 2 are both Back\+Dive\+NoTwis\+PIKE"):
+        load_with(vocab_file, [*DIVING48_VOCAB, DIVING48_VOCAB[1]])
+    with pytest.raises(ValueError, match=r"Diving48_vocab.json: expected a JSON list of .*; "
+                                         r"class 1 is 'Back\+Dive\+NoTwis\+PIKE'"):
+        load_with(vocab_file, [DIVING48_VOCAB[0], "Back+Dive+NoTwis+PIKE"])
+    vocab_file.write_text(json.dumps(DIVING48_VOCAB))
+
+    (folder / "Diving48_V2_test.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"Diving48_V2_test.json is missing \(looked in .*annotations"):
+        Diving48Source(tmp_path).load()
+
+
+def test_diving48_v1_labels_only_when_asked_for(tmp_path):
+    """The original labels (Diving48_train.json, ...) are noisier than V2's: never used in their place unasked."""
+    make_diving48(tmp_path)
+    folder = tmp_path / "annotations"
+    for split in ("train", "test"):
+        (folder / f"Diving48_V2_{split}.json").rename(folder / f"Diving48_{split}.json")
+    with pytest.raises(FileNotFoundError, match=r"Diving48_V2_train.json is missing .*Diving48_train.json "
+                                                r"\(V1 labels\) is there: data.source.version=1"):
+        Diving48Source(tmp_path).load()
+    index = Diving48Source(tmp_path, version=1).load()
+    assert index.class_names == DIVING48_CLASSES and len(index.splits["train"]) == 4 and len(index.splits["val"]) == 2
+    with pytest.raises(ValueError, match="data.source.version=3"):
+        Diving48Source(tmp_path, version=3)
+
+
+def test_diving48_frame_ranges_are_the_whole_video_or_reported(tmp_path):
+    """The official clips are trimmed (start_frame 0, end_frame their length): a range that starts later is named,
+    and its whole video is still used."""
+    make_diving48(tmp_path)
+    train_file = tmp_path / "annotations" / "Diving48_V2_train.json"
+    assert not Diving48Source(tmp_path).scan().warnings
+    entries = json.loads(train_file.read_text())
+    entries[1]["start_frame"] = 8
+    train_file.write_text(json.dumps(entries))
+    scan = Diving48Source(tmp_path).scan()
+    assert len(scan.splits["train"]) == 4
+    assert scan.warnings == ["Diving48_V2_train.json: 1 entries start after frame 0 (-tr0abcdefg_00001 at frame 8): "
+                             "their whole videos are sampled, not the annotated frame range"]
 
 
 def test_folder_and_csv_sources(tmp_path):

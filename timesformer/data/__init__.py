@@ -7,6 +7,7 @@ on the device.
 
 from timesformer.data.datamodule import VideoDataModule
 from timesformer.data.dataset import VideoClipDataset, VideoIndex, VideoSource
+from timesformer.data.diving48 import Diving48Source
 from timesformer.data.kinetics import KineticsSource
 from timesformer.data.sampling import dense_clip_indices, segment_clip_indices
 from timesformer.data.sources import CsvSource, FolderSource
@@ -28,6 +29,7 @@ __all__ = [
     "DEFAULT_MEAN",
     "DEFAULT_STD",
     "CsvSource",
+    "Diving48Source",
     "EvalViewTransform",
     "FolderSource",
     "KineticsSource",
