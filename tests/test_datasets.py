@@ -203,6 +203,7 @@ LAYOUTS = {
     "kinetics600": (make_slowfast_kinetics, []),
     "ucf101": (make_ucf101, ["data.split=1"]),
     "ssv2": (make_ssv2, []),
+    "diving48": (make_diving48, []),
     "folder": (make_folder, []),
     "csv": (make_csv, ["data.source.train_list=lists/train.csv", "data.source.val_list=lists/val.csv"]),
 }
@@ -1107,6 +1108,9 @@ def test_clean_lists_keep_the_datasets_recipe():
     assert command.startswith("python train.py model=tiny data=csv data.root=/clean")
     assert "data.sampling=segment" in command and "data.horizontal_flip=false" in command
     assert "data.sampling_rate=32" in clean_list_command(["data=kinetics400", "data.root=/d"], Path("/clean"))
+    # Diving-48: segment sampling like SSv2's, but with flips (data=csv's default: nothing to override)
+    command = clean_list_command(["data=diving48", "data.root=/d"], Path("/clean"))
+    assert "data.sampling=segment" in command and "horizontal_flip" not in command
 
 
 def test_data_split_and_data_source_split_must_agree():
