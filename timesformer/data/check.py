@@ -4,6 +4,7 @@ unreadable or shorter than a clip.
     python -m timesformer.data.check data=kinetics400 data.root=/datasets/kinetics400
     python -m timesformer.data.check data=ucf101 data.root=/datasets/ucf101 data.split=2 --workers 8
     python -m timesformer.data.check data=ssv2 data.root=/datasets/ssv2 --write-clean /datasets/ssv2/clean
+    python -m timesformer.data.check data=diving48 data.root=/datasets/diving48 --no-decode   # files only
     python -m timesformer.data.check data=kinetics400 data.root=... --limit 200    # a quick look
 
 Arguments other than the options below are Hydra overrides of configs/train.yaml (`data=...`, `data.root=...`,
