@@ -848,6 +848,13 @@ def test_evaluate_reads_moved_data_and_lists_failed_videos(tmp_path):
     assert report["failed_videos"] == [str(moved / "test" / "dog" / "broken.mp4")]
     assert report["missing_videos"] == []  # (a folder dataset annotates nothing it does not hold)
     assert report["clips"]["sampling_rate"] == 2 and report["clips"]["num_frames"] == 8
+    # A checkpoint of the first train.py, whose run config had no `module` section, crashed evaluate.py in OmegaConf.
+    checkpoint = torch.load(metrics["best_checkpoint"], weights_only=False)
+    del checkpoint["hyper_parameters"]["run_config"]["module"]
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    evaluate(compose_config("eval", [f"ckpt={tmp_path / 'old.ckpt'}", f"++data.root={moved}",
+                                     "trainer.enable_progress_bar=false"], tmp_path / "eval_old"))
+    assert json.loads((tmp_path / "eval_old" / "eval.json").read_text())["videos_evaluated"] == 1
     # data=<name> swaps the dataset but keeps how the model's clips were cut (folder.yaml's sampling_rate is 8),
     # except what the command line sets
     evaluate(compose_config("eval", [f"ckpt={metrics['best_checkpoint']}", "data=folder", f"++data.root={moved}",

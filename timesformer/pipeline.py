@@ -763,8 +763,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         datamodule.number_classes_as(model.config.class_names, key=class_key)
     elif datamodule.num_classes != model.config.num_classes:
         raise ValueError(f"the dataset has {datamodule.num_classes} classes, the model {model.config.num_classes}")
-    module_settings = {k: v for k, v in OmegaConf.to_container(saved.get("module") or {}).items()
-                       if k in ("view_aggregation",)}
+    # (checkpoints from before the `module` section have none: their views are aggregated the default way)
+    module_settings = {k: v for k, v in (saved.get("module") or {}).items() if k in ("view_aggregation",)}
     if cfg.get("module", {}).get("view_aggregation") is not None:  # evaluate.py module.view_aggregation=...
         module_settings["view_aggregation"] = cfg.module.view_aggregation
     module = VideoClassifier(model, optimizer=OmegaConf.to_container(saved.optimizer),
