@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fractions
 import json
+import logging
 import os
 import random
 from pathlib import Path
@@ -891,7 +892,6 @@ def test_bad_data_values_name_the_option(overrides, message, tiny_source):
 def test_clips_longer_than_their_videos_are_counted_and_warned_about(tiny_source, caplog):
     """A clip spanning more frames than its video repeats the last frame: said once per stage, with what to do
     (it went unnoticed, e.g. 8 x 32 clips of short UCF101 videos)."""
-    import logging
 
     for sampling_rate, padded in ((2, False), (20, True)):  # 4 frames spanning 8 or 80 of the videos' 24
         datamodule = _datamodule(tiny_source, sampling_rate=sampling_rate, val_views_full=False)
@@ -956,6 +956,18 @@ def test_training_batches_do_not_depend_on_workers_and_resume_mid_epoch(tiny_sou
     loader.sampler.set_epoch(1)
     with pytest.raises(ValueError, match="with batches of 2 videos per process and 1 processes; this run has 4"):
         next(iter(loader))
+
+
+def test_a_checkpoint_from_before_resumable_loading_is_warned_about(tiny_source, caplog):
+    """Checkpoints before the resumable loader held the shuffling generator's state ("train_generator"): one written
+    mid-epoch restarted that epoch from its first batch, without a word."""
+    datamodule = _datamodule(tiny_source)
+    with caplog.at_level(logging.WARNING):
+        datamodule.load_state_dict({"train_loader": {"epoch": 0, "batches_taken": 1}})
+    assert "before resumable data loading" not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        datamodule.load_state_dict({"train_generator": torch.Generator().get_state()})
+    assert "that epoch starts again from its first batch" in caplog.text
 
 
 def test_datamodule_pyav_decoder_gives_the_same_batches(tiny_source):

@@ -285,6 +285,10 @@ class VideoDataModule(lightning.LightningDataModule):
         return {"train_loader": self._train_loader.state_dict()} if self._train_loader is not None else {}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        if "train_generator" in state_dict:  # the shuffling generator that checkpoints held before the loader's place
+            log.warning("This checkpoint was written by a version of timesformer before resumable data loading: its "
+                        "data order is not restored, and if it was written in the middle of an epoch, that epoch "
+                        "starts again from its first batch (from an epoch's end, only the order differs)")
         self._train_loader_state = state_dict.get("train_loader")
         if self._train_loader is not None and self._train_loader_state is not None:
             self._train_loader.load_state_dict(self._train_loader_state)
