@@ -213,6 +213,28 @@ def test_the_csv_logger_keeps_the_rows_of_an_interrupted_run(tmp_path):
     assert len(fresh) == len(first) and "extra" not in fresh[0]
 
 
+def test_the_csv_logger_keeps_the_test_results_of_the_run_it_resumes(tmp_path):
+    """A finished resume=auto run started again (a requeued job, a restarted sweep) resumes from its last step, where
+    its test was logged: the purge dropped the test row, and the finished run does not test again."""
+    from timesformer.loggers import CSVLogger as ResumingCSVLogger
+
+    (tmp_path / "csv").mkdir()
+    (tmp_path / "csv" / "metrics.csv").write_text(
+        "epoch,step,train/loss,val/acc,test/acc\n"
+        "0,2,0.9,,\n"
+        "0,3,,0.5,\n"
+        "1,4,0.8,,\n"  # a step after the checkpoint: done again
+        "1,4,,,0.75\n"  # the test of the run's end
+    )
+    logger = ResumingCSVLogger(tmp_path, name="csv", version="", purge_step=4)
+    logger.log_metrics({"train/loss": 0.7}, step=4)
+    logger.save()
+    with open(tmp_path / "csv" / "metrics.csv") as file:
+        rows = [{key: value for key, value in row.items() if value} for row in csv.DictReader(file)]
+    assert rows == [{"epoch": "0", "step": "2", "train/loss": "0.9"}, {"epoch": "0", "step": "3", "val/acc": "0.5"},
+                    {"epoch": "1", "step": "4", "test/acc": "0.75"}, {"step": "4", "train/loss": "0.7"}]
+
+
 def test_the_gradient_norm_is_logged_at_the_step_it_was_measured(tmp_path):
     """train/grad_norm was computed at steps 0, N, 2N and written by the loggers at steps N-1, 2N-1: each row held
     the norm of N-1 steps before."""

@@ -35,9 +35,14 @@ class TensorBoardLogger(loggers.TensorBoardLogger):
         self._experiment = None  # a later stage (test after fit) gets a new writer and a new file
 
 
+STEP_KEYS = ("epoch", "step")  # the columns that say where a row was logged, not what
+
+
 class _ResumingExperimentWriter(csv_logs.ExperimentWriter):
     """Lightning's CSV writer, continuing the ``metrics.csv`` of the run it resumes: the rows of the steps before
-    the checkpoint are kept, those logged after it (the steps the resumed run does again) are dropped."""
+    the checkpoint are kept, those logged after it (the steps the resumed run does again) are dropped, except the
+    results of a test (logged at the step training ended; no training step does them again). A finished run
+    started again keeps its test row, and a run trained on from its end keeps the test of its first part."""
 
     def __init__(self, log_dir: str, purge_step: int) -> None:
         self.purge_step = purge_step
@@ -48,8 +53,10 @@ class _ResumingExperimentWriter(csv_logs.ExperimentWriter):
             return
         with self._fs.open(self.metrics_file_path, "r", newline="") as file:
             reader = csv.DictReader(file)
-            self.metrics_keys = list(reader.fieldnames or [])  # the columns the kept rows have
-            kept = [row for row in reader if row.get("step", "") == "" or int(row["step"]) < self.purge_step]
+            # the columns the kept rows have, in the order Lightning's writer keeps them in (it sorts them)
+            self.metrics_keys = sorted(reader.fieldnames or [])
+            kept = [row for row in reader if row.get("step", "") == "" or int(row["step"]) < self.purge_step
+                    or all(key.startswith("test/") for key, value in row.items() if value and key not in STEP_KEYS)]
         with self._fs.open(self.metrics_file_path, "w", newline="") as file:
             writer = csv.DictWriter(file, fieldnames=self.metrics_keys)
             writer.writeheader()
