@@ -22,8 +22,9 @@ from timesformer.profile import count_flops
 
 @pytest.mark.slow
 def test_wandb_offline_run_records_metrics_and_media(synthetic_root, tmp_path):
-    env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
+    env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true", "TMPDIR": str(tmp_path / "tmp")}
     env.pop("WANDB_API_KEY", None)
+    (tmp_path / "tmp").mkdir()
     result = run_script("train.py", "experiment=demo", f"data.source.root={synthetic_root}", *TINY_DATA, "logger=wandb",
                  "trainer.max_epochs=2", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
                  f"hydra.run.dir={tmp_path / 'run'}", env=env)
@@ -38,6 +39,8 @@ def test_wandb_offline_run_records_metrics_and_media(synthetic_root, tmp_path):
     media = [p.name for p in (runs[0] / "files" / "media").rglob("*")]
     assert any(name.endswith(".gif") for name in media), media
     assert any(name.endswith(".png") for name in media), media
+    # (the clips and confusion matrices W&B copied were left in /tmp, two folders a validation)
+    assert not [*(tmp_path / "tmp").rglob("*.gif"), *(tmp_path / "tmp").rglob("*.png")]
 
 
 SWEEPS = sorted((ROOT / "sweeps").glob("*.yaml"))  # W&B sweep files: not Hydra configs, so not in configs/

@@ -434,26 +434,28 @@ class WandbMediaLogger(L.Callback):
 
         names = pl_module.class_names or [str(c) for c in range(pl_module.model.config.num_classes)]
         media: dict[str, Any] = {}
-        if self._clips is not None:
-            datamodule = trainer.datamodule
-            mean, std = getattr(datamodule, "mean", (0.45,) * 3), getattr(datamodule, "std", (0.225,) * 3)
-            folder = Path(tempfile.mkdtemp(prefix="wandb_clips_"))
-            clips = []
-            for i, video in enumerate(self._clips["videos"]):
-                caption = (f"pred: {names[int(self._clips['predictions'][i])]} / "
-                           f"true: {names[int(self._clips['labels'][i])]}")
-                path = folder / f"clip{i}.gif"
-                write_gif(video, mean, std, path, self.fps)
-                clips.append(wandb.Video(str(path), caption=caption, format="gif"))
-            media["val/clips"] = clips
-            self._clips = None
-        results = getattr(pl_module, "last_val_results", None)
-        if results is not None and len(results.indices):
-            path = Path(tempfile.mkdtemp(prefix="wandb_cm_")) / "confusion_matrix.png"
-            plot_confusion_matrix(results.confusion_matrix(len(names)), names, path)
-            media["val/confusion_matrix"] = wandb.Image(str(path))
-        if media:
-            wandb_logger.experiment.log({**media, "trainer/global_step": logging_step(trainer)})
+        # W&B copies the files into its run dir as it logs them; these copies went (two folders a validation) to
+        # the node's /tmp for good
+        with tempfile.TemporaryDirectory(prefix="timesformer_media_") as folder:
+            if self._clips is not None:
+                datamodule = trainer.datamodule
+                mean, std = getattr(datamodule, "mean", (0.45,) * 3), getattr(datamodule, "std", (0.225,) * 3)
+                clips = []
+                for i, video in enumerate(self._clips["videos"]):
+                    caption = (f"pred: {names[int(self._clips['predictions'][i])]} / "
+                               f"true: {names[int(self._clips['labels'][i])]}")
+                    path = Path(folder) / f"clip{i}.gif"
+                    write_gif(video, mean, std, path, self.fps)
+                    clips.append(wandb.Video(str(path), caption=caption, format="gif"))
+                media["val/clips"] = clips
+                self._clips = None
+            results = getattr(pl_module, "last_val_results", None)
+            if results is not None and len(results.indices):
+                path = Path(folder) / "confusion_matrix.png"
+                plot_confusion_matrix(results.confusion_matrix(len(names)), names, path)
+                media["val/confusion_matrix"] = wandb.Image(str(path))
+            if media:
+                wandb_logger.experiment.log({**media, "trainer/global_step": logging_step(trainer)})
 
 
 def logging_step(trainer: L.Trainer) -> int:
