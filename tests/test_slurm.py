@@ -283,6 +283,8 @@ def test_a_checkpoint_is_written_beside_its_place_and_renamed_over_the_old_one(t
     assert torch.load(path, weights_only=False)["global_step"] == 1  # the old one, whole
     assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"] and not renames
     (path.parent / ".last.ckpt.999999.tmp").write_bytes(b"left by a process killed mid-write")
+    # (a best checkpoint's name, which holds its epoch and metric, is not written again)
+    (path.parent / ".epoch=004-val_acc=0.500.ckpt.999998.tmp").write_bytes(b"left by a process killed mid-write")
     writer.save_checkpoint({"global_step": 3}, path)
     assert torch.load(path, weights_only=False)["global_step"] == 3
     [(source, target)] = renames

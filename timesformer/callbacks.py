@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import signal
 import subprocess
 import time
@@ -47,9 +48,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a process killed mid-write
-            stale.unlink(missing_ok=True)
         partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        # Left by a process killed mid-write: of any checkpoint, as a best checkpoint's name (its epoch and metric)
+        # is never written again, and each held a whole checkpoint's bytes (1.5 GB for ViT-B with AdamW) for good.
+        for stale in path.parent.glob(".*.tmp"):
+            if re.fullmatch(r"\..+\.\d+\.tmp", stale.name):  # (only this process writes checkpoints, one at a time)
+                stale.unlink(missing_ok=True)
         try:
             with open(partial, "wb") as file:
                 torch.save(checkpoint, file)
