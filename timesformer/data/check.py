@@ -24,7 +24,7 @@ needs; they still work (frames are repeated) but are listed. `--write-clean DIR`
 `--overwrite`); the command it prints keeps the dataset's recipe (e.g. SSv2's segment sampling, no flips;
 Kinetics' sampling rate):
 
-    python train.py data=csv data.root=DIR data.sampling=segment data.horizontal_flip=false
+    python train.py data=csv data.root=DIR data.sampling=segment data.sampling_rate=32 data.horizontal_flip=false
 """
 
 from __future__ import annotations

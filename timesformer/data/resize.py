@@ -269,7 +269,7 @@ class _InProcess:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m timesformer.data.resize", description=__doc__.split("\n\n")[0])
     parser.add_argument("src", type=Path, help="the dataset's folder")
     parser.add_argument("dst", type=Path, help="where the copy goes (outside src)")
     parser.add_argument("--short-side", type=int, default=256, help="short side of the re-encoded videos (256)")
