@@ -3,6 +3,7 @@ requeued job continues; signals during the test after training."""
 
 import json
 import signal
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -284,9 +285,13 @@ def test_a_checkpoint_is_written_beside_its_place_and_renamed_over_the_old_one(t
     assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"] and not renames
     (path.parent / ".last.ckpt.999999.tmp").write_bytes(b"left by a process killed mid-write")
     # (a best checkpoint's name, which holds its epoch and metric, is not written again)
-    (path.parent / ".epoch=004-val_acc=0.500.ckpt.999998.tmp").write_bytes(b"left by a process killed mid-write")
+    abandoned = path.parent / ".epoch=004-val_acc=0.500.ckpt.999998.tmp"
+    abandoned.write_bytes(b"left by a process killed mid-write an hour ago")
+    os.utime(abandoned, (time.time() - 3600, time.time() - 3600))
+    writing = path.parent / ".epoch=005-val_acc=0.600.ckpt.999997.tmp"
+    writing.write_bytes(b"another process's write, going on")
     writer.save_checkpoint({"global_step": 3}, path)
     assert torch.load(path, weights_only=False)["global_step"] == 3
     [(source, target)] = renames
     assert Path(source).parent == Path(target).parent == path.parent  # a rename within one folder: atomic
-    assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]
+    assert sorted(p.name for p in path.parent.iterdir()) == [writing.name, "last.ckpt"]

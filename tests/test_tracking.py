@@ -22,7 +22,8 @@ from timesformer.profile import count_flops
 
 @pytest.mark.slow
 def test_wandb_offline_run_records_metrics_and_media(synthetic_root, tmp_path):
-    env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true", "TMPDIR": str(tmp_path / "tmp")}
+    env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true", "TMPDIR": str(tmp_path / "tmp"),
+           "WANDB_ALLOW_MEDIA_SYMLINK": "true"}  # (W&B then links to the files it is given instead of copying them)
     env.pop("WANDB_API_KEY", None)
     (tmp_path / "tmp").mkdir()
     result = run_script("train.py", "experiment=demo", f"data.source.root={synthetic_root}", *TINY_DATA, "logger=wandb",
@@ -37,6 +38,7 @@ def test_wandb_offline_run_records_metrics_and_media(synthetic_root, tmp_path):
         assert key in history, sorted(history)
     assert "run_config" in config  # the resolved Hydra config
     media = [p.name for p in (runs[0] / "files" / "media").rglob("*")]
+    assert all(p.exists() for p in (runs[0] / "files" / "media").rglob("*")), media  # (no dangling link)
     assert any(name.endswith(".gif") for name in media), media
     assert any(name.endswith(".png") for name in media), media
     # (the clips and confusion matrices W&B copied were left in /tmp, two folders a validation)
@@ -228,6 +230,7 @@ def test_the_csv_logger_keeps_the_test_results_of_the_run_it_resumes(tmp_path):
         "0,3,,0.5,\n"
         "1,4,0.8,,\n"  # a step after the checkpoint: done again
         "1,4,,,0.75\n"  # the test of the run's end
+        "2,6,,,0.8\n"  # the test of a later end (this run resumes from an earlier checkpoint): done again
     )
     logger = ResumingCSVLogger(tmp_path, name="csv", version="", purge_step=4)
     logger.log_metrics({"train/loss": 0.7}, step=4)

@@ -33,6 +33,10 @@ def preempted_message(checkpoint: Path, signal_name: str) -> str:
             f"it has resume=auto, else with ckpt_path={checkpoint} hydra.run.dir={checkpoint.parent.parent}")
 
 
+# A partial checkpoint file not written to for this long is a write that was killed (writing one takes seconds).
+ABANDONED_PARTIAL_CHECKPOINT_S = 600
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint writer, with each local checkpoint written next to its place and renamed over it.
 
@@ -49,10 +53,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        # Left by a process killed mid-write: of any checkpoint, as a best checkpoint's name (its epoch and metric)
-        # is never written again, and each held a whole checkpoint's bytes (1.5 GB for ViT-B with AdamW) for good.
+        # Left by a process killed mid-write: this name's, and any other name's that nobody has written to for a
+        # while (a best checkpoint's name, its epoch and metric, is never written again, and its partial file held
+        # up to a whole checkpoint, 1.5 GB for ViT-B with AdamW, for good). Another process's write still going on
+        # in the folder is left alone.
         for stale in path.parent.glob(".*.tmp"):
-            if re.fullmatch(r"\..+\.\d+\.tmp", stale.name):  # (only this process writes checkpoints, one at a time)
+            if not re.fullmatch(r"\..+\.\d+\.tmp", stale.name):
+                continue
+            try:
+                idle_s = time.time() - stale.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            if stale.name.startswith(f".{path.name}.") or idle_s > ABANDONED_PARTIAL_CHECKPOINT_S:
                 stale.unlink(missing_ok=True)
         try:
             with open(partial, "wb") as file:
@@ -430,16 +442,19 @@ class WandbMediaLogger(L.Callback):
         wandb_logger = self._wandb_logger(trainer)
         if wandb_logger is None or trainer.sanity_checking or not trainer.is_global_zero:
             return
+        import io
         import tempfile
 
         import wandb
+        from PIL import Image
 
         from timesformer.evaluation import plot_confusion_matrix
 
         names = pl_module.class_names or [str(c) for c in range(pl_module.model.config.num_classes)]
         media: dict[str, Any] = {}
-        # W&B copies the files into its run dir as it logs them; these copies went (two folders a validation) to
-        # the node's /tmp for good
+        # W&B is handed the files' contents, which it writes into its run dir itself: the files went (two folders a
+        # validation) to the node's /tmp for good, and given their paths, W&B links to them with
+        # allow_media_symlink (left dangling once they are removed)
         with tempfile.TemporaryDirectory(prefix="timesformer_media_") as folder:
             if self._clips is not None:
                 datamodule = trainer.datamodule
@@ -450,14 +465,15 @@ class WandbMediaLogger(L.Callback):
                                f"true: {names[int(self._clips['labels'][i])]}")
                     path = Path(folder) / f"clip{i}.gif"
                     write_gif(video, mean, std, path, self.fps)
-                    clips.append(wandb.Video(str(path), caption=caption, format="gif"))
+                    clips.append(wandb.Video(io.BytesIO(path.read_bytes()), caption=caption, format="gif"))
                 media["val/clips"] = clips
                 self._clips = None
             results = getattr(pl_module, "last_val_results", None)
             if results is not None and len(results.indices):
                 path = Path(folder) / "confusion_matrix.png"
                 plot_confusion_matrix(results.confusion_matrix(len(names)), names, path)
-                media["val/confusion_matrix"] = wandb.Image(str(path))
+                with Image.open(path) as image:
+                    media["val/confusion_matrix"] = wandb.Image(image)
             if media:
                 wandb_logger.experiment.log({**media, "trainer/global_step": logging_step(trainer)})
 

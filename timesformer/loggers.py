@@ -41,8 +41,10 @@ STEP_KEYS = ("epoch", "step")  # the columns that say where a row was logged, no
 class _ResumingExperimentWriter(csv_logs.ExperimentWriter):
     """Lightning's CSV writer, continuing the ``metrics.csv`` of the run it resumes: the rows of the steps before
     the checkpoint are kept, those logged after it (the steps the resumed run does again) are dropped, except the
-    results of a test (logged at the step training ended; no training step does them again). A finished run
-    started again keeps its test row, and a run trained on from its end keeps the test of its first part."""
+    results of a test at the checkpoint's step (a test is logged at the step training ended; no training step does
+    it again): a finished run started again keeps its test row, and a run trained on from its end keeps the test of
+    its first part. A test logged later (a run resumed from an earlier checkpoint) is dropped with that later
+    training."""
 
     def __init__(self, log_dir: str, purge_step: int) -> None:
         self.purge_step = purge_step
@@ -56,7 +58,8 @@ class _ResumingExperimentWriter(csv_logs.ExperimentWriter):
             # the columns the kept rows have, in the order Lightning's writer keeps them in (it sorts them)
             self.metrics_keys = sorted(reader.fieldnames or [])
             kept = [row for row in reader if row.get("step", "") == "" or int(row["step"]) < self.purge_step
-                    or all(key.startswith("test/") for key, value in row.items() if value and key not in STEP_KEYS)]
+                    or int(row["step"]) == self.purge_step and all(
+                        key.startswith("test/") for key, value in row.items() if value and key not in STEP_KEYS)]
         with self._fs.open(self.metrics_file_path, "w", newline="") as file:
             writer = csv.DictWriter(file, fieldnames=self.metrics_keys)
             writer.writeheader()
