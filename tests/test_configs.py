@@ -7,7 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.conftest import CONFIG_DIR, compose_config
+from tests.conftest import CONFIG_DIR, compose_config, run_script
 from timesformer.module import check_settings, lr_multiplier
 
 GROUPS = {group.name: sorted(p.stem for p in group.glob("*.yaml")) for group in CONFIG_DIR.iterdir()
@@ -118,3 +118,14 @@ def test_evaluating_on_the_same_numbered_dataset_keeps_the_checkpoints_split(tmp
     assert swap_dataset(saved, cfg.data).split == 3  # the command line's
     cfg = compose_config("eval", ["ckpt=x.ckpt", "data=folder", "data.root=/f"], tmp_path)
     assert swap_dataset(saved, cfg.data).get("split") is None  # another dataset: its own
+
+
+@pytest.mark.parametrize("script", ["evaluate.py", "predict.py"])
+def test_help_names_what_the_script_takes(script):
+    """Hydra's help listed every config group (model=, optimizer=, experiment=, ...) for evaluate.py and predict.py,
+    which take none of them: `predict.py ckpt=... model=tiny` failed with "Could not override 'model'"."""
+    result = run_script(script, "--help")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith(f"python {script} ckpt=PATH")
+    assert "== Configuration groups ==" not in result.stdout and "optimizer:" not in result.stdout
+    assert "\nckpt: ???" in result.stdout  # the config, to override anything in it
