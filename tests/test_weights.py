@@ -1,5 +1,7 @@
 """Numerical parity with Hugging Face transformers and the original checkpoint layout (random weights)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -174,6 +176,24 @@ def test_a_file_that_is_not_a_checkpoint_is_named(tmp_path):
     (tmp_path / "notes.ckpt").write_text("hello")
     with pytest.raises(ValueError, match="notes.ckpt cannot be read as a PyTorch checkpoint"):
         TimeSformer.from_pretrained(tmp_path / "notes.ckpt")
+
+
+class _WritesAFileWhenUnpickled:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))  # any code a downloaded checkpoint wants to run
+
+
+def test_a_checkpoint_holding_code_is_refused_not_run(tmp_path):
+    """Checkpoints were unpickled with weights_only=False: a downloaded .pyth could run any code when loaded."""
+    marker = tmp_path / "ran"
+    torch.save({"model_state": {}, "payload": _WritesAFileWhenUnpickled(marker)}, tmp_path / "shared.pyth")
+    with pytest.raises(ValueError, match=r"shared.pyth holds Python objects besides tensors.*Unsupported global.*"
+                                         r"weights_only=False"):
+        TimeSformer.from_pretrained(tmp_path / "shared.pyth")
+    assert not marker.exists()
 
 
 def test_class_names_are_matched_by_name(tmp_path, caplog):

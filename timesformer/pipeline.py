@@ -160,7 +160,7 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
 def _global_step(path: Path) -> int | None:
     """The global step a full train.py checkpoint was written at; None when it cannot be read or is not one."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # tensors are not read
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # tensors are not read
     except Exception as error:  # truncated or half-written: any unpickling error
         log.warning("resume=auto: skipping %s, which cannot be read (%s)", path, type(error).__name__)
         return None
@@ -527,7 +527,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     loggers = _instantiate_all(cfg.get("logger"))
     resumed_step = None
     if ckpt_path is not None:  # a resumed run continues its CSV file (Lightning's CSVLogger would delete it)
-        resumed_step = int(torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)["global_step"])
+        resumed_step = int(torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
         for logger in loggers:
             if isinstance(logger, CSVLogger):
                 logger.purge_step = resumed_step

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import re
 import zipfile
 from pathlib import Path
@@ -329,13 +330,27 @@ def load_checkpoint_file(path: str | Path, option: str = "", mmap: bool = False)
     """``torch.load`` of a checkpoint file on the CPU, with an error naming the file (and ``option``, e.g.
     "ckpt_path") when it is not one: pickle's own message (a text file, a truncated download) names nothing.
 
-    weights_only=False: original and Lightning checkpoints hold plain Python objects besides tensors. Only load
-    checkpoints you trust (as with any pickle). ``mmap``: tensors are read when used (a train.py checkpoint's
-    optimizer state, twice the weights with AdamW, is not read for its config or weights); a file in torch's legacy
-    (pre-1.6, not zip) format, which cannot be mapped, is read whole."""
+    Loaded with ``weights_only=True``: tensors, numbers, strings and containers of them, which is all that train.py
+    checkpoints and the original repository's ``*.pyth`` (its config is a YAML string) hold. Other objects are
+    refused with an error saying how to convert the file: unpickling them can run any code, and checkpoints are
+    downloaded and shared. ``mmap``: tensors are read when used (a train.py checkpoint's optimizer state, twice the
+    weights with AdamW, is not read for its config or weights); a file in torch's legacy (pre-1.6, not zip) format,
+    which cannot be mapped, is read whole."""
     mmap = mmap and zipfile.is_zipfile(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as error:
+        if "weights_only" not in str(error):
+            raise ValueError(f"{option + '=' if option else ''}{path} cannot be read as a PyTorch checkpoint "
+                             f"(UnpicklingError: {error}); is it truncated, or another kind of file?") from error
+        found = re.search(r"WeightsUnpickler error: (.*?)(\. Please|\n|$)", str(error))
+        refused = found.group(1) if found else str(error).splitlines()[0]  # e.g. "Unsupported global: GLOBAL ..."
+        raise ValueError(
+            f"{option + '=' if option else ''}{path} holds Python objects besides tensors, which are not loaded: "
+            f"unpickling them can run any code ({refused}). If you trust the file, keep its weights in a file of "
+            "tensors: python -c \"import torch; c = torch.load('IN', weights_only=False); "
+            "torch.save(c.get('state_dict') or c.get('model_state') or c, 'OUT.pt')\" and load OUT.pt"
+        ) from error
     except Exception as error:
         raise ValueError(f"{option + '=' if option else ''}{path} cannot be read as a PyTorch checkpoint "
                          f"({type(error).__name__}: {error}); is it truncated, or another kind of file?") from error
