@@ -274,7 +274,8 @@ def test_decoded_frames_match_pyav(tmp_path, width):
     assert np.array_equal(decode_frames(path, indices).numpy(), reference[indices])
 
 
-def _write_gop_video(path, codec: str = "libx264", num_frames: int = 40, gop: int = 8, seed: int = 0):
+def _write_gop_video(path, codec: str = "libx264", num_frames: int = 40, gop: int = 8, seed: int = 0,
+                     title: str | None = None):
     """A moving-texture clip with a keyframe every `gop` frames; for h264, up to 3 B-frames in a row (x264's
     default pyramid: some B-frames are references, the others not): every path of the PyAV decoder is used."""
     import av
@@ -282,6 +283,8 @@ def _write_gop_video(path, codec: str = "libx264", num_frames: int = 40, gop: in
     rng = np.random.default_rng(seed)
     texture = rng.integers(0, 255, size=(48, 128, 3), dtype=np.uint8)
     with av.open(str(path), mode="w") as container:
+        if title is not None:
+            container.metadata["title"] = title
         stream = container.add_stream(codec, rate=25)
         stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
         stream.codec_context.gop_size = gop
@@ -993,6 +996,30 @@ def test_workers_do_not_copy_the_main_process_memory_when_they_collect_garbage(t
     assert copied["not frozen"] > 40, copied  # (else this test cannot tell)
     assert copied["frozen"] < 10, copied
     assert len(inherited) == 400_000  # (alive in this process until the workers have run)
+
+
+@pytest.mark.parametrize("decoder", ["decord", "pyav"])
+def test_a_video_whose_metadata_is_not_utf8_is_a_decode_error(tmp_path, decoder):
+    """A damaged file can make PyAV raise other errors than FFmpeg's (found by fuzzing: a UnicodeDecodeError from a
+    title that is not UTF-8, a stream without a codec context, ...): training replaces only the videos that raise
+    VideoDecodeError, and such a file stopped the run without naming it."""
+    video = _write_gop_video(tmp_path / "damaged.mp4", title="TIMESFORMER-TITLE")
+    video.write_bytes(video.read_bytes().replace(b"TIMESFORMER-TITLE", b"\xed\xa0\x80" * 5 + b"xy"))
+    import av
+
+    with pytest.raises(UnicodeDecodeError):  # (what PyAV makes of it)
+        av.open(str(video)).close()
+    try:
+        frames = decode_frames(video, [0, 39], decoder=decoder)  # decord reads it without its metadata
+    except VideoDecodeError as error:
+        assert "damaged.mp4" in str(error) and "UnicodeDecodeError" in str(error)
+    else:
+        assert decoder == "decord" and frames.shape == (2, 48, 64, 3)
+    # A caller's errors stay the caller's: an index past the end, or its own exception
+    with pytest.raises(IndexError, match="good.mp4, which has 40 frames"):
+        decode_frames(_write_gop_video(tmp_path / "good.mp4"), [40], decoder=decoder)
+    with pytest.raises(ZeroDivisionError):
+        decode_clip(tmp_path / "good.mp4", lambda num_frames, fps: [num_frames // 0], decoder=decoder)
 
 
 def test_a_checkpoint_from_before_resumable_loading_is_warned_about(tiny_source, caplog):

@@ -210,15 +210,54 @@ def decode_clip(
     """
     if decoder not in DECODERS:
         raise ValueError(f"decoder={decoder!r} is not supported; valid values: {', '.join(DECODERS)}")
-    if decoder == "pyav" or decord_misreads(path):
-        return _decode_clip_pyav(path, choose_indices, num_threads)
-    try:
-        return _decode_clip_decord(path, choose_indices, num_threads)
-    except VideoDecodeError as error:  # e.g. some HEVC streams decord2 cannot feed to FFmpeg ("Error sending packet")
+
+    def choose(num_frames: int, fps: float) -> list[int]:
         try:
-            return _decode_clip_pyav(path, choose_indices, num_threads)
-        except VideoDecodeError as pyav_error:
-            raise VideoDecodeError(f"{error} (PyAV could not read it either: {pyav_error})") from error
+            indices = list(choose_indices(num_frames, fps))
+        except VideoDecodeError:
+            raise  # the caller's verdict on the file (e.g. it has no frames)
+        except Exception as error:
+            raise _CallersError() from error
+        for index in indices:
+            if not 0 <= index < num_frames:
+                raise _CallersError() from IndexError(
+                    f"frame index {index} is out of range for {os.fspath(path)}, which has {num_frames} frames")
+        return indices
+
+    try:
+        if decoder == "pyav" or decord_misreads(path):
+            return _read(_decode_clip_pyav, path, choose, num_threads)
+        try:
+            return _read(_decode_clip_decord, path, choose, num_threads)
+        except VideoDecodeError as error:  # e.g. HEVC streams decord2 cannot feed to FFmpeg ("Error sending packet")
+            try:
+                return _read(_decode_clip_pyav, path, choose, num_threads)
+            except VideoDecodeError as pyav_error:
+                raise VideoDecodeError(f"{error} (PyAV could not read it either: {pyav_error})") from error
+    except _CallersError as error:
+        raise error.__cause__ from None
+
+
+class _CallersError(Exception):
+    """An error of `decode_clip`'s caller (its ``choose_indices`` raised, or chose a frame the video lacks), carried
+    past the decoders' handling of bad files (`_read`) and raised as it was."""
+
+
+def _read(
+    decode: Callable[..., tuple[torch.Tensor, VideoInfo]], path: str | os.PathLike,
+    choose_indices: Callable[[int, float], Sequence[int]], num_threads: int,
+) -> tuple[torch.Tensor, VideoInfo]:
+    """``decode(path, choose_indices, num_threads)``, with any error of decord, PyAV or FFmpeg a `VideoDecodeError`
+    naming the file. Damaged files raise more than their decoders' own errors (fuzzed: a UnicodeDecodeError from
+    metadata that is not UTF-8, a stream without a codec context, an IndexError from a reader of no frames, an
+    InvalidDataError where a fallback decodes), and training only replaces the videos that raise VideoDecodeError:
+    the others stopped the run without naming the file."""
+    try:
+        return decode(path, choose_indices, num_threads)
+    except (VideoDecodeError, FileNotFoundError, _CallersError):
+        raise
+    except Exception as error:
+        raise VideoDecodeError(f"Could not read video {os.fspath(path)}: {type(error).__name__}: {error}") from error
 
 
 def _decode_clip_decord(
@@ -226,11 +265,9 @@ def _decode_clip_decord(
 ) -> tuple[torch.Tensor, VideoInfo]:
     reader = _open(path, num_threads)
     num_frames, fps = len(reader), decord_fps(reader)
-    indices = list(choose_indices(num_frames, fps))  # errors here are the caller's, not the file's
+    indices = list(choose_indices(num_frames, fps))
     try:
         frames = _get_batch(reader, indices)  # (T, H, W, C) uint8
-    except IndexError:
-        raise  # an out-of-range index is the caller's bug, not a bad file
     except Exception as error:
         raise VideoDecodeError(f"Could not decode frames {indices} of video {os.fspath(path)}: {error}") from error
     info = VideoInfo(num_frames=num_frames, fps=fps, height=frames.shape[1], width=frames.shape[2])
@@ -282,8 +319,8 @@ def decord_misreads(path: str | os.PathLike) -> bool:
                     if packet.is_keyframe:
                         keyframes.append(len(timestamps))
                     timestamps.append(packet.pts)
-    except (av.FFmpegError, IndexError, OSError):
-        return False  # unreadable: decord will say so
+    except Exception:  # unreadable (FFmpeg's errors, and PyAV's own on damaged metadata): the decoders say so
+        return False
     if None in timestamps:
         return True  # no presentation order: decord cannot number the frames after a seek; PyAV counts them
     if keyframes and keyframes[0] != 0:
@@ -338,10 +375,7 @@ def _decode_clip_pyav(
         shown = [packet.pts for packet in packets if not packet.is_discard and packet.pts is not None]
         span = float((max(shown) - min(shown)) * stream.time_base) if shown else 0.0
         fps = plausible_fps(float(stream.average_rate or stream.guessed_rate or 0.0), num_frames, span)
-        indices = list(choose_indices(num_frames, fps))  # errors here are the caller's, not the file's
-        for index in indices:
-            if not 0 <= index < num_frames:
-                raise IndexError(f"frame index {index} is out of range for {path}, which has {num_frames} frames")
+        indices = list(choose_indices(num_frames, fps))
         try:
             frames = _decode_wanted(stream.codec_context, packets, indices, container.format.name)
         except _DecodeOrderTimestamps:  # see _decode_wanted: number the pictures as they come out instead
@@ -396,7 +430,7 @@ def read_from_start(path: str | os.PathLike, decoder: str = "decord") -> bool:
     try:
         with open_video(path) as container:
             return not timestamps_order_the_frames(container)
-    except (av.FFmpegError, IndexError, OSError):
+    except Exception:  # unreadable (see decord_misreads): the decoders say why
         return False
 
 
