@@ -1018,8 +1018,15 @@ def test_a_video_whose_metadata_is_not_utf8_is_a_decode_error(tmp_path, decoder)
     # A caller's errors stay the caller's: an index past the end, or its own exception
     with pytest.raises(IndexError, match="good.mp4, which has 40 frames"):
         decode_frames(_write_gop_video(tmp_path / "good.mp4"), [40], decoder=decoder)
-    with pytest.raises(ZeroDivisionError):
-        decode_clip(tmp_path / "good.mp4", lambda num_frames, fps: [num_frames // 0], decoder=decoder)
+    def choose(num_frames: int, fps: float) -> list[int]:
+        try:
+            return [{}["no such key"]]
+        except KeyError as error:
+            raise ValueError("the caller's own") from error
+
+    with pytest.raises(ValueError, match="the caller's own") as raised:
+        decode_clip(tmp_path / "good.mp4", choose, decoder=decoder)
+    assert isinstance(raised.value.__cause__, KeyError)  # as the caller raised it
 
 
 def test_a_checkpoint_from_before_resumable_loading_is_warned_about(tiny_source, caplog):

@@ -217,11 +217,11 @@ def decode_clip(
         except VideoDecodeError:
             raise  # the caller's verdict on the file (e.g. it has no frames)
         except Exception as error:
-            raise _CallersError() from error
+            raise _CallersError(error) from error
         for index in indices:
             if not 0 <= index < num_frames:
-                raise _CallersError() from IndexError(
-                    f"frame index {index} is out of range for {os.fspath(path)}, which has {num_frames} frames")
+                raise _CallersError(IndexError(
+                    f"frame index {index} is out of range for {os.fspath(path)}, which has {num_frames} frames"))
         return indices
 
     try:
@@ -234,8 +234,9 @@ def decode_clip(
                 return _read(_decode_clip_pyav, path, choose, num_threads)
             except VideoDecodeError as pyav_error:
                 raise VideoDecodeError(f"{error} (PyAV could not read it either: {pyav_error})") from error
-    except _CallersError as error:
-        raise error.__cause__ from None
+    except _CallersError as carried:
+        callers_error = carried.args[0]
+    raise callers_error  # (outside the except: its own cause and context stay as they were)
 
 
 class _CallersError(Exception):
@@ -254,8 +255,8 @@ def _read(
     the others stopped the run without naming the file."""
     try:
         return decode(path, choose_indices, num_threads)
-    except (VideoDecodeError, FileNotFoundError, _CallersError):
-        raise
+    except (VideoDecodeError, FileNotFoundError, _CallersError, MemoryError, RecursionError):
+        raise  # (the last two are this process's trouble, not the file's)
     except Exception as error:
         raise VideoDecodeError(f"Could not read video {os.fspath(path)}: {type(error).__name__}: {error}") from error
 

@@ -340,16 +340,16 @@ def load_checkpoint_file(path: str | Path, option: str = "", mmap: bool = False)
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
-        if "weights_only" not in str(error):
+        # (any other refusal, e.g. "Unsupported operand", is a file that is not a pickle: an HTML page, a gzip file)
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        if refused is None:
             raise ValueError(f"{option + '=' if option else ''}{path} cannot be read as a PyTorch checkpoint "
-                             f"(UnpicklingError: {error}); is it truncated, or another kind of file?") from error
-        found = re.search(r"WeightsUnpickler error: (.*?)(\. Please|\n|$)", str(error))
-        refused = found.group(1) if found else str(error).splitlines()[0]  # e.g. "Unsupported global: GLOBAL ..."
+                             "(not a pickle torch can read); is it truncated, or another kind of file?") from error
         raise ValueError(
-            f"{option + '=' if option else ''}{path} holds Python objects besides tensors, which are not loaded: "
-            f"unpickling them can run any code ({refused}). If you trust the file, keep its weights in a file of "
-            "tensors: python -c \"import torch; c = torch.load('IN', weights_only=False); "
-            "torch.save(c.get('state_dict') or c.get('model_state') or c, 'OUT.pt')\" and load OUT.pt"
+            f"{option + '=' if option else ''}{path} holds Python objects besides tensors and plain values (e.g. "
+            f"{refused.group(1)}), which are not loaded: unpickling them can run any code. If you trust the file, "
+            "load it with torch.load(PATH, weights_only=False) and save it again without them; for model.pretrained= "
+            "its state dict is enough (a model's state_dict(), a checkpoint's 'state_dict' or 'model_state')"
         ) from error
     except Exception as error:
         raise ValueError(f"{option + '=' if option else ''}{path} cannot be read as a PyTorch checkpoint "
